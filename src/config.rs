@@ -1,0 +1,800 @@
+//! Configuration: figment layers (defaults, TOML file, `MAILPUMP_` env), the raw shape that
+//! serde reads, and the validated [`Config`] that the rest of the daemon trusts.
+//!
+//! Everything here is checked before anything connects anywhere: a bad config names the key
+//! and makes `main` exit 78. Secrets are wrapped in [`Secret`], whose Debug/Display redact.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} does not exist (set --config or MAILPUMP_CONFIG)")]
+    MissingFile { path: PathBuf },
+    #[error("config: {key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A secret string (password, MongoDB URI with credentials). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself: only for the code that sends it to its server.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Env values arrive parsed as TOML values, so `PASSWORD=12345` is an integer: accept scalars.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSecret {
+    Text(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl From<RawSecret> for Secret {
+    fn from(raw: RawSecret) -> Self {
+        match raw {
+            RawSecret::Text(s) => Secret(s),
+            RawSecret::Int(i) => Secret(i.to_string()),
+            RawSecret::Bool(b) => Secret(b.to_string()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape (what serde reads)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    store: Option<RawStore>,
+    #[serde(default)]
+    defaults: RawSettings,
+    #[serde(default)]
+    accounts: BTreeMap<String, RawAccount>,
+    metrics: Option<RawMetrics>,
+    log: Option<RawLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    uri: Option<RawSecret>,
+    database: Option<String>,
+    connect_timeout: Option<String>,
+    op_timeout: Option<String>,
+    max_inline_body: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    unhealthy_after: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+}
+
+/// Keys that may sit in `[defaults]` and in every account.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    idle: Option<bool>,
+    idle_refresh: Option<String>,
+    poll_interval: Option<String>,
+    batch_size: Option<i64>,
+    batch_bytes: Option<i64>,
+    since: Option<String>,
+    unseen_only: Option<bool>,
+    mark_seen: Option<bool>,
+    connect_timeout: Option<String>,
+    command_timeout: Option<String>,
+    silence_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    protocol: Option<String>,
+    host: Option<String>,
+    port: Option<i64>,
+    security: Option<String>,
+    accept_invalid_certs: Option<bool>,
+    ca_file: Option<PathBuf>,
+    username: Option<RawSecretOrName>,
+    password: Option<RawSecret>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    mailboxes: Option<Vec<String>>,
+    delete_after_store: Option<bool>,
+    // per-account overrides of [defaults]
+    idle: Option<bool>,
+    idle_refresh: Option<String>,
+    poll_interval: Option<String>,
+    batch_size: Option<i64>,
+    batch_bytes: Option<i64>,
+    since: Option<String>,
+    unseen_only: Option<bool>,
+    mark_seen: Option<bool>,
+    connect_timeout: Option<String>,
+    command_timeout: Option<String>,
+    silence_timeout: Option<String>,
+}
+
+/// A username may arrive from env as a number (`MAILPUMP_ACCOUNTS__QQ__USERNAME=123456`).
+type RawSecretOrName = RawSecret;
+
+impl RawAccount {
+    fn overrides(&self) -> RawSettings {
+        RawSettings {
+            idle: self.idle,
+            idle_refresh: self.idle_refresh.clone(),
+            poll_interval: self.poll_interval.clone(),
+            batch_size: self.batch_size,
+            batch_bytes: self.batch_bytes,
+            since: self.since.clone(),
+            unseen_only: self.unseen_only,
+            mark_seen: self.mark_seen,
+            connect_timeout: self.connect_timeout.clone(),
+            command_timeout: self.command_timeout.clone(),
+            silence_timeout: self.silence_timeout.clone(),
+        }
+    }
+}
+
+impl RawSettings {
+    /// `self` (an account's own keys) over `base` (the `[defaults]`).
+    fn over(self, base: &RawSettings) -> RawSettings {
+        RawSettings {
+            idle: self.idle.or(base.idle),
+            idle_refresh: self.idle_refresh.or_else(|| base.idle_refresh.clone()),
+            poll_interval: self.poll_interval.or_else(|| base.poll_interval.clone()),
+            batch_size: self.batch_size.or(base.batch_size),
+            batch_bytes: self.batch_bytes.or(base.batch_bytes),
+            since: self.since.or_else(|| base.since.clone()),
+            unseen_only: self.unseen_only.or(base.unseen_only),
+            mark_seen: self.mark_seen.or(base.mark_seen),
+            connect_timeout: self.connect_timeout.or_else(|| base.connect_timeout.clone()),
+            command_timeout: self.command_timeout.or_else(|| base.command_timeout.clone()),
+            silence_timeout: self.silence_timeout.or_else(|| base.silence_timeout.clone()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated shape (what the daemon uses)
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub accounts: Vec<Account>,
+    pub metrics: Option<MetricsConfig>,
+    /// Log filter directives from `[log] level` (RUST_LOG wins when set).
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub uri: Secret,
+    pub database: String,
+    pub connect_timeout: Duration,
+    pub op_timeout: Duration,
+    /// Text or HTML bodies larger than this many bytes go to the `blobs` bucket.
+    pub max_inline_body: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: String,
+    pub unhealthy_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Imap,
+    Pop3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Implicit TLS from the first byte (993, 995).
+    Tls,
+    /// Plain connection upgraded with STARTTLS (IMAP) / STLS (POP3); refused if not offered.
+    StartTls,
+    /// No encryption at all.
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    pub accept_invalid_certs: bool,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Per-mailbox behaviour: `[defaults]` overlaid with the account's own keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub idle: bool,
+    pub idle_refresh: Duration,
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+    /// Upper bound on the bytes one UID FETCH asks for (a batch is cut at whichever comes first).
+    pub batch_bytes: u64,
+    pub since: Option<NaiveDate>,
+    pub unseen_only: bool,
+    pub mark_seen: bool,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub silence_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub protocol: Protocol,
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    pub tls: TlsOptions,
+    pub username: String,
+    pub password: Secret,
+    pub mailboxes: Vec<String>,
+    pub delete_after_store: bool,
+    pub settings: Settings,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+/// Top-level sections that `MAILPUMP_*` env variables may address. Others (MAILPUMP_CONFIG,
+/// MAILPUMP_TEST_*) are not configuration keys and are left alone.
+const ENV_SECTIONS: &[&str] = &["store", "defaults", "accounts", "metrics", "log"];
+
+/// Loads `path` (which must exist), then `MAILPUMP_*` env over it, and validates.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::MissingFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let env = Env::prefixed("MAILPUMP_")
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            ENV_SECTIONS
+                .iter()
+                .any(|section| key.starts_with(&format!("{section}__")))
+        })
+        .split("__");
+    from_figment(Figment::new().merge(Toml::file(path)).merge(env))
+}
+
+/// Parses a TOML string (no env): for tests and the example-config check.
+pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+    from_figment(Figment::new().merge(Toml::string(text)))
+}
+
+fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+    let raw: RawConfig = figment.extract().map_err(figment_error)?;
+    validate(raw)
+}
+
+fn figment_error(err: figment::Error) -> ConfigError {
+    // figment chains every problem it found; the first names the key well enough.
+    let first = err.into_iter().next();
+    match first {
+        Some(e) => {
+            let key = if e.path.is_empty() {
+                "(top level)".to_string()
+            } else {
+                e.path.join(".")
+            };
+            invalid(key, e.kind.to_string())
+        }
+        None => invalid("(top level)", "unreadable configuration"),
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let store = raw
+        .store
+        .ok_or_else(|| invalid("store", "missing section [store] (uri, database)"))?;
+    let store = StoreConfig {
+        uri: store
+            .uri
+            .map(Secret::from)
+            .ok_or_else(|| invalid("store.uri", "missing"))?,
+        database: match store.database {
+            Some(d) if !d.is_empty() && !d.contains(['/', '.', ' ', '"', '$']) => d,
+            Some(d) => return Err(invalid("store.database", format!("invalid name {d:?}"))),
+            None => "mailpump".to_string(),
+        },
+        connect_timeout: duration_or("store.connect_timeout", store.connect_timeout, "10s")?,
+        op_timeout: duration_or("store.op_timeout", store.op_timeout, "60s")?,
+        max_inline_body: match store.max_inline_body {
+            None => 1024 * 1024,
+            Some(n) if (1024..=8 * 1024 * 1024).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "store.max_inline_body",
+                    format!("{n} is outside 1024..=8388608 bytes"),
+                ))
+            }
+        },
+    };
+    if !store.uri.expose().starts_with("mongodb://")
+        && !store.uri.expose().starts_with("mongodb+srv://")
+    {
+        return Err(invalid(
+            "store.uri",
+            "must start with mongodb:// or mongodb+srv://",
+        ));
+    }
+
+    let mut accounts = Vec::new();
+    for (name, account) in raw.accounts {
+        accounts.push(validate_account(&name, account, &raw.defaults)?);
+    }
+    if accounts.is_empty() {
+        return Err(invalid(
+            "accounts",
+            "no account configured (add an [accounts.NAME] table)",
+        ));
+    }
+
+    let metrics = match raw.metrics {
+        None => None,
+        Some(m) => match m.listen {
+            None => None,
+            Some(listen) => {
+                if listen.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(invalid(
+                        "metrics.listen",
+                        format!("{listen:?} is not an address like 127.0.0.1:9464"),
+                    ));
+                }
+                Some(MetricsConfig {
+                    listen,
+                    unhealthy_after: duration_or(
+                        "metrics.unhealthy_after",
+                        m.unhealthy_after,
+                        "10m",
+                    )?,
+                })
+            }
+        },
+    };
+
+    Ok(Config {
+        store,
+        accounts,
+        metrics,
+        log_level: raw.log.and_then(|l| l.level),
+    })
+}
+
+fn validate_account(
+    name: &str,
+    raw: RawAccount,
+    defaults: &RawSettings,
+) -> Result<Account, ConfigError> {
+    let key = |field: &str| format!("accounts.{name}.{field}");
+    let overrides = raw.overrides();
+    if name.is_empty()
+        || name.contains("__")
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    {
+        return Err(invalid(
+            format!("accounts.{name}"),
+            "account names must be lowercase letters, digits, '-' or '_' (so that MAILPUMP_ACCOUNTS__NAME__* can reach them)",
+        ));
+    }
+
+    let protocol = match raw.protocol.as_deref().unwrap_or("imap") {
+        "imap" => Protocol::Imap,
+        "pop3" => {
+            return Err(invalid(
+                key("protocol"),
+                "POP3 accounts are not supported by this version yet (issue #4); use imap",
+            ))
+        }
+        other => {
+            return Err(invalid(
+                key("protocol"),
+                format!("{other:?} is not imap or pop3"),
+            ))
+        }
+    };
+    let security = match raw.security.as_deref().unwrap_or("tls") {
+        "tls" => Security::Tls,
+        "starttls" => Security::StartTls,
+        "plain" => Security::Plain,
+        other => {
+            return Err(invalid(
+                key("security"),
+                format!("{other:?} is not tls, starttls or plain"),
+            ))
+        }
+    };
+    let host = match raw.host {
+        Some(h) if !h.trim().is_empty() => h,
+        _ => return Err(invalid(key("host"), "missing")),
+    };
+    let port = match raw.port {
+        None => match (protocol, security) {
+            (Protocol::Imap, Security::Tls) => 993,
+            (Protocol::Imap, _) => 143,
+            (Protocol::Pop3, Security::Tls) => 995,
+            (Protocol::Pop3, _) => 110,
+        },
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => {
+            return Err(invalid(
+                key("port"),
+                format!("{p} is outside 1..=65535"),
+            ))
+        }
+    };
+    if let Some(ca) = &raw.ca_file {
+        if let Err(e) = std::fs::metadata(ca).and_then(|_| std::fs::read(ca).map(|_| ())) {
+            return Err(invalid(
+                key("ca_file"),
+                format!("cannot read {}: {e}", ca.display()),
+            ));
+        }
+    }
+    let username = match raw.username.map(Secret::from) {
+        Some(u) if !u.expose().is_empty() => u.expose().to_string(),
+        _ => return Err(invalid(key("username"), "missing")),
+    };
+
+    let password = match (raw.password, raw.password_file, raw.password_env) {
+        (Some(p), None, None) => Secret::from(p),
+        (None, Some(file), None) => match std::fs::read_to_string(&file) {
+            Ok(text) => Secret(text.trim_end_matches(['\r', '\n']).to_string()),
+            Err(e) => {
+                return Err(invalid(
+                    key("password_file"),
+                    format!("cannot read {}: {e}", file.display()),
+                ))
+            }
+        },
+        (None, None, Some(var)) => match std::env::var(&var) {
+            Ok(value) => Secret(value),
+            Err(_) => {
+                return Err(invalid(
+                    key("password_env"),
+                    format!("environment variable {var} is not set"),
+                ))
+            }
+        },
+        (None, None, None) => {
+            return Err(invalid(
+                key("password"),
+                "missing: set one of password, password_file or password_env",
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                key("password"),
+                "set only one of password, password_file or password_env",
+            ))
+        }
+    };
+
+    let mailboxes = match (protocol, raw.mailboxes) {
+        (_, None) => vec!["INBOX".to_string()],
+        (Protocol::Pop3, Some(list)) if list != ["INBOX"] => {
+            return Err(invalid(
+                key("mailboxes"),
+                "POP3 has one mailbox: leave mailboxes out",
+            ))
+        }
+        (_, Some(list)) if list.is_empty() => {
+            return Err(invalid(key("mailboxes"), "empty list: name at least one mailbox"))
+        }
+        (_, Some(list)) => {
+            let mut seen = std::collections::HashSet::new();
+            for m in &list {
+                if m.is_empty() || m.contains(['\r', '\n', '\0']) {
+                    return Err(invalid(key("mailboxes"), format!("invalid name {m:?}")));
+                }
+                if !seen.insert(m) {
+                    return Err(invalid(key("mailboxes"), format!("{m:?} listed twice")));
+                }
+            }
+            list
+        }
+    };
+    let delete_after_store = raw.delete_after_store.unwrap_or(false);
+    if delete_after_store && protocol == Protocol::Imap {
+        return Err(invalid(
+            key("delete_after_store"),
+            "only for POP3 accounts (IMAP mailboxes are never modified)",
+        ));
+    }
+
+    let settings = validate_settings(&format!("accounts.{name}"), overrides.over(defaults))?;
+    Ok(Account {
+        name: name.to_string(),
+        protocol,
+        host,
+        port,
+        security,
+        tls: TlsOptions {
+            accept_invalid_certs: raw.accept_invalid_certs.unwrap_or(false),
+            ca_file: raw.ca_file,
+        },
+        username,
+        password,
+        mailboxes,
+        delete_after_store,
+        settings,
+    })
+}
+
+fn validate_settings(prefix: &str, raw: RawSettings) -> Result<Settings, ConfigError> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let idle_refresh = duration_or(&key("idle_refresh"), raw.idle_refresh, "10m")?;
+    if idle_refresh > Duration::from_secs(29 * 60) {
+        return Err(invalid(
+            key("idle_refresh"),
+            "must be under 29m (RFC 2177: servers may drop IDLE after 30 minutes)",
+        ));
+    }
+    let batch_size = match raw.batch_size {
+        None => 100,
+        Some(n) if (1..=10_000).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(invalid(
+                key("batch_size"),
+                format!("{n} is outside 1..=10000"),
+            ))
+        }
+    };
+    let batch_bytes = match raw.batch_bytes {
+        None => 64 * 1024 * 1024,
+        Some(n) if (1024 * 1024..=256 * 1024 * 1024).contains(&n) => n as u64,
+        Some(n) => {
+            return Err(invalid(
+                key("batch_bytes"),
+                format!("{n} is outside 1 MiB..=256 MiB"),
+            ))
+        }
+    };
+    let since = match raw.since {
+        None => None,
+        Some(s) => Some(NaiveDate::parse_from_str(&s, "%Y-%m-%d").map_err(|_| {
+            invalid(key("since"), format!("{s:?} is not a date like 2015-06-14"))
+        })?),
+    };
+    Ok(Settings {
+        idle: raw.idle.unwrap_or(true),
+        idle_refresh,
+        poll_interval: duration_or(&key("poll_interval"), raw.poll_interval, "60s")?,
+        batch_size,
+        batch_bytes,
+        since,
+        unseen_only: raw.unseen_only.unwrap_or(false),
+        mark_seen: raw.mark_seen.unwrap_or(false),
+        connect_timeout: duration_or(&key("connect_timeout"), raw.connect_timeout, "30s")?,
+        command_timeout: duration_or(&key("command_timeout"), raw.command_timeout, "120s")?,
+        silence_timeout: duration_or(&key("silence_timeout"), raw.silence_timeout, "5m")?,
+    })
+}
+
+fn duration_or(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    let text = value.as_deref().unwrap_or(default);
+    match parse_duration(text) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(invalid(
+            key,
+            format!("{text:?} is not a duration like \"500ms\", \"90s\", \"10m\", \"1h\""),
+        )),
+    }
+}
+
+/// Parses `"500ms"`, `"90s"`, `"10m"`, `"2h"`, `"1d"` (one number, one unit).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [store]
+        uri = "mongodb://127.0.0.1:27017"
+        [accounts.work]
+        host = "imap.example.com"
+        username = "me"
+        password = "pw"
+    "#;
+
+    fn err(text: &str) -> String {
+        from_toml_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = from_toml_str(MINIMAL).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.port, 993);
+        assert_eq!(a.security, Security::Tls);
+        assert_eq!(a.mailboxes, vec!["INBOX"]);
+        assert_eq!(a.settings.batch_size, 100);
+        assert_eq!(a.settings.idle_refresh, Duration::from_secs(600));
+        assert_eq!(a.settings.poll_interval, Duration::from_secs(60));
+        assert!(a.settings.idle && !a.settings.mark_seen && !a.settings.unseen_only);
+        assert_eq!(c.store.database, "mailpump");
+    }
+
+    #[test]
+    fn example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../config/mailpump.example.toml");
+        let c = from_toml_str(text).expect("config/mailpump.example.toml must be valid");
+        let minimal = from_toml_str(MINIMAL).unwrap();
+        // every key in [defaults] of the example carries its default value
+        let mut example = c.accounts[0].settings.clone();
+        example.since = None; // the example shows the optional `since`
+        assert_eq!(example, minimal.accounts[0].settings);
+        assert_eq!(c.store.op_timeout, minimal.store.op_timeout);
+        assert_eq!(c.store.max_inline_body, minimal.store.max_inline_body);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("{MINIMAL}\nfoo = 1\n"));
+        assert!(e.contains("unknown field") && e.contains("foo"), "{e}");
+        let e = err(&MINIMAL.replace("username", "usrname"));
+        assert!(e.contains("accounts.work") && e.contains("usrname"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = err(&format!("{MINIMAL}\nport = \"x\"\n"));
+        assert!(e.contains("accounts.work.port"), "{e}");
+    }
+
+    #[test]
+    fn port_out_of_range_is_named() {
+        let e = err(&format!("{MINIMAL}\nport = 70000\n"));
+        assert!(e.contains("accounts.work.port") && e.contains("70000"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = err(&MINIMAL.replace("[accounts.work]", "[defaults]\npoll_interval = \"soon\"\n[accounts.work]"));
+        assert!(e.contains("accounts.work.poll_interval") && e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn empty_mailbox_list_is_an_error() {
+        let e = err(&format!("{MINIMAL}\nmailboxes = []\n"));
+        assert!(e.contains("accounts.work.mailboxes"), "{e}");
+    }
+
+    #[test]
+    fn missing_password_file_is_named() {
+        let e = err(&MINIMAL.replace(
+            "password = \"pw\"",
+            "password_file = \"/nonexistent/pw\"",
+        ));
+        assert!(e.contains("accounts.work.password_file") && e.contains("/nonexistent/pw"), "{e}");
+    }
+
+    #[test]
+    fn two_password_sources_are_refused() {
+        let e = err(&format!("{MINIMAL}\npassword_env = \"X\"\n"));
+        assert!(e.contains("only one"), "{e}");
+    }
+
+    #[test]
+    fn uppercase_account_names_are_refused() {
+        let e = err(&MINIMAL.replace("accounts.work", "accounts.Work"));
+        assert!(e.contains("lowercase"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let c = from_toml_str(&MINIMAL.replace("pw", "hunter2")).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("mongodb://"), "{shown}");
+    }
+
+    #[test]
+    fn numeric_passwords_are_accepted() {
+        let c = from_toml_str(&MINIMAL.replace("\"pw\"", "12345")).unwrap();
+        assert_eq!(c.accounts[0].password.expose(), "12345");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1.5h"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("10"), None);
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MAILPUMP_ACCOUNTS__WORK__PASSWORD", "67890");
+            jail.set_env("MAILPUMP_STORE__DATABASE", "other");
+            jail.set_env("MAILPUMP_TEST_SOMETHING", "ignored");
+            let c = load(&path).map_err(|e| e.to_string())?;
+            assert_eq!(c.accounts[0].password.expose(), "67890");
+            assert_eq!(c.store.database, "other");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_reported() {
+        let e = load(Path::new("/nonexistent/mailpump.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/mailpump.toml"));
+    }
+}

@@ -1,0 +1,491 @@
+//! One logged-in IMAP connection and the checked commands mailpump needs: CAPABILITY, ID,
+//! EXAMINE/SELECT, UID SEARCH, UID FETCH (sizes, then bodies), UID STORE, LOGOUT.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_imap::imap_proto::{self, AttributeValue, MailboxDatum, Response, ResponseCode, Status};
+use chrono::{DateTime, FixedOffset, NaiveDate};
+use tokio::io::BufWriter;
+
+use super::transport::{self, Transport};
+use super::utf7;
+use super::ImapError;
+use crate::config::{Account, Security};
+
+type Stream = BufWriter<Transport>;
+
+/// What EXAMINE (or SELECT) reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxInfo {
+    pub uidvalidity: u32,
+    pub uidnext: Option<u32>,
+    pub exists: u32,
+}
+
+/// One message as the server sent it.
+#[derive(Debug)]
+pub struct FetchedMessage {
+    pub uid: u32,
+    pub flags: Vec<String>,
+    pub internal_date: Option<DateTime<FixedOffset>>,
+    pub size: u64,
+    pub body: Vec<u8>,
+}
+
+/// A logged-in session. Every read is bounded by `command_timeout`.
+pub struct Session {
+    inner: async_imap::Session<Stream>,
+    capabilities: HashSet<String>,
+    timeout: Duration,
+}
+
+/// Hints added to errors for providers with known requirements (notes/providers.md).
+fn login_hint(host: &str) -> &'static str {
+    let host = host.to_ascii_lowercase();
+    if host.ends_with("qq.com") {
+        " (QQ Mail: switch IMAP/POP3 on in the web settings and use the generated authorization code, not the login password)"
+    } else if host.ends_with("163.com") || host.ends_with("126.com") || host.ends_with("yeah.net") {
+        " (NetEase: enable IMAP in the web settings and use the client authorization password)"
+    } else if host.ends_with("gmail.com") || host.ends_with("googlemail.com") {
+        " (Gmail: use an app password)"
+    } else {
+        ""
+    }
+}
+
+struct PlainAuth<'a> {
+    user: &'a str,
+    password: &'a str,
+}
+
+impl async_imap::Authenticator for PlainAuth<'_> {
+    type Response = Vec<u8>;
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.user.len() + self.password.len() + 2);
+        out.push(0);
+        out.extend_from_slice(self.user.as_bytes());
+        out.push(0);
+        out.extend_from_slice(self.password.as_bytes());
+        out
+    }
+}
+
+fn status_word(status: &Status) -> &'static str {
+    match status {
+        Status::Ok => "OK",
+        Status::No => "NO",
+        Status::Bad => "BAD",
+        Status::PreAuth => "PREAUTH",
+        Status::Bye => "BYE",
+    }
+}
+
+fn map_async_imap(err: async_imap::error::Error) -> ImapError {
+    use async_imap::error::Error as E;
+    match err {
+        E::Io(e) => ImapError::Io(e),
+        E::ConnectionLost => ImapError::Closed,
+        E::Bad(t) => ImapError::Protocol(format!("BAD {t}")),
+        E::No(t) => ImapError::Protocol(format!("NO {t}")),
+        other => ImapError::Protocol(other.to_string()),
+    }
+}
+
+/// Formats sorted UIDs as an IMAP sequence set: `1:5,7,9:12`.
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `SINCE 14-Jun-2015` wants English month names whatever the locale.
+pub fn imap_date(date: NaiveDate) -> String {
+    date.format("%d-%b-%Y").to_string()
+}
+
+fn parse_internal_date(s: &str) -> Option<DateTime<FixedOffset>> {
+    DateTime::parse_from_str(s.trim(), "%d-%b-%Y %H:%M:%S %z").ok()
+}
+
+impl Session {
+    /// Connects, negotiates TLS as configured, reads the greeting, logs in, reads CAPABILITY
+    /// and sends ID where offered (163.com refuses SELECT without it).
+    pub async fn connect(account: &Account) -> Result<Session, ImapError> {
+        let settings = &account.settings;
+        let timeout = settings.command_timeout;
+        let connect_timeout = settings.connect_timeout;
+        let tcp = transport::tcp_connect(&account.host, account.port, connect_timeout).await?;
+        let (transport, greeting_read) = match account.security {
+            Security::Plain => (Transport::Plain(tcp), false),
+            Security::Tls => (
+                transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?,
+                false,
+            ),
+            Security::StartTls => {
+                let tcp = transport::starttls(tcp, connect_timeout).await?;
+                (
+                    transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?,
+                    true,
+                )
+            }
+        };
+        let mut client = async_imap::Client::new(BufWriter::new(transport));
+        if !greeting_read {
+            // async-imap does not read the greeting itself; authenticate() hangs without this.
+            let greeting = match tokio::time::timeout(connect_timeout, client.read_response()).await {
+                Err(_) => return Err(ImapError::Timeout { what: "the server greeting".into(), after: connect_timeout }),
+                Ok(Err(e)) => return Err(ImapError::Io(e)),
+                Ok(Ok(None)) => return Err(ImapError::Closed),
+                Ok(Ok(Some(g))) => g,
+            };
+            match greeting.parsed() {
+                Response::Data { status: Status::Ok | Status::PreAuth, .. } => {}
+                Response::Data { status: Status::Bye, outcome } => {
+                    return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()))
+                }
+                other => return Err(ImapError::Protocol(format!("unexpected greeting {other:?}"))),
+            }
+        }
+
+        let user = account.username.as_str();
+        let password = account.password.expose();
+        let plain_login_ok = user.is_ascii() && password.is_ascii() && !password.contains(['\r', '\n', '\0']);
+        let login = async {
+            if plain_login_ok {
+                client.login(user, password).await
+            } else {
+                // LOGIN's quoted strings cannot carry 8-bit text: RFC 4616 PLAIN sends UTF-8.
+                client.authenticate("PLAIN", PlainAuth { user, password }).await
+            }
+        };
+        let inner = match tokio::time::timeout(timeout, login).await {
+            Err(_) => return Err(ImapError::Timeout { what: "the login reply".into(), after: timeout }),
+            Ok(Ok(session)) => session,
+            Ok(Err((async_imap::error::Error::No(text), _))) | Ok(Err((async_imap::error::Error::Bad(text), _))) => {
+                return Err(ImapError::AuthRejected {
+                    user: user.to_string(),
+                    text: clean_status_text(&text),
+                    hint: login_hint(&account.host),
+                })
+            }
+            Ok(Err((e, _))) => return Err(map_async_imap(e)),
+        };
+
+        let mut session = Session { inner, capabilities: HashSet::new(), timeout };
+        session.refresh_capabilities().await?;
+        if session.has_capability("ID") {
+            let id = format!(
+                "ID (\"name\" \"mailpump\" \"version\" \"{}\" \"vendor\" \"mailpump\")",
+                env!("CARGO_PKG_VERSION")
+            );
+            // Failure here is survivable; a SELECT refused for want of ID says so below.
+            if let Err(e) = session.command(&id, |_| Ok(())).await {
+                if !matches!(e, ImapError::Rejected { .. }) {
+                    return Err(e);
+                }
+                tracing::warn!(account = %account.name, error = %e, "id_refused");
+            }
+        }
+        Ok(session)
+    }
+
+    pub fn has_capability(&self, cap: &str) -> bool {
+        self.capabilities.contains(&cap.to_ascii_uppercase())
+    }
+
+    async fn refresh_capabilities(&mut self) -> Result<(), ImapError> {
+        let mut caps = HashSet::new();
+        self.command("CAPABILITY", |r| {
+            if let Response::Capabilities(list) = r {
+                for c in list {
+                    let name = match c {
+                        imap_proto::Capability::Imap4rev1 => "IMAP4REV1".to_string(),
+                        imap_proto::Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+                        imap_proto::Capability::Atom(a) => a.to_ascii_uppercase(),
+                    };
+                    caps.insert(name);
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        self.capabilities = caps;
+        Ok(())
+    }
+
+    /// Sends `command` and hands every untagged response to `on_untagged` until the tagged
+    /// reply, which must be OK. A BYE ends the session with an error.
+    pub async fn command<F>(&mut self, command: &str, mut on_untagged: F) -> Result<(), ImapError>
+    where
+        F: FnMut(&Response<'_>) -> Result<(), ImapError>,
+    {
+        let verb = command.split(' ').take(if command.starts_with("UID ") { 2 } else { 1 }).collect::<Vec<_>>().join(" ");
+        let tag = match tokio::time::timeout(self.timeout, self.inner.run_command(command)).await {
+            Err(_) => return Err(ImapError::Timeout { what: format!("sending {verb}"), after: self.timeout }),
+            Ok(Err(e)) => return Err(map_async_imap(e)),
+            Ok(Ok(tag)) => tag,
+        };
+        let mut pending_error = None;
+        loop {
+            // (async-imap's ResponseData cannot be named outside it, so this stays inline.)
+            let response = match tokio::time::timeout(self.timeout, self.inner.read_response()).await {
+                Err(_) => return Err(ImapError::Timeout { what: format!("the reply to {verb}"), after: self.timeout }),
+                Ok(Err(e)) => return Err(ImapError::Io(e)),
+                Ok(Ok(None)) => return Err(ImapError::Closed),
+                Ok(Ok(Some(r))) => r,
+            };
+            match response.parsed() {
+                Response::Done { tag: t, status, outcome } if *t == tag => {
+                    if let Some(e) = pending_error {
+                        return Err(e);
+                    }
+                    return match status {
+                        Status::Ok => Ok(()),
+                        other => {
+                            let text = outcome.information.as_deref().unwrap_or("").to_string();
+                            let hint = if text.to_ascii_lowercase().contains("unsafe login") {
+                                " (this server wants the IMAP ID command before SELECT; mailpump sends it only when CAPABILITY lists ID)"
+                            } else {
+                                ""
+                            };
+                            Err(ImapError::Rejected {
+                                command: verb,
+                                status: status_word(other),
+                                text: clean_status_text(&text),
+                                hint,
+                            })
+                        }
+                    };
+                }
+                Response::Done { tag: t, .. } => {
+                    return Err(ImapError::Protocol(format!("reply for unknown tag {t:?} while waiting for {verb}")));
+                }
+                Response::Data { status: Status::Bye, outcome } => {
+                    return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()));
+                }
+                Response::Data { status: Status::No | Status::Bad, outcome } => {
+                    // An untagged NO/BAD is a warning (e.g. `* NO [ALERT] ...`), not a failure.
+                    tracing::warn!(command = %verb, text = outcome.information.as_deref().unwrap_or(""), "server_warning");
+                }
+                other => {
+                    if pending_error.is_none() {
+                        if let Err(e) = on_untagged(other) {
+                            // keep reading until the tagged reply so the stream stays in step
+                            pending_error = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// EXAMINE (read-only) or, when `writable`, SELECT.
+    pub async fn open_mailbox(&mut self, mailbox: &str, writable: bool) -> Result<MailboxInfo, ImapError> {
+        let verb = if writable { "SELECT" } else { "EXAMINE" };
+        let (mut uidvalidity, mut uidnext, mut exists) = (None, None, 0);
+        self.command(&format!("{verb} {}", utf7::mailbox_arg(mailbox)), |r| {
+            match r {
+                Response::Data { outcome, .. } => match outcome.code {
+                    Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
+                    Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+                    _ => {}
+                },
+                Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
+                _ => {}
+            }
+            Ok(())
+        })
+        .await?;
+        let uidvalidity = uidvalidity.ok_or_else(|| ImapError::Protocol(format!("{verb} {mailbox} gave no UIDVALIDITY")))?;
+        Ok(MailboxInfo { uidvalidity, uidnext, exists })
+    }
+
+    /// `UID SEARCH UID <after+1>:* [SINCE d] [UNSEEN]`, sorted, strictly above `after`
+    /// (servers always match the highest UID for `n:*`, even when it is below n).
+    pub async fn search_after(&mut self, after: u32, since: Option<NaiveDate>, unseen_only: bool) -> Result<Vec<u32>, ImapError> {
+        let mut query = format!("UID SEARCH UID {}:*", after.saturating_add(1));
+        if let Some(d) = since {
+            query.push_str(&format!(" SINCE {}", imap_date(d)));
+        }
+        if unseen_only {
+            query.push_str(" UNSEEN");
+        }
+        let mut uids = Vec::new();
+        self.command(&query, |r| {
+            if let Response::MailboxData(MailboxDatum::Search(found)) = r {
+                uids.extend(found.iter().copied().filter(|u| *u > after));
+            }
+            Ok(())
+        })
+        .await?;
+        uids.sort_unstable();
+        uids.dedup();
+        Ok(uids)
+    }
+
+    /// Which of `uids` still exist (`UID SEARCH UID set`).
+    pub async fn existing(&mut self, uids: &[u32]) -> Result<Vec<u32>, ImapError> {
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let mut found = Vec::new();
+        self.command(&format!("UID SEARCH UID {}", uid_set(uids)), |r| {
+            if let Response::MailboxData(MailboxDatum::Search(list)) = r {
+                found.extend(list.iter().copied().filter(|u| wanted.contains(u)));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// RFC822.SIZE of each UID (to cut batches by bytes before asking for bodies).
+    pub async fn fetch_sizes(&mut self, uids: &[u32]) -> Result<Vec<(u32, u64)>, ImapError> {
+        let mut sizes = Vec::with_capacity(uids.len());
+        self.command(&format!("UID FETCH {} (UID RFC822.SIZE)", uid_set(uids)), |r| {
+            if let Response::Fetch(_, attrs) = r {
+                let (mut uid, mut size) = (None, None);
+                for a in attrs {
+                    match a {
+                        AttributeValue::Uid(u) => uid = Some(*u),
+                        AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
+                        _ => {}
+                    }
+                }
+                if let (Some(u), Some(s)) = (uid, size) {
+                    sizes.push((u, s));
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        sizes.sort_unstable();
+        sizes.dedup_by_key(|(u, _)| *u);
+        Ok(sizes)
+    }
+
+    /// `UID FETCH set (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])`: never sets \Seen.
+    /// Untagged FETCHes without a body (flag updates for other messages) are ignored.
+    pub async fn fetch_bodies(&mut self, uids: &[u32]) -> Result<Vec<FetchedMessage>, ImapError> {
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let mut out = Vec::with_capacity(uids.len());
+        let cmd = format!("UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])", uid_set(uids));
+        self.command(&cmd, |r| {
+            if let Response::Fetch(_, attrs) = r {
+                let (mut uid, mut flags, mut date, mut size, mut body) = (None, Vec::new(), None, None, None);
+                for a in attrs {
+                    match a {
+                        AttributeValue::Uid(u) => uid = Some(*u),
+                        AttributeValue::Flags(f) => flags = f.iter().map(|s| s.to_string()).collect(),
+                        AttributeValue::InternalDate(d) => date = parse_internal_date(d),
+                        AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
+                        AttributeValue::BodySection { section: None, data, .. } => {
+                            body = Some(data.as_deref().unwrap_or(&[]).to_vec())
+                        }
+                        _ => {}
+                    }
+                }
+                if let (Some(uid), Some(body)) = (uid, body) {
+                    if wanted.contains(&uid) {
+                        out.push(FetchedMessage {
+                            uid,
+                            flags,
+                            internal_date: date,
+                            size: size.unwrap_or(body.len() as u64),
+                            body,
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        out.sort_by_key(|m| m.uid);
+        out.dedup_by_key(|m| m.uid);
+        Ok(out)
+    }
+
+    /// `UID STORE set +FLAGS.SILENT (\Seen)` (only with `mark_seen = true`).
+    pub async fn mark_seen(&mut self, uids: &[u32]) -> Result<(), ImapError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        self.command(&format!("UID STORE {} +FLAGS.SILENT (\\Seen)", uid_set(uids)), |_| Ok(())).await
+    }
+
+    /// `NOOP`: returns the EXISTS count if the server announced one.
+    pub async fn noop(&mut self) -> Result<Option<u32>, ImapError> {
+        let mut exists = None;
+        self.command("NOOP", |r| {
+            if let Response::MailboxData(MailboxDatum::Exists(n)) = r {
+                exists = Some(*n);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(exists)
+    }
+
+    /// LOGOUT, best effort, bounded by `timeout`.
+    pub async fn logout(mut self, timeout: Duration) {
+        self.timeout = timeout;
+        let _ = tokio::time::timeout(timeout, self.command("LOGOUT", |_| Ok(()))).await;
+    }
+}
+
+/// Status texts come from the server: keep them to one short line.
+fn clean_status_text(text: &str) -> String {
+    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let trimmed = one_line.trim();
+    if trimmed.chars().count() > 300 {
+        format!("{}...", trimmed.chars().take(300).collect::<String>())
+    } else {
+        trimmed.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets_compress_runs() {
+        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+        assert_eq!(uid_set(&[42]), "42");
+        assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn search_dates_use_english_month_names() {
+        assert_eq!(imap_date(NaiveDate::from_ymd_opt(2015, 6, 4).unwrap()), "04-Jun-2015");
+    }
+
+    #[test]
+    fn internal_dates_parse_with_space_padded_days() {
+        let d = parse_internal_date(" 7-Jul-1996 02:44:25 -0700").unwrap();
+        assert_eq!(d.to_rfc3339(), "1996-07-07T02:44:25-07:00");
+        assert!(parse_internal_date("garbage").is_none());
+    }
+
+    #[test]
+    fn provider_hints_name_the_fix() {
+        assert!(login_hint("imap.qq.com").contains("authorization code"));
+        assert_eq!(login_hint("imap.example.com"), "");
+    }
+}

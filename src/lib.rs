@@ -1,0 +1,25 @@
+//! mailpump: holds IMAP connections open to many mailboxes and stores every message, parsed
+//! and raw, in MongoDB.
+//!
+//! # Layout (in reading order)
+//! - [`config`]: figment layers -> raw config -> validated [`config::Config`]; secrets redacted.
+//! - [`telemetry`]: the JSON / text log subscriber (async-imap's leaky TRACE output capped).
+//! - [`signals`]: SIGTERM/SIGINT -> shutdown token, SIGHUP -> reload.
+//! - [`commands`]: `sync` and `check`, one task per mailbox.
+//! - [`sync`]: one mailbox's catch-up pass: fetch -> parse -> store pipeline.
+//! - [`imap`]: the only async-imap user: transport (TLS, STARTTLS), checked commands.
+//! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
+//! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
+//! - [`error`]: error classes shared by the I/O boundaries.
+//!
+//! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
+
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod imap;
+pub mod parse;
+pub mod signals;
+pub mod store;
+pub mod sync;
+pub mod telemetry;

@@ -1,0 +1,95 @@
+//! The `mailpump` binary: parse the command line, load the config, start telemetry, run the
+//! command, map the outcome to an exit code (0 ok, 64 usage, 78 config, 1 anything else).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mailpump::telemetry::{self, LogFormat};
+use mailpump::{commands, config, signals};
+use tokio_util::sync::CancellationToken;
+
+const EX_USAGE: u8 = 64;
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "mailpump", version, about = "Stores every message of your IMAP mailboxes, parsed and raw, in MongoDB")]
+struct Cli {
+    /// Config file [default: $MAILPUMP_CONFIG, else /etc/mailpump/mailpump.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format
+    #[arg(long, global = true, value_enum, default_value = "json")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One catch-up pass over every configured mailbox, then exit
+    Sync,
+    /// Validate the config, reach the store, log in to every mailbox
+    Check {
+        /// Only validate the configuration (no network): for systemd's ExecStartPre
+        #[arg(long)]
+        config_only: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(EX_USAGE),
+            };
+        }
+    };
+    let path = cli
+        .config
+        .or_else(|| std::env::var_os("MAILPUMP_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/etc/mailpump/mailpump.toml"));
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            telemetry::init(cli.log_format, None);
+            tracing::error!(error = %e, path = %path.display(), "config_invalid");
+            eprintln!("mailpump: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    telemetry::init(cli.log_format, config.log_level.as_deref());
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "runtime_failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ok = runtime.block_on(async {
+        match cli.command {
+            Command::Check { config_only: true } => {
+                println!("ok    config  {}", path.display());
+                true
+            }
+            Command::Check { config_only: false } => commands::check_all(&config).await,
+            Command::Sync => {
+                let shutdown = CancellationToken::new();
+                if let Err(e) = signals::listen(shutdown.clone()) {
+                    tracing::error!(error = %e, "signal_setup_failed");
+                    return false;
+                }
+                commands::sync_all(&config, shutdown).await
+            }
+        }
+    });
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

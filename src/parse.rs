@@ -1,0 +1,480 @@
+//! Parsing: raw message bytes in, [`ParsedMessage`] out. Pure: no I/O, no clock, no async.
+//!
+//! **Invariant:** parsing never fails and never loses the raw bytes. mail-parser runs inside
+//! `catch_unwind`; whatever it cannot read is listed in `parse_errors`, and headers are then
+//! recovered by a plain scan of the header section.
+
+use std::borrow::Cow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use chrono::{DateTime, Utc};
+use mail_parser::{Address as MpAddress, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// A reference to bytes in the `blobs` bucket (content-addressed: `blob` is the hex SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlobRef {
+    pub sha256: String,
+    pub size: u64,
+    pub blob: String,
+}
+
+/// Bytes to be stored in the `blobs` bucket under `sha256`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub sha256: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Blob {
+    pub fn new(bytes: Vec<u8>) -> Blob {
+        Blob {
+            sha256: sha256_hex(&bytes),
+            bytes,
+        }
+    }
+    pub fn reference(&self) -> BlobRef {
+        BlobRef {
+            sha256: self.sha256.clone(),
+            size: self.bytes.len() as u64,
+            blob: self.sha256.clone(),
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Address {
+    pub name: Option<String>,
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeaderField {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Attachment {
+    pub filename: Option<String>,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+    pub content_id: Option<String>,
+    pub inline: bool,
+    pub blob: String,
+}
+
+/// Everything mailpump reads out of one message. The store adds the mailbox position
+/// (account, mailbox, uidvalidity, uid, flags, internal_date) and `stored_at`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParsedMessage {
+    pub message_id: Option<String>,
+    pub in_reply_to: Vec<String>,
+    pub references: Vec<String>,
+    pub subject: Option<String>,
+    pub date: Option<DateTime<Utc>>,
+    pub from: Vec<Address>,
+    pub sender: Vec<Address>,
+    pub reply_to: Vec<Address>,
+    pub to: Vec<Address>,
+    pub cc: Vec<Address>,
+    pub bcc: Vec<Address>,
+    pub headers: Vec<HeaderField>,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    /// Set instead of `text` when the text body is larger than the inline limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_blob: Option<BlobRef>,
+    /// Set instead of `html` when the HTML body is larger than the inline limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub html_blob: Option<BlobRef>,
+    pub attachments: Vec<Attachment>,
+    pub raw: BlobRef,
+    pub parse_errors: Vec<String>,
+    /// Bytes for the `blobs` bucket: the raw message, every attachment, oversized bodies.
+    #[serde(skip)]
+    pub blobs: Vec<Blob>,
+}
+
+/// Limits that keep a document well under MongoDB's 16 MiB.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bodies above this many bytes move to the `blobs` bucket.
+    pub max_inline_body: usize,
+    /// Header values beyond this total are dropped from `headers` (they stay in `raw`).
+    pub max_headers_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_inline_body: 1024 * 1024,
+            max_headers_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Parses `raw`. Never panics, never fails: see the module invariant.
+pub fn parse(raw: Vec<u8>, limits: Limits) -> ParsedMessage {
+    let raw_blob = Blob::new(raw);
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        MessageParser::default()
+            .parse(&raw_blob.bytes)
+            .map(|m| from_message(&m, limits))
+    }));
+    let mut parsed = match outcome {
+        Ok(Some(p)) => p,
+        Ok(None) => fallback(&raw_blob.bytes, "the message could not be parsed as RFC 5322", limits),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            fallback(&raw_blob.bytes, &format!("the parser panicked: {why}"), limits)
+        }
+    };
+    parsed.raw = raw_blob.reference();
+    parsed.blobs.insert(0, raw_blob);
+    parsed
+}
+
+fn empty(raw: BlobRef) -> ParsedMessage {
+    ParsedMessage {
+        message_id: None,
+        in_reply_to: Vec::new(),
+        references: Vec::new(),
+        subject: None,
+        date: None,
+        from: Vec::new(),
+        sender: Vec::new(),
+        reply_to: Vec::new(),
+        to: Vec::new(),
+        cc: Vec::new(),
+        bcc: Vec::new(),
+        headers: Vec::new(),
+        text: None,
+        html: None,
+        text_blob: None,
+        html_blob: None,
+        attachments: Vec::new(),
+        raw,
+        parse_errors: Vec::new(),
+        blobs: Vec::new(),
+    }
+}
+
+fn placeholder_ref() -> BlobRef {
+    BlobRef {
+        sha256: String::new(),
+        size: 0,
+        blob: String::new(),
+    }
+}
+
+/// What we can say about a message mail-parser could not read: its headers, by a plain scan.
+fn fallback(raw: &[u8], error: &str, limits: Limits) -> ParsedMessage {
+    let mut p = empty(placeholder_ref());
+    p.parse_errors.push(error.to_string());
+    p.headers = scan_headers(raw, limits.max_headers_bytes, &mut p.parse_errors);
+    for h in &p.headers {
+        match h.name.to_ascii_lowercase().as_str() {
+            "subject" if p.subject.is_none() => p.subject = Some(h.value.clone()),
+            "message-id" if p.message_id.is_none() => {
+                p.message_id = Some(strip_brackets(&h.value)).filter(|s| !s.is_empty())
+            }
+            _ => {}
+        }
+    }
+    p
+}
+
+/// Header fields from the top of `raw` up to the first empty line, unfolded, lossily decoded.
+fn scan_headers(raw: &[u8], max_bytes: usize, errors: &mut Vec<String>) -> Vec<HeaderField> {
+    let mut fields: Vec<HeaderField> = Vec::new();
+    let mut total = 0usize;
+    for line in raw.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        if line[0] == b' ' || line[0] == b'\t' {
+            if let Some(last) = fields.last_mut() {
+                last.value.push(' ');
+                last.value.push_str(text.trim());
+            }
+            continue;
+        }
+        if let Some((name, value)) = text.split_once(':') {
+            if !name.is_empty() && !name.contains(' ') {
+                total += value.len();
+                if total > max_bytes {
+                    errors.push(format!("headers beyond {max_bytes} bytes were left out (they stay in raw)"));
+                    break;
+                }
+                fields.push(HeaderField {
+                    name: name.to_string(),
+                    value: value.trim().to_string(),
+                });
+            }
+        }
+    }
+    fields
+}
+
+fn strip_brackets(s: &str) -> String {
+    s.trim().trim_start_matches('<').trim_end_matches('>').trim().to_string()
+}
+
+fn addresses(value: Option<&MpAddress<'_>>) -> Vec<Address> {
+    let convert = |a: &mail_parser::Addr<'_>| Address {
+        name: a.name.as_ref().map(|n| n.to_string()).filter(|n| !n.is_empty()),
+        address: a.address.as_ref().map(|n| n.to_string()).filter(|n| !n.is_empty()),
+    };
+    match value {
+        None => Vec::new(),
+        Some(MpAddress::List(list)) => list.iter().map(convert).collect(),
+        Some(MpAddress::Group(groups)) => groups.iter().flat_map(|g| g.addresses.iter().map(convert)).collect(),
+    }
+}
+
+fn id_list(value: &HeaderValue<'_>) -> Vec<String> {
+    match value {
+        HeaderValue::Text(t) => vec![strip_brackets(t)],
+        HeaderValue::TextList(list) => list.iter().map(|t| strip_brackets(t)).collect(),
+        _ => Vec::new(),
+    }
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect()
+}
+
+/// Raw header text between two offsets, unfolded.
+fn raw_slice(raw: &[u8], start: u32, end: u32) -> String {
+    let (start, end) = (start as usize, (end as usize).min(raw.len()));
+    if start >= end {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&raw[start..end]);
+    text.split(['\r', '\n']).map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+fn render_address(a: &MpAddress<'_>) -> String {
+    addresses(Some(a))
+        .into_iter()
+        .map(|a| match (a.name, a.address) {
+            (Some(n), Some(addr)) => format!("{n} <{addr}>"),
+            (Some(n), None) => n,
+            (None, Some(addr)) => addr,
+            (None, None) => String::new(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn header_fields(message: &Message<'_>, max_bytes: usize, errors: &mut Vec<String>) -> Vec<HeaderField> {
+    let raw = message.raw_message();
+    let mut total = 0;
+    let mut out = Vec::new();
+    for h in message.headers() {
+        let name = raw_slice(raw, h.offset_field, h.offset_start);
+        let name = name.trim_end_matches(':').trim().to_string();
+        let value = match &h.value {
+            HeaderValue::Text(t) => t.to_string(),
+            HeaderValue::TextList(list) => list.join(", "),
+            HeaderValue::Address(a) => render_address(a),
+            _ => raw_slice(raw, h.offset_start, h.offset_end),
+        };
+        total += value.len();
+        if total > max_bytes {
+            errors.push(format!("headers beyond {max_bytes} bytes were left out (they stay in raw)"));
+            break;
+        }
+        out.push(HeaderField { name, value });
+    }
+    out
+}
+
+fn content_type_of(part: &mail_parser::MessagePart<'_>) -> Option<String> {
+    part.content_type().map(|ct| match &ct.c_subtype {
+        Some(sub) => format!("{}/{}", ct.c_type, sub).to_ascii_lowercase(),
+        None => ct.c_type.to_ascii_lowercase(),
+    })
+}
+
+fn from_message(message: &Message<'_>, limits: Limits) -> ParsedMessage {
+    let mut p = empty(placeholder_ref());
+    if message.headers().is_empty() {
+        p.parse_errors.push("no header section".into());
+    }
+    p.message_id = message.message_id().map(strip_brackets).filter(|s| !s.is_empty());
+    p.in_reply_to = id_list(message.in_reply_to());
+    p.references = id_list(message.references());
+    p.subject = message.subject().map(str::to_string);
+    p.date = message.date().and_then(|d| {
+        if d.year == 0 || d.month == 0 || d.day == 0 || d.month > 12 || d.day > 31 {
+            None
+        } else {
+            DateTime::from_timestamp(d.to_timestamp(), 0)
+        }
+    });
+    if message.header_raw("Date").is_some() && p.date.is_none() {
+        p.parse_errors.push("the Date header could not be read".into());
+    }
+    p.from = addresses(message.from());
+    p.sender = addresses(message.sender());
+    p.reply_to = addresses(message.reply_to());
+    p.to = addresses(message.to());
+    p.cc = addresses(message.cc());
+    p.bcc = addresses(message.bcc());
+    p.headers = header_fields(message, limits.max_headers_bytes, &mut p.parse_errors);
+
+    // Only the message's own bodies: mail-parser also lists an HTML part among the text
+    // bodies (and vice versa) to offer a converted version; the part type tells them apart.
+    let texts: Vec<&str> = message
+        .text_body
+        .iter()
+        .filter_map(|id| message.parts.get(*id as usize))
+        .filter_map(|part| match &part.body {
+            PartType::Text(t) => Some(t.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let htmls: Vec<&str> = message
+        .html_body
+        .iter()
+        .filter_map(|id| message.parts.get(*id as usize))
+        .filter_map(|part| match &part.body {
+            PartType::Html(t) => Some(t.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let text = (!texts.is_empty()).then(|| texts.join("\n"));
+    let html = (!htmls.is_empty()).then(|| htmls.join("\n"));
+    (p.text, p.text_blob) = inline_or_blob(text, limits, &mut p.blobs);
+    (p.html, p.html_blob) = inline_or_blob(html, limits, &mut p.blobs);
+
+    for (i, part) in message.parts.iter().enumerate() {
+        if part.is_encoding_problem {
+            let ct = content_type_of(part).unwrap_or_else(|| "text/plain".into());
+            p.parse_errors.push(format!("part {i} ({ct}): its transfer encoding could not be decoded"));
+        }
+    }
+    collect_attachments(message, &mut p, 0);
+    p
+}
+
+fn inline_or_blob(body: Option<String>, limits: Limits, blobs: &mut Vec<Blob>) -> (Option<String>, Option<BlobRef>) {
+    match body {
+        Some(b) if b.len() > limits.max_inline_body => {
+            let blob = Blob::new(b.into_bytes());
+            let r = blob.reference();
+            blobs.push(blob);
+            (None, Some(r))
+        }
+        other => (other, None),
+    }
+}
+
+/// Nested messages deeper than this are stored as attachments without being opened further.
+const MAX_NESTING: usize = 32;
+
+fn collect_attachments(message: &Message<'_>, p: &mut ParsedMessage, depth: usize) {
+    for id in &message.attachments {
+        let Some(part) = message.parts.get(*id as usize) else { continue };
+        let bytes: Cow<'_, [u8]> = match &part.body {
+            PartType::Message(m) => Cow::Borrowed(m.raw_message()),
+            PartType::Binary(b) | PartType::InlineBinary(b) => Cow::Borrowed(b.as_ref()),
+            PartType::Text(t) | PartType::Html(t) => Cow::Borrowed(t.as_bytes()),
+            PartType::Multipart(_) => continue,
+        };
+        let content_type = content_type_of(part).unwrap_or_else(|| match &part.body {
+            PartType::Message(_) => "message/rfc822".into(),
+            PartType::Text(_) => "text/plain".into(),
+            PartType::Html(_) => "text/html".into(),
+            _ => "application/octet-stream".into(),
+        });
+        let disposition_inline = part.content_disposition().map(|d| d.is_inline());
+        let content_id = part.content_id().map(strip_brackets).filter(|s| !s.is_empty());
+        let inline = disposition_inline.unwrap_or(content_id.is_some() || matches!(part.body, PartType::InlineBinary(_)));
+        let blob = Blob::new(bytes.into_owned());
+        p.attachments.push(Attachment {
+            filename: part.attachment_name().map(str::to_string),
+            content_type,
+            size: blob.bytes.len() as u64,
+            sha256: blob.sha256.clone(),
+            content_id,
+            inline,
+            blob: blob.sha256.clone(),
+        });
+        if !p.blobs.iter().any(|b| b.sha256 == blob.sha256) {
+            p.blobs.push(blob);
+        }
+        if let PartType::Message(nested) = &part.body {
+            if depth < MAX_NESTING {
+                collect_attachments(nested, p, depth + 1);
+            } else {
+                p.parse_errors.push(format!("message/rfc822 nested deeper than {MAX_NESTING}: inner attachments not listed"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> ParsedMessage {
+        parse(s.as_bytes().to_vec(), Limits::default())
+    }
+
+    #[test]
+    fn plain_message_fields() {
+        let p = parse_str("From: \"A B\" <a@example.com>\r\nTo: c@example.com, D <d@example.com>\r\nSubject: Hi\r\nMessage-ID: <x@y>\r\nDate: Tue, 1 Jul 2003 10:52:37 +0200\r\n\r\nhello\r\n");
+        assert_eq!(p.subject.as_deref(), Some("Hi"));
+        assert_eq!(p.message_id.as_deref(), Some("x@y"));
+        assert_eq!(p.from, vec![Address { name: Some("A B".into()), address: Some("a@example.com".into()) }]);
+        assert_eq!(p.to.len(), 2);
+        assert_eq!(p.date.unwrap().to_rfc3339(), "2003-07-01T08:52:37+00:00");
+        assert_eq!(p.text.as_deref(), Some("hello\r\n"));
+        assert_eq!(p.html, None, "no HTML is invented from text");
+        assert_eq!(p.headers[0], HeaderField { name: "From".into(), value: "A B <a@example.com>".into() });
+        assert!(p.parse_errors.is_empty());
+        assert_eq!(p.blobs[0].sha256, p.raw.sha256);
+    }
+
+    #[test]
+    fn empty_input_is_kept_with_an_error() {
+        let p = parse(Vec::new(), Limits::default());
+        assert!(!p.parse_errors.is_empty());
+        assert_eq!(p.raw.size, 0);
+        assert_eq!(p.raw.sha256, sha256_hex(b""));
+    }
+
+    #[test]
+    fn large_bodies_move_to_blobs() {
+        let body = "x".repeat(2000);
+        let p = parse(format!("Subject: big\r\n\r\n{body}").into_bytes(), Limits { max_inline_body: 1024, max_headers_bytes: 1 << 20 });
+        assert!(p.text.is_none());
+        let r = p.text_blob.unwrap();
+        assert_eq!(r.size, 2000);
+        assert!(p.blobs.iter().any(|b| b.sha256 == r.sha256));
+    }
+
+    #[test]
+    fn identical_attachments_are_one_blob() {
+        let part = "--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a.bin\r\nContent-Transfer-Encoding: base64\r\n\r\nAAECAw==\r\n";
+        let m = format!("Subject: two\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n{part}{part}--b--\r\n");
+        let p = parse_str(&m);
+        assert_eq!(p.attachments.len(), 2);
+        assert_eq!(p.attachments[0].sha256, p.attachments[1].sha256);
+        assert_eq!(p.blobs.len(), 2, "raw + one attachment blob");
+    }
+}

@@ -1,0 +1,397 @@
+//! The store: the only user of the mongodb crate. Writes messages, content-addressed blobs
+//! (GridFS layout, bucket `blobs`) and the per-mailbox checkpoints in `mailboxes`.
+//!
+//! **Invariant (the checkpoint rule):** `last_uid` moves only in [`Store::commit_batch`], after
+//! every blob and every message document of the batch has been acknowledged.
+//!
+//! **Invariant:** every write is idempotent. Blobs are keyed by their SHA-256 and chunks by
+//! `sha/n`; messages by `account/mailbox/uidvalidity/uid` (plus a unique index on those four
+//! fields); a replayed batch rewrites the same documents.
+//!
+//! Driver futures are never cancelled mid-flight (notes/crates.md): each operation runs in its
+//! own task and the timeout is put on its JoinHandle.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use bson::{doc, Bson, Document};
+use chrono::{DateTime, FixedOffset, Utc};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, IndexModel};
+
+use crate::config::StoreConfig;
+use crate::error::ErrorClass;
+use crate::parse::{Blob, ParsedMessage};
+
+/// GridFS' default chunk size, so that any GridFS reader can open our blobs.
+pub const CHUNK_SIZE: usize = 255 * 1024;
+
+const DUPLICATE_KEY: i32 = 11000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("MongoDB did not acknowledge {what} within {}s", after.as_secs_f32())]
+    Timeout { what: String, after: Duration },
+    #[error("MongoDB operation {0} ended abnormally")]
+    Aborted(String),
+}
+
+impl StoreError {
+    pub fn class(&self) -> ErrorClass {
+        ErrorClass::Retry
+    }
+}
+
+/// A message ready to be written: where it was found plus what the parser made of it.
+#[derive(Debug)]
+pub struct ReadyMessage {
+    pub uid: u32,
+    pub flags: Vec<String>,
+    pub internal_date: Option<DateTime<FixedOffset>>,
+    pub size: u64,
+    pub parsed: ParsedMessage,
+}
+
+/// The stored checkpoint of one mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub uidvalidity: u32,
+    pub last_uid: u32,
+}
+
+/// What the server said about the mailbox when the batch was fetched (kept for readers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MailboxStatus {
+    pub uidnext: Option<u32>,
+    pub exists: u32,
+}
+
+/// What one [`Store::commit_batch`] wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommitReport {
+    /// Message documents newly inserted.
+    pub inserted: usize,
+    /// Message documents that already existed and were rewritten (a replayed batch).
+    pub replaced: usize,
+    /// Blobs written (blobs already present are not written again).
+    pub blobs_written: usize,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    messages: Collection<Document>,
+    mailboxes: Collection<Document>,
+    files: Collection<Document>,
+    chunks: Collection<Document>,
+    op_timeout: Duration,
+}
+
+impl Store {
+    /// Connects, pings (so a wrong URI fails fast) and creates the indexes.
+    pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let mut options = ClientOptions::parse(cfg.uri.expose()).await?;
+        options.server_selection_timeout = Some(cfg.connect_timeout);
+        options.connect_timeout = Some(cfg.connect_timeout);
+        options.app_name = Some("mailpump".into());
+        let client = Client::with_options(options)?;
+        let db = client.database(&cfg.database);
+        let store = Store {
+            messages: db.collection("messages"),
+            mailboxes: db.collection("mailboxes"),
+            files: db.collection("blobs.files"),
+            chunks: db.collection("blobs.chunks"),
+            client,
+            op_timeout: cfg.op_timeout.max(cfg.connect_timeout),
+        };
+        let db2 = db.clone();
+        store.guarded("ping", async move { db2.run_command(doc! {"ping": 1}).await.map(|_| ()) }).await?;
+        store.create_indexes().await?;
+        Ok(store)
+    }
+
+    /// Runs `op` in its own task and waits at most `op_timeout` for it.
+    async fn guarded<T, F>(&self, what: &str, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, mongodb::error::Error>> + Send + 'static,
+    {
+        let handle = tokio::spawn(op);
+        match tokio::time::timeout(self.op_timeout, handle).await {
+            Err(_) => Err(StoreError::Timeout { what: what.to_string(), after: self.op_timeout }),
+            Ok(Err(_join)) => Err(StoreError::Aborted(what.to_string())),
+            Ok(Ok(result)) => result.map_err(StoreError::from),
+        }
+    }
+
+    async fn create_indexes(&self) -> Result<(), StoreError> {
+        let unique = || IndexOptions::builder().unique(true).build();
+        let messages = self.messages.clone();
+        let chunks = self.chunks.clone();
+        let files = self.files.clone();
+        self.guarded("index creation", async move {
+            messages
+                .create_index(
+                    IndexModel::builder()
+                        .keys(doc! {"account": 1, "mailbox": 1, "uidvalidity": 1, "uid": 1})
+                        .options(unique())
+                        .build(),
+                )
+                .await?;
+            // The indexes every GridFS driver expects.
+            chunks
+                .create_index(IndexModel::builder().keys(doc! {"files_id": 1, "n": 1}).options(unique()).build())
+                .await?;
+            files
+                .create_index(IndexModel::builder().keys(doc! {"filename": 1, "uploadDate": 1}).build())
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends the client. Drop every cursor first (nothing here keeps one open).
+    pub async fn shutdown(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
+    }
+
+    fn mailbox_id(account: &str, mailbox: &str) -> String {
+        format!("{account}/{mailbox}")
+    }
+
+    /// The stored checkpoint, if this mailbox was seen before.
+    pub async fn checkpoint(&self, account: &str, mailbox: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let found = self.guarded("checkpoint read", async move { coll.find_one(doc! {"_id": id}).await }).await?;
+        Ok(found.and_then(|d| {
+            let uidvalidity = d.get_i64("uidvalidity").ok()?;
+            let last_uid = d.get_i64("last_uid").ok()?;
+            Some(Checkpoint { uidvalidity: uidvalidity as u32, last_uid: last_uid as u32 })
+        }))
+    }
+
+    /// Starts a mailbox over under a new UIDVALIDITY (promise 6): `last_uid` back to 0. The
+    /// documents stored under the old value stay; blobs are shared by content.
+    pub async fn reset_checkpoint(&self, account: &str, mailbox: &str, uidvalidity: u32, status: MailboxStatus) -> Result<(), StoreError> {
+        self.write_checkpoint(account, mailbox, Checkpoint { uidvalidity, last_uid: 0 }, status).await
+    }
+
+    async fn write_checkpoint(&self, account: &str, mailbox: &str, cp: Checkpoint, status: MailboxStatus) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "uidvalidity": cp.uidvalidity as i64,
+            "last_uid": cp.last_uid as i64,
+            "uidnext": status.uidnext.map(|n| Bson::Int64(n as i64)).unwrap_or(Bson::Null),
+            "exists": status.exists as i64,
+            "updated_at": bson::DateTime::now(),
+        };
+        self.guarded("checkpoint write", async move {
+            coll.update_one(doc! {"_id": id}, doc! {"$set": set, "$setOnInsert": {"quarantined": []}})
+                .upsert(true)
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Records the mailbox's state for readers and /healthz (`syncing`, `idle`, `error`, ...).
+    pub async fn set_state(&self, account: &str, mailbox: &str, state: &str, last_error: Option<&str>) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "state": state,
+            "last_error": last_error.map(|e| Bson::String(e.to_string())).unwrap_or(Bson::Null),
+            "updated_at": bson::DateTime::now(),
+        };
+        self.guarded("state write", async move {
+            coll.update_one(doc! {"_id": id}, doc! {"$set": set, "$setOnInsert": {"quarantined": []}})
+                .upsert(true)
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Writes the batch's blobs, then its messages, then moves the checkpoint to the batch's
+    /// highest UID. `batch` must be sorted by UID and every UID must be above the checkpoint.
+    /// The one place where `last_uid` advances.
+    pub async fn commit_batch(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        status: MailboxStatus,
+        batch: &[ReadyMessage],
+        last_uid: u32,
+    ) -> Result<CommitReport, StoreError> {
+        let mut report = CommitReport::default();
+        let blobs: Vec<&Blob> = {
+            let mut seen = HashSet::new();
+            batch.iter().flat_map(|m| m.parsed.blobs.iter()).filter(|b| seen.insert(b.sha256.as_str())).collect()
+        };
+        report.blobs_written = self.write_blobs(&blobs).await?;
+
+        let stored_at = bson::DateTime::now();
+        let docs: Vec<Document> = batch.iter().map(|m| message_document(account, mailbox, uidvalidity, m, stored_at)).collect();
+        let (inserted, replaced) = self.write_messages(docs).await?;
+        report.inserted = inserted;
+        report.replaced = replaced;
+
+        self.write_checkpoint(account, mailbox, Checkpoint { uidvalidity, last_uid }, status).await?;
+        Ok(report)
+    }
+
+    /// Writes blobs in the GridFS layout: chunks first, then the files document that marks the
+    /// blob complete. Blobs larger than one chunk are looked up first and skipped when present;
+    /// smaller ones are simply inserted, duplicates ignored.
+    async fn write_blobs(&self, blobs: &[&Blob]) -> Result<usize, StoreError> {
+        let mut files_docs = Vec::new();
+        let mut chunk_docs = Vec::new();
+        let mut written = 0;
+        for blob in blobs {
+            if blob.bytes.len() > CHUNK_SIZE {
+                let files = self.files.clone();
+                let id = blob.sha256.clone();
+                let exists = self.guarded("blob lookup", async move { files.find_one(doc! {"_id": id}).await }).await?;
+                if exists.is_some() {
+                    continue;
+                }
+            }
+            written += 1;
+            let chunks = if blob.bytes.is_empty() { Vec::new() } else { blob.bytes.chunks(CHUNK_SIZE).collect() };
+            for (n, data) in chunks.into_iter().enumerate() {
+                chunk_docs.push(doc! {
+                    "_id": format!("{}/{n}", blob.sha256),
+                    "files_id": &blob.sha256,
+                    "n": n as i32,
+                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: data.to_vec() },
+                });
+            }
+            files_docs.push(doc! {
+                "_id": &blob.sha256,
+                "length": blob.bytes.len() as i64,
+                "chunkSize": CHUNK_SIZE as i32,
+                "uploadDate": bson::DateTime::now(),
+                "filename": &blob.sha256,
+            });
+        }
+        self.insert_ignoring_duplicates(&self.chunks, chunk_docs, "blob chunks").await?;
+        self.insert_ignoring_duplicates(&self.files, files_docs, "blob files").await?;
+        Ok(written)
+    }
+
+    /// `insert_many` (unordered); duplicate-key failures are fine, their indexes are returned.
+    async fn insert_ignoring_duplicates(&self, coll: &Collection<Document>, docs: Vec<Document>, what: &str) -> Result<Vec<usize>, StoreError> {
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let coll = coll.clone();
+        let result = self
+            .guarded(what, async move {
+                match coll.insert_many(docs).ordered(false).await {
+                    Ok(_) => Ok(Vec::new()),
+                    Err(e) => duplicate_indexes(&e).ok_or(e),
+                }
+            })
+            .await?;
+        Ok(result)
+    }
+
+    async fn write_messages(&self, docs: Vec<Document>) -> Result<(usize, usize), StoreError> {
+        let total = docs.len();
+        let keep = docs.clone();
+        let dups = self.insert_ignoring_duplicates(&self.messages, docs, "message insert").await?;
+        // A replayed batch: rewrite the documents that were already there.
+        for i in &dups {
+            let mut doc = keep[*i].clone();
+            doc.remove("_id");
+            let filter = doc! {
+                "account": doc.get("account").cloned().unwrap_or(Bson::Null),
+                "mailbox": doc.get("mailbox").cloned().unwrap_or(Bson::Null),
+                "uidvalidity": doc.get("uidvalidity").cloned().unwrap_or(Bson::Null),
+                "uid": doc.get("uid").cloned().unwrap_or(Bson::Null),
+            };
+            let coll = self.messages.clone();
+            self.guarded("message replace", async move { coll.replace_one(filter, doc).upsert(true).await.map(|_| ()) }).await?;
+        }
+        Ok((total - dups.len(), dups.len()))
+    }
+}
+
+/// For an insert_many that failed only on duplicate keys: the indexes of the duplicates.
+fn duplicate_indexes(err: &mongodb::error::Error) -> Option<Vec<usize>> {
+    use mongodb::error::ErrorKind;
+    match err.kind.as_ref() {
+        ErrorKind::InsertMany(e) if e.write_concern_error.is_none() => {
+            let errors = e.write_errors.as_ref()?;
+            if errors.iter().all(|w| w.code == DUPLICATE_KEY) {
+                Some(errors.iter().map(|w| w.index).collect())
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+fn to_bson<T: serde::Serialize>(value: &T) -> Bson {
+    // Serializing plain structs of strings and numbers cannot fail.
+    bson::to_bson(value).unwrap_or(Bson::Null)
+}
+
+fn opt_date(d: Option<DateTime<Utc>>) -> Bson {
+    d.map(|d| Bson::DateTime(bson::DateTime::from_chrono(d))).unwrap_or(Bson::Null)
+}
+
+fn opt_string(s: &Option<String>) -> Bson {
+    s.as_ref().map(|s| Bson::String(s.clone())).unwrap_or(Bson::Null)
+}
+
+/// The `messages` document (PRODUCT.md, "What lands in MongoDB").
+pub fn message_document(account: &str, mailbox: &str, uidvalidity: u32, m: &ReadyMessage, stored_at: bson::DateTime) -> Document {
+    let p = &m.parsed;
+    let mut d = doc! {
+        "_id": format!("{account}/{mailbox}/{uidvalidity}/{}", m.uid),
+        "account": account,
+        "mailbox": mailbox,
+        "uidvalidity": uidvalidity as i64,
+        "uid": m.uid as i64,
+        "flags": &m.flags,
+        "internal_date": opt_date(m.internal_date.map(|d| d.with_timezone(&Utc))),
+        "size": m.size as i64,
+        "message_id": opt_string(&p.message_id),
+        "in_reply_to": &p.in_reply_to,
+        "references": &p.references,
+        "subject": opt_string(&p.subject),
+        "date": opt_date(p.date),
+        "from": to_bson(&p.from),
+        "sender": to_bson(&p.sender),
+        "reply_to": to_bson(&p.reply_to),
+        "to": to_bson(&p.to),
+        "cc": to_bson(&p.cc),
+        "bcc": to_bson(&p.bcc),
+        "headers": to_bson(&p.headers),
+        "text": opt_string(&p.text),
+        "html": opt_string(&p.html),
+        "attachments": to_bson(&p.attachments),
+        "raw": to_bson(&p.raw),
+        "parse_errors": &p.parse_errors,
+        "stored_at": stored_at,
+    };
+    if let Some(r) = &p.text_blob {
+        d.insert("text_blob", to_bson(r));
+    }
+    if let Some(r) = &p.html_blob {
+        d.insert("html_blob", to_bson(r));
+    }
+    d
+}

@@ -1,0 +1,98 @@
+//! Telemetry: the tracing subscriber that writes one JSON object per line (or plain text for
+//! people) to stdout.
+//!
+//! **Invariant:** async-imap and imap-proto are capped at WARN whatever `RUST_LOG` says: at
+//! TRACE they log the LOGIN command with its password and whole message bodies.
+
+use tracing::level_filters::LevelFilter;
+use tracing::Metadata;
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Targets that may log secrets or message bodies at debug/trace.
+const LEAKY_TARGETS: &[&str] = &["async_imap", "imap_proto", "mongodb::command"];
+
+fn leaky_target_allowed(meta: &Metadata<'_>) -> bool {
+    let leaky = LEAKY_TARGETS
+        .iter()
+        .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")));
+    !leaky || *meta.level() <= tracing::Level::WARN
+}
+
+/// The filter: `RUST_LOG` when set, else `config_level`, else `info`.
+fn env_filter(config_level: Option<&str>) -> EnvFilter {
+    let directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| config_level.map(str::to_string))
+        .unwrap_or_else(|| "info".to_string());
+    EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .parse_lossy(directives)
+}
+
+/// Installs the global subscriber. Call once, from `main`.
+pub fn init(format: LogFormat, config_level: Option<&str>) {
+    let filter = env_filter(config_level);
+    let guard = filter_fn(leaky_target_allowed);
+    let registry = tracing_subscriber::registry();
+    match format {
+        LogFormat::Json => {
+            let layer = tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_target(false)
+                .with_writer(std::io::stdout)
+                .with_filter(filter)
+                .with_filter(guard);
+            let _ = registry.with(layer).try_init();
+        }
+        LogFormat::Text => {
+            let layer = tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_writer(std::io::stdout)
+                .with_filter(filter)
+                .with_filter(guard);
+            let _ = registry.with(layer).try_init();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn async_imap_trace_is_never_let_through() {
+        let meta_trace = tracing::Metadata::new(
+            "x",
+            "async_imap::client",
+            tracing::Level::TRACE,
+            None,
+            None,
+            None,
+            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
+            tracing::metadata::Kind::EVENT,
+        );
+        assert!(!leaky_target_allowed(&meta_trace));
+    }
+
+    struct Cs;
+    impl tracing::callsite::Callsite for Cs {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &tracing::Metadata<'_> {
+            unimplemented!()
+        }
+    }
+    static CALLSITE: Cs = Cs;
+}

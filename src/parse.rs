@@ -256,6 +256,14 @@ fn id_list(value: &HeaderValue<'_>) -> Vec<String> {
     .collect()
 }
 
+/// RFC 5322 unfolding: a line break followed by white space is just the white space.
+fn unfold(text: &str) -> String {
+    if !text.contains(['\r', '\n']) {
+        return text.to_string();
+    }
+    text.split(['\r', '\n']).filter(|s| !s.is_empty()).collect::<Vec<_>>().join("")
+}
+
 /// Raw header text between two offsets, unfolded.
 fn raw_slice(raw: &[u8], start: u32, end: u32) -> String {
     let (start, end) = (start as usize, (end as usize).min(raw.len()));
@@ -287,8 +295,8 @@ fn header_fields(message: &Message<'_>, max_bytes: usize, errors: &mut Vec<Strin
         let name = raw_slice(raw, h.offset_field, h.offset_start);
         let name = name.trim_end_matches(':').trim().to_string();
         let value = match &h.value {
-            HeaderValue::Text(t) => t.to_string(),
-            HeaderValue::TextList(list) => list.join(", "),
+            HeaderValue::Text(t) => unfold(t),
+            HeaderValue::TextList(list) => list.iter().map(|t| unfold(t)).collect::<Vec<_>>().join(", "),
             HeaderValue::Address(a) => render_address(a),
             _ => raw_slice(raw, h.offset_start, h.offset_end),
         };
@@ -395,7 +403,12 @@ fn collect_attachments(message: &Message<'_>, p: &mut ParsedMessage, depth: usiz
             PartType::Text(t) | PartType::Html(t) => Cow::Borrowed(t.as_bytes()),
             PartType::Multipart(_) => continue,
         };
-        let content_type = content_type_of(part).unwrap_or_else(|| match &part.body {
+        let declared = content_type_of(part);
+        if let Some(ct) = declared.as_deref().filter(|ct| ct.starts_with("multipart/")) {
+            let boundary = part.content_type().and_then(|c| c.attribute("boundary")).unwrap_or("");
+            p.parse_errors.push(format!("{ct} part whose boundary {boundary:?} never appears: kept whole as an attachment"));
+        }
+        let content_type = declared.unwrap_or_else(|| match &part.body {
             PartType::Message(_) => "message/rfc822".into(),
             PartType::Text(_) => "text/plain".into(),
             PartType::Html(_) => "text/html".into(),

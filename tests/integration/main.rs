@@ -1,1 +1,10 @@
-//! placeholder
+//! The one integration test binary: the real `mailpump` binary against a real Dovecot (started
+//! per test by `harness::Dovecot`) and a real MongoDB-protocol server (`MAILPUMP_TEST_MONGODB_URI`,
+//! started by deploy/test.sh), plus the golden parse fixtures.
+
+mod harness;
+
+mod cli;
+mod golden;
+mod sync;
+mod transport;

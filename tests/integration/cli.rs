@@ -1,0 +1,53 @@
+//! The command line: exit codes, config errors, `check`.
+
+use crate::harness::{message, AccountSpec, Dovecot, Mailpump, TestDb};
+
+#[test]
+fn version_and_usage_errors() {
+    let mp = Mailpump::from_toml("");
+    let run = mp.run(&["--version"]);
+    assert_eq!(run.code(), 0);
+    assert!(run.stdout().contains(env!("CARGO_PKG_VERSION")));
+    assert_eq!(mp.run(&["no-such-command"]).code(), 64);
+}
+
+#[test]
+fn a_bad_config_exits_78_and_names_the_key() {
+    let base = "[store]\nuri = \"mongodb://127.0.0.1:1\"\n[accounts.work]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n";
+    for (extra, key) in [
+        ("port = 70000", "accounts.work.port"),
+        ("colour = \"blue\"", "colour"),
+        ("mailboxes = []", "accounts.work.mailboxes"),
+        ("idle_refresh = \"forever\"", "accounts.work.idle_refresh"),
+        ("ca_file = \"/nonexistent/ca.pem\"", "accounts.work.ca_file"),
+    ] {
+        let mp = Mailpump::from_toml(&format!("{base}{extra}\n"));
+        let run = mp.run(&["sync"]);
+        assert_eq!(run.code(), 78, "{extra}");
+        assert!(run.stderr().contains(key), "{extra}: {}", run.stderr());
+    }
+    let mut missing = Mailpump::from_toml(base);
+    missing.config = missing.dir.path().join("absent.toml");
+    let run = missing.run(&["check"]);
+    assert_eq!(run.code(), 78);
+    assert!(run.stderr().contains("absent.toml"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_prints_one_line_per_mailbox_and_fails_on_a_bad_login() {
+    let mut dc = Dovecot::start();
+    let user = dc.add_user("kate", "pw-kate");
+    dc.deliver(&user, &message("a", "b"));
+    let db = TestDb::new().await;
+    let run = Mailpump::new(&db, &[AccountSpec::plain("kate", &dc, &user)]).run_async(&["check"]).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert!(run.stdout().lines().any(|l| l.starts_with("ok    kate/INBOX  1 messages")), "{}", run.stdout());
+    assert!(run.stdout().lines().any(|l| l.starts_with("ok    store")));
+
+    let mut bad = AccountSpec::plain("kate", &dc, &user);
+    bad.password = "nope".into();
+    let run = Mailpump::new(&db, &[bad]).run_async(&["check"]).await;
+    assert_eq!(run.code(), 1);
+    assert!(run.stdout().lines().any(|l| l.starts_with("FAIL  kate/INBOX  login rejected")), "{}", run.stdout());
+    assert_eq!(Mailpump::new(&db, &[AccountSpec::plain("kate", &dc, &user)]).run_async(&["check", "--config-only"]).await.code(), 0);
+}

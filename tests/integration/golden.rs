@@ -1,0 +1,88 @@
+//! Golden parse fixtures: tests/fixtures/parse/NAME.eml against NAME.expect.json, whose values
+//! tests/fixtures/make_fixtures.py wrote from what it encoded (not from mailpump's output).
+
+use mailpump::parse::{self, Limits};
+use serde_json::Value;
+
+use crate::harness::root;
+
+fn fixtures() -> Vec<(String, Vec<u8>, Value)> {
+    let dir = root().join("tests/fixtures/parse");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("eml") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let raw = std::fs::read(&path).unwrap();
+        let expect: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.expect.json"))).unwrap()).unwrap();
+        out.push((name, raw, expect));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn every_fixture_parses_to_its_expected_document() {
+    let all = fixtures();
+    let names: Vec<&str> = all.iter().map(|f| f.0.as_str()).collect();
+    for required in [
+        "plain", "alternative", "attachments", "nested", "gb2312", "gbk", "gb18030", "big5", "iso2022jp", "shift_jis",
+        "euc_kr", "utf8_raw_headers", "rfc2231", "no_message_id", "no_date", "malformed_headers", "broken_boundary",
+        "unterminated_multipart", "invalid_base64", "binary_garbage",
+    ] {
+        assert!(names.contains(&required), "fixture {required} is missing");
+    }
+    let mut failures = Vec::new();
+    for (name, raw, expect) in &all {
+        let parsed = parse::parse(raw.clone(), Limits::default());
+        let actual = serde_json::to_value(&parsed).unwrap();
+        for (key, want) in expect.as_object().unwrap() {
+            match key.as_str() {
+                "_note" => {}
+                "_parse_errors" => {
+                    if want.as_bool().unwrap() == parsed.parse_errors.is_empty() {
+                        failures.push(format!("{name}: parse_errors = {:?}, expected {}", parsed.parse_errors, if want.as_bool().unwrap() { "some" } else { "none" }));
+                    }
+                }
+                _ => {
+                    if &actual[key] != want {
+                        failures.push(format!("{name}.{key}:\n  expected {want}\n  actual   {}", actual[key]));
+                    }
+                }
+            }
+        }
+        // the raw bytes are always kept whole, as the first blob
+        assert_eq!(parsed.blobs[0].bytes, *raw, "{name}: raw bytes intact");
+    }
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// A 25 MB attachment: decoded size and hash exact, bytes handed to the store whole.
+pub fn big_message(size: usize) -> (Vec<u8>, Vec<u8>) {
+    use base64::Engine;
+    let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&data);
+    let mut raw = String::with_capacity(b64.len() * 103 / 100 + 1000);
+    raw.push_str("From: a@example.com\r\nTo: b@example.com\r\nSubject: Big\r\nMessage-ID: <big@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attachment\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"big.bin\"\r\n\r\n");
+    for line in b64.as_bytes().chunks(76) {
+        raw.push_str(std::str::from_utf8(line).unwrap());
+        raw.push_str("\r\n");
+    }
+    raw.push_str("--b--\r\n");
+    (raw.into_bytes(), data)
+}
+
+#[test]
+fn a_25_mb_attachment_is_decoded_exactly() {
+    let (raw, data) = big_message(25 * 1024 * 1024);
+    let parsed = parse::parse(raw, Limits::default());
+    assert!(parsed.parse_errors.is_empty(), "{:?}", parsed.parse_errors);
+    assert_eq!(parsed.attachments.len(), 1);
+    let a = &parsed.attachments[0];
+    assert_eq!(a.size, data.len() as u64);
+    assert_eq!(a.sha256, parse::sha256_hex(&data));
+    assert_eq!(a.filename.as_deref(), Some("big.bin"));
+    assert!(parsed.blobs.iter().any(|b| b.sha256 == a.sha256 && b.bytes == data));
+}

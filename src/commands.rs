@@ -16,7 +16,10 @@ use crate::sync::{self, SyncError, SyncReport};
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn limits(config: &Config) -> Limits {
-    Limits { max_inline_body: config.store.max_inline_body, ..Limits::default() }
+    Limits {
+        max_inline_body: config.store.max_inline_body,
+        ..Limits::default()
+    }
 }
 
 /// Connects, runs one catch-up pass, logs out.
@@ -30,7 +33,9 @@ pub async fn sync_mailbox(
     let mut session = Session::connect(account).await?;
     tracing::info!(account = %account.name, mailbox, host = %account.host, port = account.port, "connected");
     let report = sync::catch_up(&mut session, store, account, mailbox, limits, cancel).await?;
-    session.logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout)).await;
+    session
+        .logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout))
+        .await;
     Ok(report)
 }
 
@@ -47,20 +52,40 @@ pub async fn sync_all(config: &Config, cancel: CancellationToken) -> bool {
     let mut tasks = JoinSet::new();
     for account in &config.accounts {
         for mailbox in &account.mailboxes {
-            let (account, mailbox, store, cancel) = (account.clone(), mailbox.clone(), store.clone(), cancel.child_token());
+            let (account, mailbox, store, cancel) = (
+                account.clone(),
+                mailbox.clone(),
+                store.clone(),
+                cancel.child_token(),
+            );
             tasks.spawn(async move {
                 let result = sync_mailbox(&account, &mailbox, &store, limits, &cancel).await;
                 let name = account.name.as_str();
                 match result {
                     Ok(r) if cancel.is_cancelled() => {
-                        tracing::warn!(account = name, mailbox, fetched = r.fetched, stored = r.stored, last_uid = r.last_uid, "sync_interrupted");
+                        tracing::warn!(
+                            account = name,
+                            mailbox,
+                            fetched = r.fetched,
+                            stored = r.stored,
+                            last_uid = r.last_uid,
+                            "sync_interrupted"
+                        );
                         false
                     }
                     Ok(r) => {
                         tracing::info!(
-                            account = name, mailbox, fetched = r.fetched, stored = r.stored, replaced = r.replaced,
-                            skipped = r.skipped, bytes = r.bytes, last_uid = r.last_uid, uidvalidity = r.uidvalidity,
-                            elapsed_ms = r.elapsed.as_millis() as u64, "mailbox_synced"
+                            account = name,
+                            mailbox,
+                            fetched = r.fetched,
+                            stored = r.stored,
+                            replaced = r.replaced,
+                            skipped = r.skipped,
+                            bytes = r.bytes,
+                            last_uid = r.last_uid,
+                            uidvalidity = r.uidvalidity,
+                            elapsed_ms = r.elapsed.as_millis() as u64,
+                            "mailbox_synced"
                         );
                         true
                     }
@@ -89,7 +114,10 @@ pub async fn check_all(config: &Config) -> bool {
     let mut all_ok = true;
     match Store::connect(&config.store).await {
         Ok(store) => {
-            println!("ok    store  database {:?} reachable, indexes in place", config.store.database);
+            println!(
+                "ok    store  database {:?} reachable, indexes in place",
+                config.store.database
+            );
             store.shutdown().await;
         }
         Err(e) => {
@@ -118,7 +146,9 @@ pub async fn check_all(config: &Config) -> bool {
                         }
                     }
                 }
-                session.logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout)).await;
+                session
+                    .logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout))
+                    .await;
             }
         }
     }

@@ -193,9 +193,15 @@ impl RawSettings {
             since: self.since.or_else(|| base.since.clone()),
             unseen_only: self.unseen_only.or(base.unseen_only),
             mark_seen: self.mark_seen.or(base.mark_seen),
-            connect_timeout: self.connect_timeout.or_else(|| base.connect_timeout.clone()),
-            command_timeout: self.command_timeout.or_else(|| base.command_timeout.clone()),
-            silence_timeout: self.silence_timeout.or_else(|| base.silence_timeout.clone()),
+            connect_timeout: self
+                .connect_timeout
+                .or_else(|| base.connect_timeout.clone()),
+            command_timeout: self
+                .command_timeout
+                .or_else(|| base.command_timeout.clone()),
+            silence_timeout: self
+                .silence_timeout
+                .or_else(|| base.silence_timeout.clone()),
         }
     }
 }
@@ -471,12 +477,7 @@ fn validate_account(
             (Protocol::Pop3, _) => 110,
         },
         Some(p) if (1..=65535).contains(&p) => p as u16,
-        Some(p) => {
-            return Err(invalid(
-                key("port"),
-                format!("{p} is outside 1..=65535"),
-            ))
-        }
+        Some(p) => return Err(invalid(key("port"), format!("{p} is outside 1..=65535"))),
     };
     if let Some(ca) = &raw.ca_file {
         if let Err(e) = std::fs::metadata(ca).and_then(|_| std::fs::read(ca).map(|_| ())) {
@@ -534,7 +535,10 @@ fn validate_account(
             ))
         }
         (_, Some(list)) if list.is_empty() => {
-            return Err(invalid(key("mailboxes"), "empty list: name at least one mailbox"))
+            return Err(invalid(
+                key("mailboxes"),
+                "empty list: name at least one mailbox",
+            ))
         }
         (_, Some(list)) => {
             let mut seen = std::collections::HashSet::new();
@@ -605,12 +609,13 @@ fn validate_settings(prefix: &str, raw: RawSettings) -> Result<Settings, ConfigE
             ))
         }
     };
-    let since = match raw.since {
-        None => None,
-        Some(s) => Some(NaiveDate::parse_from_str(&s, "%Y-%m-%d").map_err(|_| {
-            invalid(key("since"), format!("{s:?} is not a date like 2015-06-14"))
-        })?),
-    };
+    let since =
+        match raw.since {
+            None => None,
+            Some(s) => Some(NaiveDate::parse_from_str(&s, "%Y-%m-%d").map_err(|_| {
+                invalid(key("since"), format!("{s:?} is not a date like 2015-06-14"))
+            })?),
+        };
     Ok(Settings {
         idle: raw.idle.unwrap_or(true),
         idle_refresh,
@@ -715,13 +720,22 @@ mod tests {
     #[test]
     fn port_out_of_range_is_named() {
         let e = err(&format!("{MINIMAL}\nport = 70000\n"));
-        assert!(e.contains("accounts.work.port") && e.contains("70000"), "{e}");
+        assert!(
+            e.contains("accounts.work.port") && e.contains("70000"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_duration_is_named() {
-        let e = err(&MINIMAL.replace("[accounts.work]", "[defaults]\npoll_interval = \"soon\"\n[accounts.work]"));
-        assert!(e.contains("accounts.work.poll_interval") && e.contains("soon"), "{e}");
+        let e = err(&MINIMAL.replace(
+            "[accounts.work]",
+            "[defaults]\npoll_interval = \"soon\"\n[accounts.work]",
+        ));
+        assert!(
+            e.contains("accounts.work.poll_interval") && e.contains("soon"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -732,11 +746,11 @@ mod tests {
 
     #[test]
     fn missing_password_file_is_named() {
-        let e = err(&MINIMAL.replace(
-            "password = \"pw\"",
-            "password_file = \"/nonexistent/pw\"",
-        ));
-        assert!(e.contains("accounts.work.password_file") && e.contains("/nonexistent/pw"), "{e}");
+        let e = err(&MINIMAL.replace("password = \"pw\"", "password_file = \"/nonexistent/pw\""));
+        assert!(
+            e.contains("accounts.work.password_file") && e.contains("/nonexistent/pw"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -777,6 +791,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
     fn env_overrides_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

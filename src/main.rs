@@ -13,7 +13,11 @@ const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "mailpump", version, about = "Stores every message of your IMAP mailboxes, parsed and raw, in MongoDB")]
+#[command(
+    name = "mailpump",
+    version,
+    about = "Stores every message of your IMAP mailboxes, parsed and raw, in MongoDB"
+)]
 struct Cli {
     /// Config file [default: $MAILPUMP_CONFIG, else /etc/mailpump/mailpump.toml]
     #[arg(long, global = true)]
@@ -43,7 +47,9 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 _ => ExitCode::from(EX_USAGE),
             };
         }
@@ -63,7 +69,10 @@ fn main() -> ExitCode {
     };
     telemetry::init(cli.log_format, config.log_level.as_deref());
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "runtime_failed");

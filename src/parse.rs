@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use chrono::{DateTime, Utc};
-use mail_parser::{Address as MpAddress, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
+use mail_parser::{
+    Address as MpAddress, HeaderValue, Message, MessageParser, MimeHeaders, PartType,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -130,14 +132,22 @@ pub fn parse(raw: Vec<u8>, limits: Limits) -> ParsedMessage {
     }));
     let mut parsed = match outcome {
         Ok(Some(p)) => p,
-        Ok(None) => fallback(&raw_blob.bytes, "the message could not be parsed as RFC 5322", limits),
+        Ok(None) => fallback(
+            &raw_blob.bytes,
+            "the message could not be parsed as RFC 5322",
+            limits,
+        ),
         Err(panic) => {
             let why = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            fallback(&raw_blob.bytes, &format!("the parser panicked: {why}"), limits)
+            fallback(
+                &raw_blob.bytes,
+                &format!("the parser panicked: {why}"),
+                limits,
+            )
         }
     };
     parsed.raw = raw_blob.reference();
@@ -216,7 +226,9 @@ fn scan_headers(raw: &[u8], max_bytes: usize, errors: &mut Vec<String>) -> Vec<H
             if !name.is_empty() && !name.contains(' ') {
                 total += value.len();
                 if total > max_bytes {
-                    errors.push(format!("headers beyond {max_bytes} bytes were left out (they stay in raw)"));
+                    errors.push(format!(
+                        "headers beyond {max_bytes} bytes were left out (they stay in raw)"
+                    ));
                     break;
                 }
                 fields.push(HeaderField {
@@ -230,18 +242,33 @@ fn scan_headers(raw: &[u8], max_bytes: usize, errors: &mut Vec<String>) -> Vec<H
 }
 
 fn strip_brackets(s: &str) -> String {
-    s.trim().trim_start_matches('<').trim_end_matches('>').trim().to_string()
+    s.trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim()
+        .to_string()
 }
 
 fn addresses(value: Option<&MpAddress<'_>>) -> Vec<Address> {
     let convert = |a: &mail_parser::Addr<'_>| Address {
-        name: a.name.as_ref().map(|n| n.to_string()).filter(|n| !n.is_empty()),
-        address: a.address.as_ref().map(|n| n.to_string()).filter(|n| !n.is_empty()),
+        name: a
+            .name
+            .as_ref()
+            .map(|n| n.to_string())
+            .filter(|n| !n.is_empty()),
+        address: a
+            .address
+            .as_ref()
+            .map(|n| n.to_string())
+            .filter(|n| !n.is_empty()),
     };
     match value {
         None => Vec::new(),
         Some(MpAddress::List(list)) => list.iter().map(convert).collect(),
-        Some(MpAddress::Group(groups)) => groups.iter().flat_map(|g| g.addresses.iter().map(convert)).collect(),
+        Some(MpAddress::Group(groups)) => groups
+            .iter()
+            .flat_map(|g| g.addresses.iter().map(convert))
+            .collect(),
     }
 }
 
@@ -261,7 +288,10 @@ fn unfold(text: &str) -> String {
     if !text.contains(['\r', '\n']) {
         return text.to_string();
     }
-    text.split(['\r', '\n']).filter(|s| !s.is_empty()).collect::<Vec<_>>().join("")
+    text.split(['\r', '\n'])
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("")
 }
 
 /// Raw header text between two offsets, unfolded.
@@ -271,7 +301,11 @@ fn raw_slice(raw: &[u8], start: u32, end: u32) -> String {
         return String::new();
     }
     let text = String::from_utf8_lossy(&raw[start..end]);
-    text.split(['\r', '\n']).map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ")
+    text.split(['\r', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn render_address(a: &MpAddress<'_>) -> String {
@@ -287,7 +321,11 @@ fn render_address(a: &MpAddress<'_>) -> String {
         .join(", ")
 }
 
-fn header_fields(message: &Message<'_>, max_bytes: usize, errors: &mut Vec<String>) -> Vec<HeaderField> {
+fn header_fields(
+    message: &Message<'_>,
+    max_bytes: usize,
+    errors: &mut Vec<String>,
+) -> Vec<HeaderField> {
     let raw = message.raw_message();
     let mut total = 0;
     let mut out = Vec::new();
@@ -296,13 +334,19 @@ fn header_fields(message: &Message<'_>, max_bytes: usize, errors: &mut Vec<Strin
         let name = name.trim_end_matches(':').trim().to_string();
         let value = match &h.value {
             HeaderValue::Text(t) => unfold(t),
-            HeaderValue::TextList(list) => list.iter().map(|t| unfold(t)).collect::<Vec<_>>().join(", "),
+            HeaderValue::TextList(list) => list
+                .iter()
+                .map(|t| unfold(t))
+                .collect::<Vec<_>>()
+                .join(", "),
             HeaderValue::Address(a) => render_address(a),
             _ => raw_slice(raw, h.offset_start, h.offset_end),
         };
         total += value.len();
         if total > max_bytes {
-            errors.push(format!("headers beyond {max_bytes} bytes were left out (they stay in raw)"));
+            errors.push(format!(
+                "headers beyond {max_bytes} bytes were left out (they stay in raw)"
+            ));
             break;
         }
         out.push(HeaderField { name, value });
@@ -322,7 +366,10 @@ fn from_message(message: &Message<'_>, limits: Limits) -> ParsedMessage {
     if message.headers().is_empty() {
         p.parse_errors.push("no header section".into());
     }
-    p.message_id = message.message_id().map(strip_brackets).filter(|s| !s.is_empty());
+    p.message_id = message
+        .message_id()
+        .map(strip_brackets)
+        .filter(|s| !s.is_empty());
     p.in_reply_to = id_list(message.in_reply_to());
     p.references = id_list(message.references());
     p.subject = message.subject().map(str::to_string);
@@ -334,7 +381,8 @@ fn from_message(message: &Message<'_>, limits: Limits) -> ParsedMessage {
         }
     });
     if message.header_raw("Date").is_some() && p.date.is_none() {
-        p.parse_errors.push("the Date header could not be read".into());
+        p.parse_errors
+            .push("the Date header could not be read".into());
     }
     p.from = addresses(message.from());
     p.sender = addresses(message.sender());
@@ -372,14 +420,20 @@ fn from_message(message: &Message<'_>, limits: Limits) -> ParsedMessage {
     for (i, part) in message.parts.iter().enumerate() {
         if part.is_encoding_problem {
             let ct = content_type_of(part).unwrap_or_else(|| "text/plain".into());
-            p.parse_errors.push(format!("part {i} ({ct}): its transfer encoding could not be decoded"));
+            p.parse_errors.push(format!(
+                "part {i} ({ct}): its transfer encoding could not be decoded"
+            ));
         }
     }
     collect_attachments(message, &mut p, 0);
     p
 }
 
-fn inline_or_blob(body: Option<String>, limits: Limits, blobs: &mut Vec<Blob>) -> (Option<String>, Option<BlobRef>) {
+fn inline_or_blob(
+    body: Option<String>,
+    limits: Limits,
+    blobs: &mut Vec<Blob>,
+) -> (Option<String>, Option<BlobRef>) {
     match body {
         Some(b) if b.len() > limits.max_inline_body => {
             let blob = Blob::new(b.into_bytes());
@@ -396,7 +450,9 @@ const MAX_NESTING: usize = 32;
 
 fn collect_attachments(message: &Message<'_>, p: &mut ParsedMessage, depth: usize) {
     for id in &message.attachments {
-        let Some(part) = message.parts.get(*id as usize) else { continue };
+        let Some(part) = message.parts.get(*id as usize) else {
+            continue;
+        };
         let bytes: Cow<'_, [u8]> = match &part.body {
             PartType::Message(m) => Cow::Borrowed(m.raw_message()),
             PartType::Binary(b) | PartType::InlineBinary(b) => Cow::Borrowed(b.as_ref()),
@@ -404,9 +460,17 @@ fn collect_attachments(message: &Message<'_>, p: &mut ParsedMessage, depth: usiz
             PartType::Multipart(_) => continue,
         };
         let declared = content_type_of(part);
-        if let Some(ct) = declared.as_deref().filter(|ct| ct.starts_with("multipart/")) {
-            let boundary = part.content_type().and_then(|c| c.attribute("boundary")).unwrap_or("");
-            p.parse_errors.push(format!("{ct} part whose boundary {boundary:?} never appears: kept whole as an attachment"));
+        if let Some(ct) = declared
+            .as_deref()
+            .filter(|ct| ct.starts_with("multipart/"))
+        {
+            let boundary = part
+                .content_type()
+                .and_then(|c| c.attribute("boundary"))
+                .unwrap_or("");
+            p.parse_errors.push(format!(
+                "{ct} part whose boundary {boundary:?} never appears: kept whole as an attachment"
+            ));
         }
         let content_type = declared.unwrap_or_else(|| match &part.body {
             PartType::Message(_) => "message/rfc822".into(),
@@ -415,8 +479,12 @@ fn collect_attachments(message: &Message<'_>, p: &mut ParsedMessage, depth: usiz
             _ => "application/octet-stream".into(),
         });
         let disposition_inline = part.content_disposition().map(|d| d.is_inline());
-        let content_id = part.content_id().map(strip_brackets).filter(|s| !s.is_empty());
-        let inline = disposition_inline.unwrap_or(content_id.is_some() || matches!(part.body, PartType::InlineBinary(_)));
+        let content_id = part
+            .content_id()
+            .map(strip_brackets)
+            .filter(|s| !s.is_empty());
+        let inline = disposition_inline
+            .unwrap_or(content_id.is_some() || matches!(part.body, PartType::InlineBinary(_)));
         let blob = Blob::new(bytes.into_owned());
         p.attachments.push(Attachment {
             filename: part.attachment_name().map(str::to_string),
@@ -434,7 +502,9 @@ fn collect_attachments(message: &Message<'_>, p: &mut ParsedMessage, depth: usiz
             if depth < MAX_NESTING {
                 collect_attachments(nested, p, depth + 1);
             } else {
-                p.parse_errors.push(format!("message/rfc822 nested deeper than {MAX_NESTING}: inner attachments not listed"));
+                p.parse_errors.push(format!(
+                    "message/rfc822 nested deeper than {MAX_NESTING}: inner attachments not listed"
+                ));
             }
         }
     }
@@ -453,12 +523,24 @@ mod tests {
         let p = parse_str("From: \"A B\" <a@example.com>\r\nTo: c@example.com, D <d@example.com>\r\nSubject: Hi\r\nMessage-ID: <x@y>\r\nDate: Tue, 1 Jul 2003 10:52:37 +0200\r\n\r\nhello\r\n");
         assert_eq!(p.subject.as_deref(), Some("Hi"));
         assert_eq!(p.message_id.as_deref(), Some("x@y"));
-        assert_eq!(p.from, vec![Address { name: Some("A B".into()), address: Some("a@example.com".into()) }]);
+        assert_eq!(
+            p.from,
+            vec![Address {
+                name: Some("A B".into()),
+                address: Some("a@example.com".into())
+            }]
+        );
         assert_eq!(p.to.len(), 2);
         assert_eq!(p.date.unwrap().to_rfc3339(), "2003-07-01T08:52:37+00:00");
         assert_eq!(p.text.as_deref(), Some("hello\r\n"));
         assert_eq!(p.html, None, "no HTML is invented from text");
-        assert_eq!(p.headers[0], HeaderField { name: "From".into(), value: "A B <a@example.com>".into() });
+        assert_eq!(
+            p.headers[0],
+            HeaderField {
+                name: "From".into(),
+                value: "A B <a@example.com>".into()
+            }
+        );
         assert!(p.parse_errors.is_empty());
         assert_eq!(p.blobs[0].sha256, p.raw.sha256);
     }
@@ -474,7 +556,13 @@ mod tests {
     #[test]
     fn large_bodies_move_to_blobs() {
         let body = "x".repeat(2000);
-        let p = parse(format!("Subject: big\r\n\r\n{body}").into_bytes(), Limits { max_inline_body: 1024, max_headers_bytes: 1 << 20 });
+        let p = parse(
+            format!("Subject: big\r\n\r\n{body}").into_bytes(),
+            Limits {
+                max_inline_body: 1024,
+                max_headers_bytes: 1 << 20,
+            },
+        );
         assert!(p.text.is_none());
         let r = p.text_blob.unwrap();
         assert_eq!(r.size, 2000);

@@ -108,7 +108,11 @@ impl Store {
             op_timeout: cfg.op_timeout.max(cfg.connect_timeout),
         };
         let db2 = db.clone();
-        store.guarded("ping", async move { db2.run_command(doc! {"ping": 1}).await.map(|_| ()) }).await?;
+        store
+            .guarded("ping", async move {
+                db2.run_command(doc! {"ping": 1}).await.map(|_| ())
+            })
+            .await?;
         store.create_indexes().await?;
         Ok(store)
     }
@@ -121,7 +125,10 @@ impl Store {
     {
         let handle = tokio::spawn(op);
         match tokio::time::timeout(self.op_timeout, handle).await {
-            Err(_) => Err(StoreError::Timeout { what: what.to_string(), after: self.op_timeout }),
+            Err(_) => Err(StoreError::Timeout {
+                what: what.to_string(),
+                after: self.op_timeout,
+            }),
             Ok(Err(_join)) => Err(StoreError::Aborted(what.to_string())),
             Ok(Ok(result)) => result.map_err(StoreError::from),
         }
@@ -143,10 +150,19 @@ impl Store {
                 .await?;
             // The indexes every GridFS driver expects.
             chunks
-                .create_index(IndexModel::builder().keys(doc! {"files_id": 1, "n": 1}).options(unique()).build())
+                .create_index(
+                    IndexModel::builder()
+                        .keys(doc! {"files_id": 1, "n": 1})
+                        .options(unique())
+                        .build(),
+                )
                 .await?;
             files
-                .create_index(IndexModel::builder().keys(doc! {"filename": 1, "uploadDate": 1}).build())
+                .create_index(
+                    IndexModel::builder()
+                        .keys(doc! {"filename": 1, "uploadDate": 1})
+                        .build(),
+                )
                 .await?;
             Ok(())
         })
@@ -163,24 +179,56 @@ impl Store {
     }
 
     /// The stored checkpoint, if this mailbox was seen before.
-    pub async fn checkpoint(&self, account: &str, mailbox: &str) -> Result<Option<Checkpoint>, StoreError> {
+    pub async fn checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<Option<Checkpoint>, StoreError> {
         let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
-        let found = self.guarded("checkpoint read", async move { coll.find_one(doc! {"_id": id}).await }).await?;
+        let found = self
+            .guarded("checkpoint read", async move {
+                coll.find_one(doc! {"_id": id}).await
+            })
+            .await?;
         Ok(found.and_then(|d| {
             let uidvalidity = d.get_i64("uidvalidity").ok()?;
             let last_uid = d.get_i64("last_uid").ok()?;
-            Some(Checkpoint { uidvalidity: uidvalidity as u32, last_uid: last_uid as u32 })
+            Some(Checkpoint {
+                uidvalidity: uidvalidity as u32,
+                last_uid: last_uid as u32,
+            })
         }))
     }
 
     /// Starts a mailbox over under a new UIDVALIDITY (promise 6): `last_uid` back to 0. The
     /// documents stored under the old value stay; blobs are shared by content.
-    pub async fn reset_checkpoint(&self, account: &str, mailbox: &str, uidvalidity: u32, status: MailboxStatus) -> Result<(), StoreError> {
-        self.write_checkpoint(account, mailbox, Checkpoint { uidvalidity, last_uid: 0 }, status).await
+    pub async fn reset_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        status: MailboxStatus,
+    ) -> Result<(), StoreError> {
+        self.write_checkpoint(
+            account,
+            mailbox,
+            Checkpoint {
+                uidvalidity,
+                last_uid: 0,
+            },
+            status,
+        )
+        .await
     }
 
-    async fn write_checkpoint(&self, account: &str, mailbox: &str, cp: Checkpoint, status: MailboxStatus) -> Result<(), StoreError> {
+    async fn write_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        cp: Checkpoint,
+        status: MailboxStatus,
+    ) -> Result<(), StoreError> {
         let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
         let set = doc! {
@@ -193,16 +241,25 @@ impl Store {
             "updated_at": bson::DateTime::now(),
         };
         self.guarded("checkpoint write", async move {
-            coll.update_one(doc! {"_id": id}, doc! {"$set": set, "$setOnInsert": {"quarantined": []}})
-                .upsert(true)
-                .await
-                .map(|_| ())
+            coll.update_one(
+                doc! {"_id": id},
+                doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
         })
         .await
     }
 
     /// Records the mailbox's state for readers and /healthz (`syncing`, `idle`, `error`, ...).
-    pub async fn set_state(&self, account: &str, mailbox: &str, state: &str, last_error: Option<&str>) -> Result<(), StoreError> {
+    pub async fn set_state(
+        &self,
+        account: &str,
+        mailbox: &str,
+        state: &str,
+        last_error: Option<&str>,
+    ) -> Result<(), StoreError> {
         let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
         let set = doc! {
@@ -213,10 +270,13 @@ impl Store {
             "updated_at": bson::DateTime::now(),
         };
         self.guarded("state write", async move {
-            coll.update_one(doc! {"_id": id}, doc! {"$set": set, "$setOnInsert": {"quarantined": []}})
-                .upsert(true)
-                .await
-                .map(|_| ())
+            coll.update_one(
+                doc! {"_id": id},
+                doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
         })
         .await
     }
@@ -236,17 +296,33 @@ impl Store {
         let mut report = CommitReport::default();
         let blobs: Vec<&Blob> = {
             let mut seen = HashSet::new();
-            batch.iter().flat_map(|m| m.parsed.blobs.iter()).filter(|b| seen.insert(b.sha256.as_str())).collect()
+            batch
+                .iter()
+                .flat_map(|m| m.parsed.blobs.iter())
+                .filter(|b| seen.insert(b.sha256.as_str()))
+                .collect()
         };
         report.blobs_written = self.write_blobs(&blobs).await?;
 
         let stored_at = bson::DateTime::now();
-        let docs: Vec<Document> = batch.iter().map(|m| message_document(account, mailbox, uidvalidity, m, stored_at)).collect();
+        let docs: Vec<Document> = batch
+            .iter()
+            .map(|m| message_document(account, mailbox, uidvalidity, m, stored_at))
+            .collect();
         let (inserted, replaced) = self.write_messages(docs).await?;
         report.inserted = inserted;
         report.replaced = replaced;
 
-        self.write_checkpoint(account, mailbox, Checkpoint { uidvalidity, last_uid }, status).await?;
+        self.write_checkpoint(
+            account,
+            mailbox,
+            Checkpoint {
+                uidvalidity,
+                last_uid,
+            },
+            status,
+        )
+        .await?;
         Ok(report)
     }
 
@@ -261,13 +337,21 @@ impl Store {
             if blob.bytes.len() > CHUNK_SIZE {
                 let files = self.files.clone();
                 let id = blob.sha256.clone();
-                let exists = self.guarded("blob lookup", async move { files.find_one(doc! {"_id": id}).await }).await?;
+                let exists = self
+                    .guarded("blob lookup", async move {
+                        files.find_one(doc! {"_id": id}).await
+                    })
+                    .await?;
                 if exists.is_some() {
                     continue;
                 }
             }
             written += 1;
-            let chunks = if blob.bytes.is_empty() { Vec::new() } else { blob.bytes.chunks(CHUNK_SIZE).collect() };
+            let chunks = if blob.bytes.is_empty() {
+                Vec::new()
+            } else {
+                blob.bytes.chunks(CHUNK_SIZE).collect()
+            };
             for (n, data) in chunks.into_iter().enumerate() {
                 chunk_docs.push(doc! {
                     "_id": format!("{}/{n}", blob.sha256),
@@ -284,13 +368,20 @@ impl Store {
                 "filename": &blob.sha256,
             });
         }
-        self.insert_ignoring_duplicates(&self.chunks, chunk_docs, "blob chunks").await?;
-        self.insert_ignoring_duplicates(&self.files, files_docs, "blob files").await?;
+        self.insert_ignoring_duplicates(&self.chunks, chunk_docs, "blob chunks")
+            .await?;
+        self.insert_ignoring_duplicates(&self.files, files_docs, "blob files")
+            .await?;
         Ok(written)
     }
 
     /// `insert_many` (unordered); duplicate-key failures are fine, their indexes are returned.
-    async fn insert_ignoring_duplicates(&self, coll: &Collection<Document>, docs: Vec<Document>, what: &str) -> Result<Vec<usize>, StoreError> {
+    async fn insert_ignoring_duplicates(
+        &self,
+        coll: &Collection<Document>,
+        docs: Vec<Document>,
+        what: &str,
+    ) -> Result<Vec<usize>, StoreError> {
         if docs.is_empty() {
             return Ok(Vec::new());
         }
@@ -309,7 +400,9 @@ impl Store {
     async fn write_messages(&self, docs: Vec<Document>) -> Result<(usize, usize), StoreError> {
         let total = docs.len();
         let keep = docs.clone();
-        let dups = self.insert_ignoring_duplicates(&self.messages, docs, "message insert").await?;
+        let dups = self
+            .insert_ignoring_duplicates(&self.messages, docs, "message insert")
+            .await?;
         // A replayed batch: rewrite the documents that were already there.
         for i in &dups {
             let mut doc = keep[*i].clone();
@@ -321,7 +414,10 @@ impl Store {
                 "uid": doc.get("uid").cloned().unwrap_or(Bson::Null),
             };
             let coll = self.messages.clone();
-            self.guarded("message replace", async move { coll.replace_one(filter, doc).upsert(true).await.map(|_| ()) }).await?;
+            self.guarded("message replace", async move {
+                coll.replace_one(filter, doc).upsert(true).await.map(|_| ())
+            })
+            .await?;
         }
         Ok((total - dups.len(), dups.len()))
     }
@@ -349,15 +445,24 @@ fn to_bson<T: serde::Serialize>(value: &T) -> Bson {
 }
 
 fn opt_date(d: Option<DateTime<Utc>>) -> Bson {
-    d.map(|d| Bson::DateTime(bson::DateTime::from_chrono(d))).unwrap_or(Bson::Null)
+    d.map(|d| Bson::DateTime(bson::DateTime::from_chrono(d)))
+        .unwrap_or(Bson::Null)
 }
 
 fn opt_string(s: &Option<String>) -> Bson {
-    s.as_ref().map(|s| Bson::String(s.clone())).unwrap_or(Bson::Null)
+    s.as_ref()
+        .map(|s| Bson::String(s.clone()))
+        .unwrap_or(Bson::Null)
 }
 
 /// The `messages` document (PRODUCT.md, "What lands in MongoDB").
-pub fn message_document(account: &str, mailbox: &str, uidvalidity: u32, m: &ReadyMessage, stored_at: bson::DateTime) -> Document {
+pub fn message_document(
+    account: &str,
+    mailbox: &str,
+    uidvalidity: u32,
+    m: &ReadyMessage,
+    stored_at: bson::DateTime,
+) -> Document {
     let p = &m.parsed;
     let mut d = doc! {
         "_id": format!("{account}/{mailbox}/{uidvalidity}/{}", m.uid),

@@ -87,21 +87,33 @@ fn plan_batches(sizes: &[(u32, u64)], count: usize, bytes: u64) -> Vec<PlannedBa
     for &(uid, size) in sizes {
         if !current.is_empty() && (current.len() >= count || current_bytes + size > bytes) {
             let last_uid = *current.last().unwrap_or(&uid);
-            batches.push(PlannedBatch { uids: std::mem::take(&mut current), last_uid });
+            batches.push(PlannedBatch {
+                uids: std::mem::take(&mut current),
+                last_uid,
+            });
             current_bytes = 0;
         }
         current.push(uid);
         current_bytes += size;
     }
     if let Some(&last_uid) = current.last() {
-        batches.push(PlannedBatch { uids: current, last_uid });
+        batches.push(PlannedBatch {
+            uids: current,
+            last_uid,
+        });
     }
     batches
 }
 
 /// Parses a batch on the blocking pool, split across the cores.
-async fn parse_batch(messages: Vec<FetchedMessage>, limits: Limits) -> Result<Vec<ReadyMessage>, SyncError> {
-    let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1);
+async fn parse_batch(
+    messages: Vec<FetchedMessage>,
+    limits: Limits,
+) -> Result<Vec<ReadyMessage>, SyncError> {
+    let parallel = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(1);
     let per_task = messages.len().div_ceil(parallel).max(1);
     let mut tasks = Vec::new();
     let mut rest = messages;
@@ -124,7 +136,10 @@ async fn parse_batch(messages: Vec<FetchedMessage>, limits: Limits) -> Result<Ve
     let mut out = Vec::new();
     for t in tasks {
         // parse::parse catches panics itself; a JoinError here would be a bug in mailpump.
-        out.extend(t.await.map_err(|e| SyncError::Internal(format!("parse task failed: {e}")))?);
+        out.extend(
+            t.await
+                .map_err(|e| SyncError::Internal(format!("parse task failed: {e}")))?,
+        );
     }
     Ok(out)
 }
@@ -142,24 +157,43 @@ pub async fn catch_up(
     let started = Instant::now();
     let settings = &account.settings;
     let info: MailboxInfo = session.open_mailbox(mailbox, settings.mark_seen).await?;
-    let status = MailboxStatus { uidnext: info.uidnext, exists: info.exists };
+    let status = MailboxStatus {
+        uidnext: info.uidnext,
+        exists: info.exists,
+    };
     let name = account.name.as_str();
 
     let last_uid = match store.checkpoint(name, mailbox).await? {
         Some(cp) if cp.uidvalidity == info.uidvalidity => cp.last_uid,
         Some(cp) => {
-            tracing::warn!(account = name, mailbox, old = cp.uidvalidity, new = info.uidvalidity, "uidvalidity_changed");
-            store.reset_checkpoint(name, mailbox, info.uidvalidity, status).await?;
+            tracing::warn!(
+                account = name,
+                mailbox,
+                old = cp.uidvalidity,
+                new = info.uidvalidity,
+                "uidvalidity_changed"
+            );
+            store
+                .reset_checkpoint(name, mailbox, info.uidvalidity, status)
+                .await?;
             0
         }
         None => {
-            store.reset_checkpoint(name, mailbox, info.uidvalidity, status).await?;
+            store
+                .reset_checkpoint(name, mailbox, info.uidvalidity, status)
+                .await?;
             0
         }
     };
-    let mut report = SyncReport { uidvalidity: info.uidvalidity, last_uid, ..Default::default() };
+    let mut report = SyncReport {
+        uidvalidity: info.uidvalidity,
+        last_uid,
+        ..Default::default()
+    };
 
-    let uids = session.search_after(last_uid, settings.since, settings.unseen_only).await?;
+    let uids = session
+        .search_after(last_uid, settings.since, settings.unseen_only)
+        .await?;
     if uids.is_empty() {
         report.elapsed = started.elapsed();
         return Ok(report);
@@ -170,13 +204,21 @@ pub async fn catch_up(
     }
     let known: HashSet<u32> = sizes.iter().map(|(u, _)| *u).collect();
     report.skipped += uids.iter().filter(|u| !known.contains(u)).count();
-    let (fetchable, too_large): (Vec<_>, Vec<_>) = sizes.into_iter().partition(|(_, s)| *s <= MAX_FETCHABLE);
+    let (fetchable, too_large): (Vec<_>, Vec<_>) =
+        sizes.into_iter().partition(|(_, s)| *s <= MAX_FETCHABLE);
     for (uid, size) in &too_large {
         tracing::error!(account = name, mailbox, uid, size, "message_too_large");
     }
     report.skipped += too_large.len();
     let plan = plan_batches(&fetchable, settings.batch_size, settings.batch_bytes);
-    tracing::info!(account = name, mailbox, count = fetchable.len(), batches = plan.len(), after_uid = last_uid, "catch_up_started");
+    tracing::info!(
+        account = name,
+        mailbox,
+        count = fetchable.len(),
+        batches = plan.len(),
+        after_uid = last_uid,
+        "catch_up_started"
+    );
 
     // Stage 2: parse.
     let (fetched_tx, mut fetched_rx) = mpsc::channel::<FetchedBatch>(1);
@@ -184,7 +226,14 @@ pub async fn catch_up(
     let parser = tokio::spawn(async move {
         while let Some(batch) = fetched_rx.recv().await {
             let messages = parse_batch(batch.messages, limits).await?;
-            if parsed_tx.send(ParsedBatch { messages, last_uid: batch.last_uid }).await.is_err() {
+            if parsed_tx
+                .send(ParsedBatch {
+                    messages,
+                    last_uid: batch.last_uid,
+                })
+                .await
+                .is_err()
+            {
                 break; // the store stage stopped; it reports why
             }
         }
@@ -200,7 +249,16 @@ pub async fn catch_up(
         let mut totals = (0usize, 0usize, report.last_uid);
         while let Some(batch) = parsed_rx.recv().await {
             let t = Instant::now();
-            let r = store2.commit_batch(&name2, &mailbox2, uidvalidity, status, &batch.messages, batch.last_uid).await?;
+            let r = store2
+                .commit_batch(
+                    &name2,
+                    &mailbox2,
+                    uidvalidity,
+                    status,
+                    &batch.messages,
+                    batch.last_uid,
+                )
+                .await?;
             totals.0 += r.inserted;
             totals.1 += r.replaced;
             totals.2 = batch.last_uid;
@@ -228,7 +286,12 @@ pub async fn catch_up(
             let messages = session.fetch_bodies(&batch.uids).await?;
             if messages.len() < batch.uids.len() {
                 let got: HashSet<u32> = messages.iter().map(|m| m.uid).collect();
-                let missing: Vec<u32> = batch.uids.iter().copied().filter(|u| !got.contains(u)).collect();
+                let missing: Vec<u32> = batch
+                    .uids
+                    .iter()
+                    .copied()
+                    .filter(|u| !got.contains(u))
+                    .collect();
                 let still_there = session.existing(&missing).await?;
                 if !still_there.is_empty() {
                     return Err(SyncError::Imap(ImapError::Protocol(format!(
@@ -239,7 +302,14 @@ pub async fn catch_up(
             }
             report.fetched += messages.len();
             report.bytes += messages.iter().map(|m| m.body.len() as u64).sum::<u64>();
-            if fetched_tx.send(FetchedBatch { messages, last_uid: batch.last_uid }).await.is_err() {
+            if fetched_tx
+                .send(FetchedBatch {
+                    messages,
+                    last_uid: batch.last_uid,
+                })
+                .await
+                .is_err()
+            {
                 break; // a later stage failed; it reports why
             }
         }
@@ -248,8 +318,12 @@ pub async fn catch_up(
     .await;
     drop(fetched_tx);
 
-    let parse_result = parser.await.map_err(|e| SyncError::Internal(format!("parse stage: {e}")))?;
-    let store_result = storer.await.map_err(|e| SyncError::Internal(format!("store stage: {e}")))?;
+    let parse_result = parser
+        .await
+        .map_err(|e| SyncError::Internal(format!("parse stage: {e}")))?;
+    let store_result = storer
+        .await
+        .map_err(|e| SyncError::Internal(format!("store stage: {e}")))?;
     if settings.mark_seen && fetch_result.is_ok() {
         while let Ok(uids) = acked_rx.try_recv() {
             session.mark_seen(&uids).await?;
@@ -278,16 +352,25 @@ mod tests {
     fn batches_are_cut_by_count_and_bytes() {
         let sizes: Vec<(u32, u64)> = (1..=10).map(|u| (u, 10)).collect();
         let plan = plan_batches(&sizes, 4, 1000);
-        assert_eq!(plan.iter().map(|b| b.uids.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
+        assert_eq!(
+            plan.iter().map(|b| b.uids.len()).collect::<Vec<_>>(),
+            vec![4, 4, 2]
+        );
         assert_eq!(plan[0].last_uid, 4);
         let plan = plan_batches(&sizes, 100, 25);
-        assert_eq!(plan.iter().map(|b| b.uids.len()).collect::<Vec<_>>(), vec![2, 2, 2, 2, 2]);
+        assert_eq!(
+            plan.iter().map(|b| b.uids.len()).collect::<Vec<_>>(),
+            vec![2, 2, 2, 2, 2]
+        );
     }
 
     #[test]
     fn an_oversized_message_goes_alone() {
         let sizes = vec![(1, 10), (2, 5000), (3, 10)];
         let plan = plan_batches(&sizes, 100, 100);
-        assert_eq!(plan.iter().map(|b| b.uids.clone()).collect::<Vec<_>>(), vec![vec![1], vec![2], vec![3]]);
+        assert_eq!(
+            plan.iter().map(|b| b.uids.clone()).collect::<Vec<_>>(),
+            vec![vec![1], vec![2], vec![3]]
+        );
     }
 }

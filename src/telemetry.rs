@@ -60,6 +60,7 @@ pub fn init(format: LogFormat, config_level: Option<&str>) {
         LogFormat::Text => {
             let layer = tracing_subscriber::fmt::layer()
                 .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .with_writer(std::io::stdout)
                 .with_filter(filter)
                 .with_filter(guard);

@@ -142,7 +142,8 @@ impl Session {
             Security::StartTls => {
                 let tcp = transport::starttls(tcp, connect_timeout).await?;
                 (
-                    transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?,
+                    transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout)
+                        .await?,
                     true,
                 )
             }
@@ -150,36 +151,63 @@ impl Session {
         let mut client = async_imap::Client::new(BufWriter::new(transport));
         if !greeting_read {
             // async-imap does not read the greeting itself; authenticate() hangs without this.
-            let greeting = match tokio::time::timeout(connect_timeout, client.read_response()).await {
-                Err(_) => return Err(ImapError::Timeout { what: "the server greeting".into(), after: connect_timeout }),
+            let greeting = match tokio::time::timeout(connect_timeout, client.read_response()).await
+            {
+                Err(_) => {
+                    return Err(ImapError::Timeout {
+                        what: "the server greeting".into(),
+                        after: connect_timeout,
+                    })
+                }
                 Ok(Err(e)) => return Err(ImapError::Io(e)),
                 Ok(Ok(None)) => return Err(ImapError::Closed),
                 Ok(Ok(Some(g))) => g,
             };
             match greeting.parsed() {
-                Response::Data { status: Status::Ok | Status::PreAuth, .. } => {}
-                Response::Data { status: Status::Bye, outcome } => {
-                    return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()))
+                Response::Data {
+                    status: Status::Ok | Status::PreAuth,
+                    ..
+                } => {}
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    return Err(ImapError::Bye(
+                        outcome.information.as_deref().unwrap_or("").to_string(),
+                    ))
                 }
-                other => return Err(ImapError::Protocol(format!("unexpected greeting {other:?}"))),
+                other => {
+                    return Err(ImapError::Protocol(format!(
+                        "unexpected greeting {other:?}"
+                    )))
+                }
             }
         }
 
         let user = account.username.as_str();
         let password = account.password.expose();
-        let plain_login_ok = user.is_ascii() && password.is_ascii() && !password.contains(['\r', '\n', '\0']);
+        let plain_login_ok =
+            user.is_ascii() && password.is_ascii() && !password.contains(['\r', '\n', '\0']);
         let login = async {
             if plain_login_ok {
                 client.login(user, password).await
             } else {
                 // LOGIN's quoted strings cannot carry 8-bit text: RFC 4616 PLAIN sends UTF-8.
-                client.authenticate("PLAIN", PlainAuth { user, password }).await
+                client
+                    .authenticate("PLAIN", PlainAuth { user, password })
+                    .await
             }
         };
         let inner = match tokio::time::timeout(timeout, login).await {
-            Err(_) => return Err(ImapError::Timeout { what: "the login reply".into(), after: timeout }),
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    what: "the login reply".into(),
+                    after: timeout,
+                })
+            }
             Ok(Ok(session)) => session,
-            Ok(Err((async_imap::error::Error::No(text), _))) | Ok(Err((async_imap::error::Error::Bad(text), _))) => {
+            Ok(Err((async_imap::error::Error::No(text), _)))
+            | Ok(Err((async_imap::error::Error::Bad(text), _))) => {
                 return Err(ImapError::AuthRejected {
                     user: user.to_string(),
                     text: clean_status_text(&text),
@@ -189,7 +217,11 @@ impl Session {
             Ok(Err((e, _))) => return Err(map_async_imap(e)),
         };
 
-        let mut session = Session { inner, capabilities: HashSet::new(), timeout };
+        let mut session = Session {
+            inner,
+            capabilities: HashSet::new(),
+            timeout,
+        };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
             let id = format!(
@@ -218,7 +250,9 @@ impl Session {
                 for c in list {
                     let name = match c {
                         imap_proto::Capability::Imap4rev1 => "IMAP4REV1".to_string(),
-                        imap_proto::Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+                        imap_proto::Capability::Auth(a) => {
+                            format!("AUTH={}", a.to_ascii_uppercase())
+                        }
                         imap_proto::Capability::Atom(a) => a.to_ascii_uppercase(),
                     };
                     caps.insert(name);
@@ -237,23 +271,42 @@ impl Session {
     where
         F: FnMut(&Response<'_>) -> Result<(), ImapError>,
     {
-        let verb = command.split(' ').take(if command.starts_with("UID ") { 2 } else { 1 }).collect::<Vec<_>>().join(" ");
+        let verb = command
+            .split(' ')
+            .take(if command.starts_with("UID ") { 2 } else { 1 })
+            .collect::<Vec<_>>()
+            .join(" ");
         let tag = match tokio::time::timeout(self.timeout, self.inner.run_command(command)).await {
-            Err(_) => return Err(ImapError::Timeout { what: format!("sending {verb}"), after: self.timeout }),
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    what: format!("sending {verb}"),
+                    after: self.timeout,
+                })
+            }
             Ok(Err(e)) => return Err(map_async_imap(e)),
             Ok(Ok(tag)) => tag,
         };
         let mut pending_error = None;
         loop {
             // (async-imap's ResponseData cannot be named outside it, so this stays inline.)
-            let response = match tokio::time::timeout(self.timeout, self.inner.read_response()).await {
-                Err(_) => return Err(ImapError::Timeout { what: format!("the reply to {verb}"), after: self.timeout }),
-                Ok(Err(e)) => return Err(ImapError::Io(e)),
-                Ok(Ok(None)) => return Err(ImapError::Closed),
-                Ok(Ok(Some(r))) => r,
-            };
+            let response =
+                match tokio::time::timeout(self.timeout, self.inner.read_response()).await {
+                    Err(_) => {
+                        return Err(ImapError::Timeout {
+                            what: format!("the reply to {verb}"),
+                            after: self.timeout,
+                        })
+                    }
+                    Ok(Err(e)) => return Err(ImapError::Io(e)),
+                    Ok(Ok(None)) => return Err(ImapError::Closed),
+                    Ok(Ok(Some(r))) => r,
+                };
             match response.parsed() {
-                Response::Done { tag: t, status, outcome } if *t == tag => {
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
                     if let Some(e) = pending_error {
                         return Err(e);
                     }
@@ -276,12 +329,22 @@ impl Session {
                     };
                 }
                 Response::Done { tag: t, .. } => {
-                    return Err(ImapError::Protocol(format!("reply for unknown tag {t:?} while waiting for {verb}")));
+                    return Err(ImapError::Protocol(format!(
+                        "reply for unknown tag {t:?} while waiting for {verb}"
+                    )));
                 }
-                Response::Data { status: Status::Bye, outcome } => {
-                    return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()));
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    return Err(ImapError::Bye(
+                        outcome.information.as_deref().unwrap_or("").to_string(),
+                    ));
                 }
-                Response::Data { status: Status::No | Status::Bad, outcome } => {
+                Response::Data {
+                    status: Status::No | Status::Bad,
+                    outcome,
+                } => {
                     // An untagged NO/BAD is a warning (e.g. `* NO [ALERT] ...`), not a failure.
                     tracing::warn!(command = %verb, text = outcome.information.as_deref().unwrap_or(""), "server_warning");
                 }
@@ -298,7 +361,11 @@ impl Session {
     }
 
     /// EXAMINE (read-only) or, when `writable`, SELECT.
-    pub async fn open_mailbox(&mut self, mailbox: &str, writable: bool) -> Result<MailboxInfo, ImapError> {
+    pub async fn open_mailbox(
+        &mut self,
+        mailbox: &str,
+        writable: bool,
+    ) -> Result<MailboxInfo, ImapError> {
         let verb = if writable { "SELECT" } else { "EXAMINE" };
         let (mut uidvalidity, mut uidnext, mut exists) = (None, None, 0);
         self.command(&format!("{verb} {}", utf7::mailbox_arg(mailbox)), |r| {
@@ -314,13 +381,23 @@ impl Session {
             Ok(())
         })
         .await?;
-        let uidvalidity = uidvalidity.ok_or_else(|| ImapError::Protocol(format!("{verb} {mailbox} gave no UIDVALIDITY")))?;
-        Ok(MailboxInfo { uidvalidity, uidnext, exists })
+        let uidvalidity = uidvalidity
+            .ok_or_else(|| ImapError::Protocol(format!("{verb} {mailbox} gave no UIDVALIDITY")))?;
+        Ok(MailboxInfo {
+            uidvalidity,
+            uidnext,
+            exists,
+        })
     }
 
     /// `UID SEARCH UID <after+1>:* [SINCE d] [UNSEEN]`, sorted, strictly above `after`
     /// (servers always match the highest UID for `n:*`, even when it is below n).
-    pub async fn search_after(&mut self, after: u32, since: Option<NaiveDate>, unseen_only: bool) -> Result<Vec<u32>, ImapError> {
+    pub async fn search_after(
+        &mut self,
+        after: u32,
+        since: Option<NaiveDate>,
+        unseen_only: bool,
+    ) -> Result<Vec<u32>, ImapError> {
         let mut query = format!("UID SEARCH UID {}:*", after.saturating_add(1));
         if let Some(d) = since {
             query.push_str(&format!(" SINCE {}", imap_date(d)));
@@ -358,22 +435,25 @@ impl Session {
     /// RFC822.SIZE of each UID (to cut batches by bytes before asking for bodies).
     pub async fn fetch_sizes(&mut self, uids: &[u32]) -> Result<Vec<(u32, u64)>, ImapError> {
         let mut sizes = Vec::with_capacity(uids.len());
-        self.command(&format!("UID FETCH {} (UID RFC822.SIZE)", uid_set(uids)), |r| {
-            if let Response::Fetch(_, attrs) = r {
-                let (mut uid, mut size) = (None, None);
-                for a in attrs {
-                    match a {
-                        AttributeValue::Uid(u) => uid = Some(*u),
-                        AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
-                        _ => {}
+        self.command(
+            &format!("UID FETCH {} (UID RFC822.SIZE)", uid_set(uids)),
+            |r| {
+                if let Response::Fetch(_, attrs) = r {
+                    let (mut uid, mut size) = (None, None);
+                    for a in attrs {
+                        match a {
+                            AttributeValue::Uid(u) => uid = Some(*u),
+                            AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
+                            _ => {}
+                        }
+                    }
+                    if let (Some(u), Some(s)) = (uid, size) {
+                        sizes.push((u, s));
                     }
                 }
-                if let (Some(u), Some(s)) = (uid, size) {
-                    sizes.push((u, s));
-                }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
         .await?;
         sizes.sort_unstable();
         sizes.dedup_by_key(|(u, _)| *u);
@@ -385,19 +465,27 @@ impl Session {
     pub async fn fetch_bodies(&mut self, uids: &[u32]) -> Result<Vec<FetchedMessage>, ImapError> {
         let wanted: HashSet<u32> = uids.iter().copied().collect();
         let mut out = Vec::with_capacity(uids.len());
-        let cmd = format!("UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])", uid_set(uids));
+        let cmd = format!(
+            "UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])",
+            uid_set(uids)
+        );
         self.command(&cmd, |r| {
             if let Response::Fetch(_, attrs) = r {
-                let (mut uid, mut flags, mut date, mut size, mut body) = (None, Vec::new(), None, None, None);
+                let (mut uid, mut flags, mut date, mut size, mut body) =
+                    (None, Vec::new(), None, None, None);
                 for a in attrs {
                     match a {
                         AttributeValue::Uid(u) => uid = Some(*u),
-                        AttributeValue::Flags(f) => flags = f.iter().map(|s| s.to_string()).collect(),
+                        AttributeValue::Flags(f) => {
+                            flags = f.iter().map(|s| s.to_string()).collect()
+                        }
                         AttributeValue::InternalDate(d) => date = parse_internal_date(d),
                         AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
-                        AttributeValue::BodySection { section: None, data, .. } => {
-                            body = Some(data.as_deref().unwrap_or(&[]).to_vec())
-                        }
+                        AttributeValue::BodySection {
+                            section: None,
+                            data,
+                            ..
+                        } => body = Some(data.as_deref().unwrap_or(&[]).to_vec()),
                         _ => {}
                     }
                 }
@@ -426,7 +514,11 @@ impl Session {
         if uids.is_empty() {
             return Ok(());
         }
-        self.command(&format!("UID STORE {} +FLAGS.SILENT (\\Seen)", uid_set(uids)), |_| Ok(())).await
+        self.command(
+            &format!("UID STORE {} +FLAGS.SILENT (\\Seen)", uid_set(uids)),
+            |_| Ok(()),
+        )
+        .await
     }
 
     /// `NOOP`: returns the EXISTS count if the server announced one.
@@ -451,7 +543,10 @@ impl Session {
 
 /// Status texts come from the server: keep them to one short line.
 fn clean_status_text(text: &str) -> String {
-    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     let trimmed = one_line.trim();
     if trimmed.chars().count() > 300 {
         format!("{}...", trimmed.chars().take(300).collect::<String>())
@@ -473,7 +568,10 @@ mod tests {
 
     #[test]
     fn search_dates_use_english_month_names() {
-        assert_eq!(imap_date(NaiveDate::from_ymd_opt(2015, 6, 4).unwrap()), "04-Jun-2015");
+        assert_eq!(
+            imap_date(NaiveDate::from_ymd_opt(2015, 6, 4).unwrap()),
+            "04-Jun-2015"
+        );
     }
 
     #[test]

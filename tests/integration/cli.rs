@@ -39,15 +39,35 @@ async fn check_prints_one_line_per_mailbox_and_fails_on_a_bad_login() {
     let user = dc.add_user("kate", "pw-kate");
     dc.deliver(&user, &message("a", "b"));
     let db = TestDb::new().await;
-    let run = Mailpump::new(&db, &[AccountSpec::plain("kate", &dc, &user)]).run_async(&["check"]).await;
+    let run = Mailpump::new(&db, &[AccountSpec::plain("kate", &dc, &user)])
+        .run_async(&["check"])
+        .await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
-    assert!(run.stdout().lines().any(|l| l.starts_with("ok    kate/INBOX  1 messages")), "{}", run.stdout());
+    assert!(
+        run.stdout()
+            .lines()
+            .any(|l| l.starts_with("ok    kate/INBOX  1 messages")),
+        "{}",
+        run.stdout()
+    );
     assert!(run.stdout().lines().any(|l| l.starts_with("ok    store")));
 
     let mut bad = AccountSpec::plain("kate", &dc, &user);
     bad.password = "nope".into();
     let run = Mailpump::new(&db, &[bad]).run_async(&["check"]).await;
     assert_eq!(run.code(), 1);
-    assert!(run.stdout().lines().any(|l| l.starts_with("FAIL  kate/INBOX  login rejected")), "{}", run.stdout());
-    assert_eq!(Mailpump::new(&db, &[AccountSpec::plain("kate", &dc, &user)]).run_async(&["check", "--config-only"]).await.code(), 0);
+    assert!(
+        run.stdout()
+            .lines()
+            .any(|l| l.starts_with("FAIL  kate/INBOX  login rejected")),
+        "{}",
+        run.stdout()
+    );
+    assert_eq!(
+        Mailpump::new(&db, &[AccountSpec::plain("kate", &dc, &user)])
+            .run_async(&["check", "--config-only"])
+            .await
+            .code(),
+        0
+    );
 }

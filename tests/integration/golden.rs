@@ -16,7 +16,10 @@ fn fixtures() -> Vec<(String, Vec<u8>, Value)> {
         }
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
         let raw = std::fs::read(&path).unwrap();
-        let expect: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.expect.json"))).unwrap()).unwrap();
+        let expect: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{name}.expect.json"))).unwrap(),
+        )
+        .unwrap();
         out.push((name, raw, expect));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -28,9 +31,26 @@ fn every_fixture_parses_to_its_expected_document() {
     let all = fixtures();
     let names: Vec<&str> = all.iter().map(|f| f.0.as_str()).collect();
     for required in [
-        "plain", "alternative", "attachments", "nested", "gb2312", "gbk", "gb18030", "big5", "iso2022jp", "shift_jis",
-        "euc_kr", "utf8_raw_headers", "rfc2231", "no_message_id", "no_date", "malformed_headers", "broken_boundary",
-        "unterminated_multipart", "invalid_base64", "binary_garbage",
+        "plain",
+        "alternative",
+        "attachments",
+        "nested",
+        "gb2312",
+        "gbk",
+        "gb18030",
+        "big5",
+        "iso2022jp",
+        "shift_jis",
+        "euc_kr",
+        "utf8_raw_headers",
+        "rfc2231",
+        "no_message_id",
+        "no_date",
+        "malformed_headers",
+        "broken_boundary",
+        "unterminated_multipart",
+        "invalid_base64",
+        "binary_garbage",
     ] {
         assert!(names.contains(&required), "fixture {required} is missing");
     }
@@ -43,12 +63,23 @@ fn every_fixture_parses_to_its_expected_document() {
                 "_note" => {}
                 "_parse_errors" => {
                     if want.as_bool().unwrap() == parsed.parse_errors.is_empty() {
-                        failures.push(format!("{name}: parse_errors = {:?}, expected {}", parsed.parse_errors, if want.as_bool().unwrap() { "some" } else { "none" }));
+                        failures.push(format!(
+                            "{name}: parse_errors = {:?}, expected {}",
+                            parsed.parse_errors,
+                            if want.as_bool().unwrap() {
+                                "some"
+                            } else {
+                                "none"
+                            }
+                        ));
                     }
                 }
                 _ => {
                     if &actual[key] != want {
-                        failures.push(format!("{name}.{key}:\n  expected {want}\n  actual   {}", actual[key]));
+                        failures.push(format!(
+                            "{name}.{key}:\n  expected {want}\n  actual   {}",
+                            actual[key]
+                        ));
                     }
                 }
             }
@@ -56,13 +87,20 @@ fn every_fixture_parses_to_its_expected_document() {
         // the raw bytes are always kept whole, as the first blob
         assert_eq!(parsed.blobs[0].bytes, *raw, "{name}: raw bytes intact");
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// A 25 MB attachment: decoded size and hash exact, bytes handed to the store whole.
 pub fn big_message(size: usize) -> (Vec<u8>, Vec<u8>) {
     use base64::Engine;
-    let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let b64 = base64::engine::general_purpose::STANDARD.encode(&data);
     let mut raw = String::with_capacity(b64.len() * 103 / 100 + 1000);
     raw.push_str("From: a@example.com\r\nTo: b@example.com\r\nSubject: Big\r\nMessage-ID: <big@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attachment\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"big.bin\"\r\n\r\n");
@@ -84,5 +122,8 @@ fn a_25_mb_attachment_is_decoded_exactly() {
     assert_eq!(a.size, data.len() as u64);
     assert_eq!(a.sha256, parse::sha256_hex(&data));
     assert_eq!(a.filename.as_deref(), Some("big.bin"));
-    assert!(parsed.blobs.iter().any(|b| b.sha256 == a.sha256 && b.bytes == data));
+    assert!(parsed
+        .blobs
+        .iter()
+        .any(|b| b.sha256 == a.sha256 && b.bytes == data));
 }

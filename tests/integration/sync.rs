@@ -13,7 +13,12 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("eml"))
-        .map(|p| (p.file_stem().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_stem().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -40,7 +45,10 @@ async fn sync_stores_every_message_once_with_its_exact_raw_bytes() {
         dc.deliver(&user, bytes);
     }
     let db = TestDb::new().await;
-    let mp = Mailpump::new(&db, &[AccountSpec::plain("alice", &dc, &user).with("batch_size = 7")]);
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("alice", &dc, &user).with("batch_size = 7")],
+    );
 
     let run = mp.run_async(&["sync"]).await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
@@ -54,35 +62,69 @@ async fn sync_stores_every_message_once_with_its_exact_raw_bytes() {
 
     let docs = db.messages(doc! {}).await;
     assert_eq!(docs.len(), delivered.len());
-    let by_sha: HashMap<String, &Vec<u8>> = delivered.iter().map(|(_, b)| (mailpump::parse::sha256_hex(b), b)).collect();
+    let by_sha: HashMap<String, &Vec<u8>> = delivered
+        .iter()
+        .map(|(_, b)| (mailpump::parse::sha256_hex(b), b))
+        .collect();
     let mut uids = BTreeSet::new();
     for d in &docs {
         uids.insert(d.get_i64("uid").unwrap());
         let raw = d.get_document("raw").unwrap();
         let sha = raw.get_str("sha256").unwrap();
         let stored = db.blob(sha).await;
-        assert_eq!(mailpump::parse::sha256_hex(&stored), sha, "blob content matches its address");
-        assert_eq!(stored.len() as i64, d.get_i64("size").unwrap(), "raw size is the server's RFC822.SIZE");
+        assert_eq!(
+            mailpump::parse::sha256_hex(&stored),
+            sha,
+            "blob content matches its address"
+        );
+        assert_eq!(
+            stored.len() as i64,
+            d.get_i64("size").unwrap(),
+            "raw size is the server's RFC822.SIZE"
+        );
         if let Some(original) = by_sha.get(sha) {
             assert_eq!(&stored, *original);
         }
     }
     // every delivered message whose bytes survive IMAP unchanged is stored byte for byte
-    let stored_shas: BTreeSet<String> = docs.iter().map(|d| d.get_document("raw").unwrap().get_str("sha256").unwrap().to_string()).collect();
+    let stored_shas: BTreeSet<String> = docs
+        .iter()
+        .map(|d| {
+            d.get_document("raw")
+                .unwrap()
+                .get_str("sha256")
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     for (name, bytes) in &delivered {
         if wire_clean(bytes) {
-            assert!(stored_shas.contains(&mailpump::parse::sha256_hex(bytes)), "{name} stored byte for byte");
+            assert!(
+                stored_shas.contains(&mailpump::parse::sha256_hex(bytes)),
+                "{name} stored byte for byte"
+            );
         }
     }
     assert_eq!(uids, (1..=delivered.len() as i64).collect());
-    let big_doc = docs.iter().find(|d| d.get_str("subject") == Ok("Big")).unwrap();
-    let att = big_doc.get_array("attachments").unwrap()[0].as_document().unwrap();
+    let big_doc = docs
+        .iter()
+        .find(|d| d.get_str("subject") == Ok("Big"))
+        .unwrap();
+    let att = big_doc.get_array("attachments").unwrap()[0]
+        .as_document()
+        .unwrap();
     assert_eq!(att.get_i64("size").unwrap(), 25 * 1024 * 1024);
-    assert_eq!(db.blob(att.get_str("sha256").unwrap()).await.len(), 25 * 1024 * 1024);
+    assert_eq!(
+        db.blob(att.get_str("sha256").unwrap()).await.len(),
+        25 * 1024 * 1024
+    );
 
     let cp = db.mailbox("alice/INBOX").await.unwrap();
     assert_eq!(cp.get_i64("last_uid").unwrap(), delivered.len() as i64);
-    assert_eq!(cp.get_i64("uidvalidity").unwrap(), docs[0].get_i64("uidvalidity").unwrap());
+    assert_eq!(
+        cp.get_i64("uidvalidity").unwrap(),
+        docs[0].get_i64("uidvalidity").unwrap()
+    );
 
     let again = mp.run_async(&["sync"]).await;
     assert_eq!(again.code(), 0, "{}", again.stdout());
@@ -100,14 +142,22 @@ async fn only_messages_added_since_the_last_sync_are_fetched() {
     }
     let db = TestDb::new().await;
     let mp = Mailpump::new(&db, &[AccountSpec::plain("bob", &dc, &user)]);
-    assert_eq!(mp.run_async(&["sync"]).await.event("mailbox_synced")["stored"], 3);
+    assert_eq!(
+        mp.run_async(&["sync"]).await.event("mailbox_synced")["stored"],
+        3
+    );
     for i in 0..2 {
         dc.deliver(&user, &message(&format!("later {i}"), "y"));
     }
     let run = mp.run_async(&["sync"]).await;
     assert_eq!(run.event("mailbox_synced")["fetched"], 2);
     assert_eq!(run.event("mailbox_synced")["stored"], 2);
-    let later: BTreeSet<i64> = db.messages(doc! {"subject": {"$regex": "^later"}}).await.iter().map(|d| d.get_i64("uid").unwrap()).collect();
+    let later: BTreeSet<i64> = db
+        .messages(doc! {"subject": {"$regex": "^later"}})
+        .await
+        .iter()
+        .map(|d| d.get_i64("uid").unwrap())
+        .collect();
     assert_eq!(later, BTreeSet::from([4, 5]));
     assert_eq!(db.count("messages", doc! {}).await, 5);
 }
@@ -123,18 +173,32 @@ async fn a_uidvalidity_change_reingests_under_the_new_value_without_new_blobs() 
     let mp = Mailpump::new(&db, &[AccountSpec::plain("carol", &dc, &user)]);
     assert_eq!(mp.run_async(&["sync"]).await.code(), 0);
     let blobs_before = db.count("blobs.files", doc! {}).await;
-    let old = db.mailbox("carol/INBOX").await.unwrap().get_i64("uidvalidity").unwrap();
+    let old = db
+        .mailbox("carol/INBOX")
+        .await
+        .unwrap()
+        .get_i64("uidvalidity")
+        .unwrap();
 
     dc.reset_uidvalidity(&user);
     let run = mp.run_async(&["sync"]).await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
     let changed = run.event("uidvalidity_changed");
     assert_eq!(changed["old"], old);
-    let new = db.mailbox("carol/INBOX").await.unwrap().get_i64("uidvalidity").unwrap();
+    let new = db
+        .mailbox("carol/INBOX")
+        .await
+        .unwrap()
+        .get_i64("uidvalidity")
+        .unwrap();
     assert_ne!(new, old);
     assert_eq!(db.count("messages", doc! {"uidvalidity": new}).await, 3);
     assert_eq!(db.count("messages", doc! {"uidvalidity": old}).await, 3);
-    assert_eq!(db.count("blobs.files", doc! {}).await, blobs_before, "same bytes, same blobs");
+    assert_eq!(
+        db.count("blobs.files", doc! {}).await,
+        blobs_before,
+        "same bytes, same blobs"
+    );
 }
 
 fn days_ago(days: u64) -> SystemTime {
@@ -146,14 +210,45 @@ async fn since_and_unseen_only_select_what_imap_search_selects_and_flags_stay_un
     let mut dc = Dovecot::start();
     let user = dc.add_user("dave", "pw-dave");
     // INTERNALDATE comes from the file's mtime
-    dc.deliver_to(&user, None, &message("old seen", "1"), "S", Some(days_ago(400)));
-    dc.deliver_to(&user, None, &message("old unseen", "2"), "", Some(days_ago(400)));
-    dc.deliver_to(&user, None, &message("new seen", "3"), "S", Some(days_ago(1)));
-    dc.deliver_to(&user, None, &message("new unseen", "4"), "", Some(days_ago(1)));
-    let since = (chrono::Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%d").to_string();
+    dc.deliver_to(
+        &user,
+        None,
+        &message("old seen", "1"),
+        "S",
+        Some(days_ago(400)),
+    );
+    dc.deliver_to(
+        &user,
+        None,
+        &message("old unseen", "2"),
+        "",
+        Some(days_ago(400)),
+    );
+    dc.deliver_to(
+        &user,
+        None,
+        &message("new seen", "3"),
+        "S",
+        Some(days_ago(1)),
+    );
+    dc.deliver_to(
+        &user,
+        None,
+        &message("new unseen", "4"),
+        "",
+        Some(days_ago(1)),
+    );
+    let since = (chrono::Utc::now() - chrono::Duration::days(30))
+        .format("%Y-%m-%d")
+        .to_string();
 
     let mut selected = Vec::new();
-    for extra in [vec![], vec![format!("since = \"{since}\"")], vec!["unseen_only = true".to_string()], vec![format!("since = \"{since}\""), "unseen_only = true".into()]] {
+    for extra in [
+        vec![],
+        vec![format!("since = \"{since}\"")],
+        vec!["unseen_only = true".to_string()],
+        vec![format!("since = \"{since}\""), "unseen_only = true".into()],
+    ] {
         let db = TestDb::new().await;
         let mut spec = AccountSpec::plain("dave", &dc, &user);
         for line in extra {
@@ -161,11 +256,19 @@ async fn since_and_unseen_only_select_what_imap_search_selects_and_flags_stay_un
         }
         let run = Mailpump::new(&db, &[spec]).run_async(&["sync"]).await;
         assert_eq!(run.code(), 0, "{}", run.stdout());
-        let subjects: BTreeSet<String> = db.messages(doc! {}).await.iter().map(|d| d.get_str("subject").unwrap().to_string()).collect();
+        let subjects: BTreeSet<String> = db
+            .messages(doc! {})
+            .await
+            .iter()
+            .map(|d| d.get_str("subject").unwrap().to_string())
+            .collect();
         selected.push(subjects);
     }
     let set = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-    assert_eq!(selected[0], set(&["old seen", "old unseen", "new seen", "new unseen"]));
+    assert_eq!(
+        selected[0],
+        set(&["old seen", "old unseen", "new seen", "new unseen"])
+    );
     assert_eq!(selected[1], set(&["new seen", "new unseen"]));
     assert_eq!(selected[2], set(&["old unseen", "new unseen"]));
     assert_eq!(selected[3], set(&["new unseen"]));
@@ -175,7 +278,10 @@ async fn since_and_unseen_only_select_what_imap_search_selects_and_flags_stay_un
         .unwrap()
         .chain(std::fs::read_dir(user.maildir.join("new")).unwrap())
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.rsplit_once(":2,").is_some_and(|(_, flags)| flags.contains('S')))
+        .filter(|n| {
+            n.rsplit_once(":2,")
+                .is_some_and(|(_, flags)| flags.contains('S'))
+        })
         .count();
     assert_eq!(seen_files, 2);
 }
@@ -188,12 +294,24 @@ async fn mark_seen_sets_the_flag_after_storing() {
         dc.deliver(&user, &message(&format!("m{i}"), "b"));
     }
     let db = TestDb::new().await;
-    let run = Mailpump::new(&db, &[AccountSpec::plain("erin", &dc, &user).with("mark_seen = true").with("batch_size = 2")]).run_async(&["sync"]).await;
+    let run = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("erin", &dc, &user)
+            .with("mark_seen = true")
+            .with("batch_size = 2")],
+    )
+    .run_async(&["sync"])
+    .await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
     assert_eq!(db.count("messages", doc! {}).await, 3);
     // a fresh database asking for unseen mail now finds none
     let db2 = TestDb::new().await;
-    let run = Mailpump::new(&db2, &[AccountSpec::plain("erin", &dc, &user).with("unseen_only = true")]).run_async(&["sync"]).await;
+    let run = Mailpump::new(
+        &db2,
+        &[AccountSpec::plain("erin", &dc, &user).with("unseen_only = true")],
+    )
+    .run_async(&["sync"])
+    .await;
     assert_eq!(run.code(), 0);
     assert_eq!(db2.count("messages", doc! {}).await, 0);
 }
@@ -204,10 +322,19 @@ async fn several_mailboxes_including_non_ascii_names_are_synced() {
     let user = dc.add_user("frank", "pw-frank");
     dc.deliver(&user, &message("in inbox", "1"));
     for i in 0..3 {
-        dc.deliver_to(&user, Some("已发送"), &message(&format!("sent {i}"), "2"), "", None);
+        dc.deliver_to(
+            &user,
+            Some("已发送"),
+            &message(&format!("sent {i}"), "2"),
+            "",
+            None,
+        );
     }
     let db = TestDb::new().await;
-    let mp = Mailpump::new(&db, &[AccountSpec::plain("frank", &dc, &user).with("mailboxes = [\"INBOX\", \"已发送\"]")]);
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("frank", &dc, &user).with("mailboxes = [\"INBOX\", \"已发送\"]")],
+    );
     let run = mp.run_async(&["sync"]).await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
     assert_eq!(run.events("mailbox_synced").len(), 2);
@@ -222,7 +349,9 @@ async fn a_non_ascii_password_logs_in_with_authenticate_plain() {
     let user = dc.add_user("gina", "pässwörd-密码");
     dc.deliver(&user, &message("hello", "1"));
     let db = TestDb::new().await;
-    let run = Mailpump::new(&db, &[AccountSpec::plain("gina", &dc, &user)]).run_async(&["sync"]).await;
+    let run = Mailpump::new(&db, &[AccountSpec::plain("gina", &dc, &user)])
+        .run_async(&["sync"])
+        .await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
     assert_eq!(db.count("messages", doc! {}).await, 1);
 }
@@ -234,12 +363,23 @@ async fn a_wrong_password_is_a_clear_error_naming_the_account_and_stores_nothing
     dc.deliver(&user, &message("hello", "1"));
     user.password = "wrong-password".into();
     let db = TestDb::new().await;
-    let run = Mailpump::new(&db, &[AccountSpec::plain("hank", &dc, &user)]).run_async(&["sync"]).await;
+    let run = Mailpump::new(&db, &[AccountSpec::plain("hank", &dc, &user)])
+        .run_async(&["sync"])
+        .await;
     assert_eq!(run.code(), 1);
     let failed = run.event("mailbox_sync_failed");
     assert_eq!(failed["account"], "hank");
-    assert!(failed["error"].as_str().unwrap().contains("login rejected for hank"), "{failed}");
-    assert!(!run.stdout().contains("wrong-password"), "the password never reaches the logs");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("login rejected for hank"),
+        "{failed}"
+    );
+    assert!(
+        !run.stdout().contains("wrong-password"),
+        "the password never reaches the logs"
+    );
     assert_eq!(db.count("messages", doc! {}).await, 0);
 }
 
@@ -247,11 +387,24 @@ async fn a_wrong_password_is_a_clear_error_naming_the_account_and_stores_nothing
 async fn nothing_listening_says_connection_refused_with_host_and_port() {
     let port = crate::harness::dovecot::free_port();
     let db = TestDb::new().await;
-    let spec = AccountSpec { name: "ivy".into(), port, security: "plain", username: "ivy".into(), password: "x".into(), extra: vec![] };
+    let spec = AccountSpec {
+        name: "ivy".into(),
+        port,
+        security: "plain",
+        username: "ivy".into(),
+        password: "x".into(),
+        extra: vec![],
+    };
     let run = Mailpump::new(&db, &[spec]).run_async(&["sync"]).await;
     assert_eq!(run.code(), 1);
-    let error = run.event("mailbox_sync_failed")["error"].as_str().unwrap().to_string();
-    assert!(error.contains(&format!("connection refused by 127.0.0.1:{port}")), "{error}");
+    let error = run.event("mailbox_sync_failed")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains(&format!("connection refused by 127.0.0.1:{port}")),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -260,10 +413,14 @@ async fn one_failing_mailbox_does_not_stop_the_others() {
     let good = dc.add_user("jill", "pw-jill");
     dc.deliver(&good, &message("fine", "1"));
     let db = TestDb::new().await;
-    let bad = AccountSpec::plain("jill", &dc, &good).with("mailboxes = [\"INBOX\", \"Does-Not-Exist\"]");
+    let bad =
+        AccountSpec::plain("jill", &dc, &good).with("mailboxes = [\"INBOX\", \"Does-Not-Exist\"]");
     let run = Mailpump::new(&db, &[bad]).run_async(&["sync"]).await;
     assert_eq!(run.code(), 1, "exit 1 when any mailbox failed");
     assert_eq!(run.event("mailbox_synced")["mailbox"], "INBOX");
-    assert_eq!(run.event("mailbox_sync_failed")["mailbox"], "Does-Not-Exist");
+    assert_eq!(
+        run.event("mailbox_sync_failed")["mailbox"],
+        "Does-Not-Exist"
+    );
     assert_eq!(db.count("messages", doc! {}).await, 1);
 }

@@ -34,7 +34,8 @@ async fn implicit_tls_and_starttls_work_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_untrusted_certificate_is_refused_unless_accept_invalid_certs() {
-    let mut dc = Dovecot::start_with("ssl_cert = <@DIR@/selfsigned.pem\nssl_key = <@DIR@/selfsigned.key\n");
+    let mut dc =
+        Dovecot::start_with("ssl_cert = <@DIR@/selfsigned.pem\nssl_key = <@DIR@/selfsigned.key\n");
     let user = dc.add_user("self", "pw-self");
     dc.deliver(&user, &message("self-signed", "1"));
     let mut spec = AccountSpec::plain("self", &dc, &user);
@@ -43,12 +44,22 @@ async fn an_untrusted_certificate_is_refused_unless_accept_invalid_certs() {
 
     let (run, db) = sync_with(spec.clone()).await;
     assert_eq!(run.code(), 1);
-    let error = run.event("mailbox_sync_failed")["error"].as_str().unwrap().to_string();
-    assert!(error.contains("TLS") && error.contains("certificate"), "{error}");
+    let error = run.event("mailbox_sync_failed")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("TLS") && error.contains("certificate"),
+        "{error}"
+    );
     assert_eq!(db.count("messages", doc! {}).await, 0);
 
     // the private CA of the other certificate does not vouch for this one either
-    let (run, _) = sync_with(spec.clone().with(format!("ca_file = \"{}\"", dc.ca_file().display()))).await;
+    let (run, _) = sync_with(
+        spec.clone()
+            .with(format!("ca_file = \"{}\"", dc.ca_file().display())),
+    )
+    .await;
     assert_eq!(run.code(), 1);
 
     let (run, db) = sync_with(spec.with("accept_invalid_certs = true")).await;
@@ -65,25 +76,48 @@ async fn starttls_is_never_silently_downgraded() {
         let (sock, _) = listener.accept().await.unwrap();
         let (r, mut w) = sock.into_split();
         let mut lines = BufReader::new(r).lines();
-        w.write_all(b"* OK IMAP4rev1 no tls here\r\n").await.unwrap();
+        w.write_all(b"* OK IMAP4rev1 no tls here\r\n")
+            .await
+            .unwrap();
         let mut received = Vec::new();
         while let Ok(Some(line)) = lines.next_line().await {
             received.push(line.clone());
             let tag = line.split(' ').next().unwrap_or("*").to_string();
             if line.to_ascii_uppercase().contains("CAPABILITY") {
-                w.write_all(format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{tag} OK done\r\n").as_bytes()).await.unwrap();
+                w.write_all(
+                    format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{tag} OK done\r\n").as_bytes(),
+                )
+                .await
+                .unwrap();
             } else {
-                w.write_all(format!("{tag} BAD no\r\n").as_bytes()).await.unwrap();
+                w.write_all(format!("{tag} BAD no\r\n").as_bytes())
+                    .await
+                    .unwrap();
             }
         }
         received
     });
     let db = TestDb::new().await;
-    let spec = AccountSpec { name: "down".into(), port, security: "starttls", username: "u".into(), password: "secret-pw".into(), extra: vec![] };
+    let spec = AccountSpec {
+        name: "down".into(),
+        port,
+        security: "starttls",
+        username: "u".into(),
+        password: "secret-pw".into(),
+        extra: vec![],
+    };
     let run = Mailpump::new(&db, &[spec]).run_async(&["sync"]).await;
     assert_eq!(run.code(), 1);
-    let error = run.event("mailbox_sync_failed")["error"].as_str().unwrap().to_string();
+    let error = run.event("mailbox_sync_failed")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(error.contains("does not offer STARTTLS"), "{error}");
     let received = server.await.unwrap();
-    assert!(received.iter().all(|l| !l.contains("secret-pw") && !l.to_ascii_uppercase().contains("LOGIN")), "{received:?}");
+    assert!(
+        received
+            .iter()
+            .all(|l| !l.contains("secret-pw") && !l.to_ascii_uppercase().contains("LOGIN")),
+        "{received:?}"
+    );
 }

@@ -17,7 +17,11 @@ static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 /// A port nobody listens on now and that no other test of this process was given.
 pub fn free_port() -> u16 {
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut given = PORTS.lock().unwrap();
         if given.get_or_insert_with(HashSet::new).insert(port) {
             return port;
@@ -42,8 +46,16 @@ pub struct Dovecot {
 }
 
 fn services(args: &[&str]) {
-    let out = Command::new("bash").arg(root().join("deploy/services.sh")).args(args).output().expect("run deploy/services.sh");
-    assert!(out.status.success(), "services.sh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg(root().join("deploy/services.sh"))
+        .args(args)
+        .output()
+        .expect("run deploy/services.sh");
+    assert!(
+        out.status.success(),
+        "services.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Dovecot {
@@ -53,16 +65,38 @@ impl Dovecot {
 
     /// Starts Dovecot with `extra` appended to the config (later settings win).
     pub fn start_with(extra: &str) -> Dovecot {
-        let dir = tempfile::Builder::new().prefix("mp-dc").tempdir_in("/tmp").unwrap();
+        // Under deploy/test.sh's work dir when it runs us, so that it can stop what we leave.
+        let base = std::env::var_os("MAILPUMP_TEST_TMP")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/tmp".into());
+        let dir = tempfile::Builder::new()
+            .prefix("dc")
+            .tempdir_in(base)
+            .unwrap();
         let extra_file = dir.path().join("extra.conf");
-        std::fs::write(&extra_file, extra.replace("@DIR@", dir.path().to_str().unwrap())).unwrap();
+        std::fs::write(
+            &extra_file,
+            extra.replace("@DIR@", dir.path().to_str().unwrap()),
+        )
+        .unwrap();
         let (imap, imaps, pop3, pop3s) = (free_port(), free_port(), free_port(), free_port());
         let d = dir.path().to_str().unwrap().to_string();
         services(&[
-            "dovecot-config", &d, &imap.to_string(), &imaps.to_string(), &pop3.to_string(), &pop3s.to_string(),
+            "dovecot-config",
+            &d,
+            &imap.to_string(),
+            &imaps.to_string(),
+            &pop3.to_string(),
+            &pop3s.to_string(),
             extra_file.to_str().unwrap(),
         ]);
-        let mut dc = Dovecot { dir, imap_port: imap, imaps_port: imaps, pid: None, delivered: 0 };
+        let mut dc = Dovecot {
+            dir,
+            imap_port: imap,
+            imaps_port: imaps,
+            pid: None,
+            delivered: 0,
+        };
         dc.launch();
         dc
     }
@@ -88,7 +122,11 @@ impl Dovecot {
             .stderr(errors)
             .status()
             .expect("run dovecot");
-        assert!(status.success(), "dovecot failed to start: {}", std::fs::read_to_string(self.path().join("start.err")).unwrap_or_default());
+        assert!(
+            status.success(),
+            "dovecot failed to start: {}",
+            std::fs::read_to_string(self.path().join("start.err")).unwrap_or_default()
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(text) = std::fs::read_to_string(&pidfile) {
@@ -96,10 +134,16 @@ impl Dovecot {
                     self.pid = Some(pid);
                 }
             }
-            if self.pid.is_some() && std::net::TcpStream::connect(("127.0.0.1", self.imap_port)).is_ok() {
+            if self.pid.is_some()
+                && std::net::TcpStream::connect(("127.0.0.1", self.imap_port)).is_ok()
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "dovecot did not come up; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "dovecot did not come up; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -120,15 +164,25 @@ impl Dovecot {
             unsafe_kill(pid, 9);
             // the listeners close with the master; wait for the port to be free
             let deadline = Instant::now() + Duration::from_secs(5);
-            while std::net::TcpStream::connect(("127.0.0.1", self.imap_port)).is_ok() && Instant::now() < deadline {
+            while std::net::TcpStream::connect(("127.0.0.1", self.imap_port)).is_ok()
+                && Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
 
     pub fn add_user(&mut self, name: &str, password: &str) -> User {
-        let uid = 20000 + (std::process::id() % 1000) * 100 + NEXT_UID.fetch_add(1, Ordering::Relaxed) % 100;
-        services(&["add-user", self.path().to_str().unwrap(), name, password, &uid.to_string()]);
+        let uid = 20000
+            + (std::process::id() % 1000) * 100
+            + NEXT_UID.fetch_add(1, Ordering::Relaxed) % 100;
+        services(&[
+            "add-user",
+            self.path().to_str().unwrap(),
+            name,
+            password,
+            &uid.to_string(),
+        ]);
         User {
             name: name.to_string(),
             password: password.to_string(),
@@ -144,10 +198,19 @@ impl Dovecot {
 
     /// Delivers into `folder` (None: INBOX) with maildir `flags` ("S" = \Seen) and an optional
     /// modification time (which Dovecot reports as INTERNALDATE).
-    pub fn deliver_to(&mut self, user: &User, folder: Option<&str>, bytes: &[u8], flags: &str, mtime: Option<std::time::SystemTime>) {
+    pub fn deliver_to(
+        &mut self,
+        user: &User,
+        folder: Option<&str>,
+        bytes: &[u8],
+        flags: &str,
+        mtime: Option<std::time::SystemTime>,
+    ) {
         let base = match folder {
             None => user.maildir.clone(),
-            Some(f) => user.maildir.join(format!(".{}", mailpump::imap::utf7::encode_mailbox(f))),
+            Some(f) => user
+                .maildir
+                .join(format!(".{}", mailpump::imap::utf7::encode_mailbox(f))),
         };
         for sub in ["tmp", "new", "cur"] {
             std::fs::create_dir_all(base.join(sub)).unwrap();
@@ -155,7 +218,12 @@ impl Dovecot {
         }
         std::os::unix::fs::chown(&base, Some(user.uid), Some(65534)).unwrap();
         self.delivered += 1;
-        let name = format!("{}.M{}P{}.mailpump", 1_600_000_000 + self.delivered, self.delivered, std::process::id());
+        let name = format!(
+            "{}.M{}P{}.mailpump",
+            1_600_000_000 + self.delivered,
+            self.delivered,
+            std::process::id()
+        );
         let tmp = base.join("tmp").join(&name);
         std::fs::write(&tmp, bytes).unwrap();
         std::os::unix::fs::chown(&tmp, Some(user.uid), Some(65534)).unwrap();
@@ -163,7 +231,11 @@ impl Dovecot {
             let f = std::fs::File::options().write(true).open(&tmp).unwrap();
             f.set_modified(t).unwrap();
         }
-        let dest = if flags.is_empty() { base.join("new").join(&name) } else { base.join("cur").join(format!("{name}:2,{flags}")) };
+        let dest = if flags.is_empty() {
+            base.join("new").join(&name)
+        } else {
+            base.join("cur").join(format!("{name}:2,{flags}"))
+        };
         std::fs::rename(&tmp, dest).unwrap();
     }
 
@@ -173,7 +245,10 @@ impl Dovecot {
         for entry in std::fs::read_dir(&user.maildir).unwrap() {
             let entry = entry.unwrap();
             let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with("dovecot-uidlist") || name.starts_with("dovecot.index") || name.starts_with("dovecot.list") {
+            if name.starts_with("dovecot-uidlist")
+                || name.starts_with("dovecot.index")
+                || name.starts_with("dovecot.list")
+            {
                 std::fs::remove_file(entry.path()).unwrap();
             }
         }
@@ -184,7 +259,10 @@ impl Dovecot {
 }
 
 fn unsafe_kill(pid: i32, sig: i32) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).output();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .output();
 }
 
 impl Drop for Dovecot {

@@ -59,20 +59,32 @@ impl Run {
     }
     /// Log events with this message.
     pub fn events(&self, message: &str) -> Vec<&Value> {
-        self.logs.iter().filter(|l| l["message"] == message).collect()
+        self.logs
+            .iter()
+            .filter(|l| l["message"] == message)
+            .collect()
     }
     pub fn event(&self, message: &str) -> &Value {
-        self.events(message).into_iter().next().unwrap_or_else(|| panic!("no {message:?} event in:\n{}", self.stdout()))
+        self.events(message)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no {message:?} event in:\n{}", self.stdout()))
     }
 }
 
 pub fn parse_logs(stdout: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 impl Mailpump {
     pub fn new(db: &TestDb, accounts: &[AccountSpec]) -> Mailpump {
-        let mut toml = format!("[store]\nuri = \"{}\"\ndatabase = \"{}\"\nconnect_timeout = \"5s\"\n\n", db.uri, db.name);
+        let mut toml = format!(
+            "[store]\nuri = \"{}\"\ndatabase = \"{}\"\nconnect_timeout = \"5s\"\n\n",
+            db.uri, db.name
+        );
         toml.push_str("[defaults]\ncommand_timeout = \"30s\"\nconnect_timeout = \"5s\"\n\n");
         for a in accounts {
             toml.push_str(&format!(

@@ -27,26 +27,58 @@ impl TestDb {
     }
 
     pub async fn messages(&self, filter: Document) -> Vec<Document> {
-        self.db.collection::<Document>("messages").find(filter).await.unwrap().try_collect().await.unwrap()
+        self.db
+            .collection::<Document>("messages")
+            .find(filter)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
     }
 
     pub async fn count(&self, collection: &str, filter: Document) -> u64 {
-        self.db.collection::<Document>(collection).count_documents(filter).await.unwrap()
+        self.db
+            .collection::<Document>(collection)
+            .count_documents(filter)
+            .await
+            .unwrap()
     }
 
     pub async fn mailbox(&self, id: &str) -> Option<Document> {
-        self.db.collection::<Document>("mailboxes").find_one(doc! {"_id": id}).await.unwrap()
+        self.db
+            .collection::<Document>("mailboxes")
+            .find_one(doc! {"_id": id})
+            .await
+            .unwrap()
     }
 
     /// Reassembles a blob from its GridFS chunks.
     pub async fn blob(&self, sha: &str) -> Vec<u8> {
-        let files = self.db.collection::<Document>("blobs.files").find_one(doc! {"_id": sha}).await.unwrap().expect("files document");
-        let mut chunks: Vec<Document> =
-            self.db.collection::<Document>("blobs.chunks").find(doc! {"files_id": sha}).await.unwrap().try_collect().await.unwrap();
+        let files = self
+            .db
+            .collection::<Document>("blobs.files")
+            .find_one(doc! {"_id": sha})
+            .await
+            .unwrap()
+            .expect("files document");
+        let mut chunks: Vec<Document> = self
+            .db
+            .collection::<Document>("blobs.chunks")
+            .find(doc! {"files_id": sha})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         chunks.sort_by_key(|c| c.get_i32("n").unwrap());
         let mut out = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
-            assert_eq!(c.get_i32("n").unwrap() as usize, i, "chunks of {sha} are contiguous");
+            assert_eq!(
+                c.get_i32("n").unwrap() as usize,
+                i,
+                "chunks of {sha} are contiguous"
+            );
             out.extend_from_slice(&c.get_binary_generic("data").unwrap()[..]);
         }
         assert_eq!(out.len() as i64, files.get_i64("length").unwrap());

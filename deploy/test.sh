@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine with a Rust toolchain:
+#   - installs what it needs (Dovecot, OpenSSL headers, the SecantusDB venv),
+#   - starts SecantusDB on 127.0.0.1 with its state in a temp dir (unless
+#     MAILPUMP_TEST_MONGODB_URI already points at a MongoDB),
+#   - runs cargo fmt --check, clippy -D warnings, and every test (each integration test starts
+#     its own Dovecot under the same temp dir),
+#   - stops every process it started, by PID, even on failure.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=deploy/services.sh
+source deploy/services.sh
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+mp_install
+
+WORK=$(mktemp -d /tmp/mailpump-test.XXXXXX)
+chmod 755 "$WORK"
+export MAILPUMP_TEST_TMP=$WORK
+SECANTUS_PID=""
+
+cleanup() {
+  local rc=$?
+  # Dovecots of tests that died before their Drop ran: each left its master PID file.
+  local pidfile
+  for pidfile in "$WORK"/*/run/master.pid; do
+    [ -f "$pidfile" ] && mp_stop_pid "$(cat "$pidfile")"
+  done
+  [ -n "$SECANTUS_PID" ] && mp_stop_pid "$SECANTUS_PID"
+  rm -rf "$WORK"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+
+if [ -z "${MAILPUMP_TEST_MONGODB_URI:-}" ]; then
+  port=$(mp_free_port)
+  SECANTUS_PID=$(mp_secantus_start "$WORK/secantus" "$port")
+  export MAILPUMP_TEST_MONGODB_URI="mongodb://127.0.0.1:$port"
+  echo "== SecantusDB on 127.0.0.1:$port (pid $SECANTUS_PID)"
+fi
+
+echo "== cargo test"
+cargo test --locked -- "$@"

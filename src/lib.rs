@@ -14,10 +14,12 @@
 //!
 //! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
 
+pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod error;
 pub mod imap;
+pub mod metrics;
 pub mod parse;
 pub mod signals;
 pub mod store;

@@ -169,6 +169,20 @@ impl Store {
         .await
     }
 
+    /// A ping, for /healthz.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let db = self.mailboxes.namespace().db;
+        let client = self.client.clone();
+        self.guarded("ping", async move {
+            client
+                .database(&db)
+                .run_command(doc! {"ping": 1})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
     /// Ends the client. Drop every cursor first (nothing here keeps one open).
     pub async fn shutdown(self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;

@@ -11,7 +11,7 @@ pub mod utf7;
 
 use std::time::Duration;
 
-pub use session::{FetchedMessage, MailboxInfo, Session};
+pub use session::{FetchedMessage, IdleEnd, MailboxInfo, Session};
 
 use crate::error::ErrorClass;
 

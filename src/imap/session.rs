@@ -33,6 +33,17 @@ pub struct FetchedMessage {
     pub body: Vec<u8>,
 }
 
+/// Why an IDLE ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleEnd {
+    /// The server announced a change (EXISTS, RECENT, EXPUNGE, FETCH, VANISHED).
+    Changed,
+    /// `idle_refresh` passed: re-issue IDLE (RFC 2177 asks for less than 29 minutes).
+    Refresh,
+    /// Shutdown was requested.
+    Cancelled,
+}
+
 /// A logged-in session. Every read is bounded by `command_timeout`.
 pub struct Session {
     inner: async_imap::Session<Stream>,
@@ -532,6 +543,158 @@ impl Session {
         })
         .await?;
         Ok(exists)
+    }
+
+    /// IDLE (RFC 2177) until the mailbox changes, `refresh` passes or `cancel` fires; then
+    /// DONE and the tagged OK. No byte at all for `silence` (keepalives count) is a dead
+    /// connection. Driven by hand: async-imap's IDLE handle restarts its timer on every
+    /// keepalive, hangs on a tagged NO and reports EOF as a manual interrupt.
+    pub async fn idle(
+        &mut self,
+        refresh: Duration,
+        silence: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<IdleEnd, ImapError> {
+        let timeout = self.timeout;
+        let tag = match tokio::time::timeout(timeout, self.inner.run_command("IDLE")).await {
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    what: "sending IDLE".into(),
+                    after: timeout,
+                })
+            }
+            Ok(Err(e)) => return Err(map_async_imap(e)),
+            Ok(Ok(tag)) => tag,
+        };
+        let is_change = |r: &Response<'_>| {
+            matches!(
+                r,
+                Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_))
+                    | Response::Expunge(_)
+                    | Response::Fetch(..)
+                    | Response::Vanished { .. }
+            )
+        };
+        // Wait for the continuation; a change announced before it still counts.
+        let mut changed = false;
+        loop {
+            let response = match tokio::time::timeout(timeout, self.inner.read_response()).await {
+                Err(_) => {
+                    return Err(ImapError::Timeout {
+                        what: "the IDLE continuation".into(),
+                        after: timeout,
+                    })
+                }
+                Ok(Err(e)) => return Err(ImapError::Io(e)),
+                Ok(Ok(None)) => return Err(ImapError::Closed),
+                Ok(Ok(Some(r))) => r,
+            };
+            match response.parsed() {
+                Response::Continue(_) => break,
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
+                    return Err(ImapError::Rejected {
+                        command: "IDLE".into(),
+                        status: status_word(status),
+                        text: clean_status_text(outcome.information.as_deref().unwrap_or("")),
+                        hint: "",
+                    })
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    return Err(ImapError::Bye(
+                        outcome.information.as_deref().unwrap_or("").to_string(),
+                    ))
+                }
+                other => changed |= is_change(other),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + refresh;
+        let end = if changed {
+            IdleEnd::Changed
+        } else {
+            loop {
+                // read_response is cancel-safe: partial data stays in async-imap's buffer.
+                tokio::select! {
+                    _ = cancel.cancelled() => break IdleEnd::Cancelled,
+                    _ = tokio::time::sleep_until(deadline) => break IdleEnd::Refresh,
+                    read = tokio::time::timeout(silence, self.inner.read_response()) => {
+                        let response = match read {
+                            Err(_) => return Err(ImapError::Timeout { what: "any data while idling (silence timeout)".into(), after: silence }),
+                            Ok(Err(e)) => return Err(ImapError::Io(e)),
+                            Ok(Ok(None)) => return Err(ImapError::Closed),
+                            Ok(Ok(Some(r))) => r,
+                        };
+                        match response.parsed() {
+                            Response::Data { status: Status::Bye, outcome } => {
+                                return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()))
+                            }
+                            Response::Done { tag: t, .. } if *t == tag => {
+                                return Err(ImapError::Protocol("the server ended IDLE on its own".into()))
+                            }
+                            other if is_change(other) => break IdleEnd::Changed,
+                            _ => {} // "* OK Still here" and friends: the connection is alive
+                        }
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, self.inner.run_command_untagged("DONE")).await {
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    what: "sending DONE".into(),
+                    after: timeout,
+                })
+            }
+            Ok(Err(e)) => return Err(map_async_imap(e)),
+            Ok(Ok(())) => {}
+        }
+        loop {
+            let response = match tokio::time::timeout(timeout, self.inner.read_response()).await {
+                Err(_) => {
+                    return Err(ImapError::Timeout {
+                        what: "the reply to DONE".into(),
+                        after: timeout,
+                    })
+                }
+                Ok(Err(e)) => return Err(ImapError::Io(e)),
+                Ok(Ok(None)) => return Err(ImapError::Closed),
+                Ok(Ok(Some(r))) => r,
+            };
+            match response.parsed() {
+                Response::Done {
+                    tag: t,
+                    status: Status::Ok,
+                    ..
+                } if *t == tag => return Ok(end),
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
+                    return Err(ImapError::Rejected {
+                        command: "IDLE".into(),
+                        status: status_word(status),
+                        text: clean_status_text(outcome.information.as_deref().unwrap_or("")),
+                        hint: "",
+                    })
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    return Err(ImapError::Bye(
+                        outcome.information.as_deref().unwrap_or("").to_string(),
+                    ))
+                }
+                _ => {}
+            }
+        }
     }
 
     /// LOGOUT, best effort, bounded by `timeout`.

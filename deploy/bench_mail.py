@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Benchmark helpers (used by deploy/bench.sh).
+
+  bench_mail.py seed MAILDIR UID COUNT [SEED]   write COUNT generated messages into MAILDIR/new
+  bench_mail.py fetch PORT USER PASSWORD        time a bare `UID FETCH 1:* BODY.PEEK[]`
+
+The generated mail is deterministic for a seed: sizes skewed (most 2-20 KB, a tail of
+100 KB - 2 MB with attachments), mixed charsets, multipart alternatives, forwards.
+"""
+import base64
+import json
+import os
+import random
+import socket
+import sys
+import time
+
+WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt "
+         "ut labore et dolore magna aliqua 你好 世界 邮件 测试 こんにちは 안녕하세요").split()
+
+
+def text(rng, size):
+    out, n = [], 0
+    while n < size:
+        line = " ".join(rng.choice(WORDS) for _ in range(12))
+        out.append(line)
+        n += len(line.encode()) + 2
+    return "\r\n".join(out)
+
+
+def message(rng, i):
+    r = rng.random()
+    body_size = int(rng.lognormvariate(8.6, 0.7))  # median ~5 KB
+    body_size = max(500, min(body_size, 20000))
+    subject = "=?UTF-8?B?%s?=" % base64.b64encode(("报告 %d %s" % (i, rng.choice(WORDS))).encode()).decode()
+    head = ("From: Sender %d <sender%d@example.com>\r\nTo: rcpt@example.com\r\nSubject: %s\r\n"
+            "Message-ID: <bench-%d@example.com>\r\nDate: Mon, 1 Jun 2020 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            % (i % 97, i % 97, subject, i))
+    body = text(rng, body_size)
+    if r < 0.6:
+        return head + "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body + "\r\n"
+    if r < 0.9:
+        html = "<html><body><p>" + body.replace("\r\n", "</p><p>") + "</p></body></html>"
+        return (head + 'Content-Type: multipart/alternative; boundary="alt"\r\n\r\n'
+                "--alt\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body +
+                "\r\n--alt\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + html +
+                "\r\n--alt--\r\n")
+    att_size = int(rng.uniform(100_000, 2_000_000)) if r > 0.98 else int(rng.uniform(20_000, 100_000))
+    data = rng.randbytes(att_size)
+    b64 = base64.b64encode(data).decode()
+    b64 = "\r\n".join(b64[j:j + 76] for j in range(0, len(b64), 76))
+    return (head + 'Content-Type: multipart/mixed; boundary="mix"\r\n\r\n'
+            "--mix\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body +
+            "\r\n--mix\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            'Content-Disposition: attachment; filename="file-%d.bin"\r\n\r\n' % i + b64 + "\r\n--mix--\r\n")
+
+
+def seed(maildir, uid, count, seed_value=1):
+    rng = random.Random(seed_value)
+    total = 0
+    for i in range(count):
+        raw = message(rng, i).encode()
+        total += len(raw)
+        name = "%d.M%dP1.bench" % (1_600_000_000 + i, i)
+        tmp = os.path.join(maildir, "tmp", name)
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.chown(tmp, uid, 65534)
+        os.rename(tmp, os.path.join(maildir, "new", name))
+    print(json.dumps({"messages": count, "bytes": total}))
+
+
+def fetch(port, user, password):
+    s = socket.create_connection(("127.0.0.1", port))
+    buf = bytearray()
+
+    def until(tag):
+        nonlocal buf
+        while True:
+            idx = buf.find(tag)
+            if idx >= 0:
+                end = buf.find(b"\r\n", idx)
+                if end >= 0:
+                    line = bytes(buf[idx:end])
+                    del buf[:end + 2]
+                    return line
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                raise SystemExit("connection closed")
+            # keep only a tail: the tagged line cannot hide inside a literal we already passed
+            buf += chunk
+            if len(buf) > (4 << 20):
+                del buf[: len(buf) - 4096]
+
+    until(b"* OK")
+    s.sendall(b'a LOGIN "%s" "%s"\r\n' % (user.encode(), password.encode()))
+    assert b"a OK" in until(b"a ")
+    s.sendall(b"b EXAMINE INBOX\r\n")
+    assert b"b OK" in until(b"b ")
+    received = 0
+    start = time.monotonic()
+    s.sendall(b"c UID FETCH 1:* BODY.PEEK[]\r\n")
+    # count bytes as they come
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            raise SystemExit("connection closed")
+        received += len(chunk)
+        buf += chunk
+        if len(buf) > 8192:
+            del buf[: len(buf) - 8192]
+        if b"\r\nc OK" in buf or b"\r\nc NO" in buf or b"\r\nc BAD" in buf:
+            break
+    elapsed = time.monotonic() - start
+    s.sendall(b"d LOGOUT\r\n")
+    s.close()
+    print(json.dumps({"elapsed_s": elapsed, "bytes": received}))
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "seed":
+        seed(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1)
+    elif cmd == "fetch":
+        fetch(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        raise SystemExit(__doc__)

@@ -220,7 +220,7 @@ pub struct Config {
     pub log_level: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub uri: Secret,
     pub database: String,
@@ -230,7 +230,7 @@ pub struct StoreConfig {
     pub max_inline_body: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
     pub listen: String,
     pub unhealthy_after: Duration,
@@ -252,7 +252,7 @@ pub enum Security {
     Plain,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsOptions {
     pub accept_invalid_certs: bool,
     pub ca_file: Option<PathBuf>,
@@ -275,7 +275,7 @@ pub struct Settings {
     pub silence_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     pub name: String,
     pub protocol: Protocol,

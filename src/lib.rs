@@ -5,11 +5,16 @@
 //! - [`config`]: figment layers -> raw config -> validated [`config::Config`]; secrets redacted.
 //! - [`telemetry`]: the JSON / text log subscriber (async-imap's leaky TRACE output capped).
 //! - [`signals`]: SIGTERM/SIGINT -> shutdown token, SIGHUP -> reload.
+//! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
+//! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
 //! - [`commands`]: `sync` and `check`, one task per mailbox.
 //! - [`sync`]: one mailbox's catch-up pass: fetch -> parse -> store pipeline.
 //! - [`imap`]: the only async-imap user: transport (TLS, STARTTLS), checked commands.
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
 //! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
+//! - [`backoff`]: capped exponential backoff with full jitter.
+//! - [`metrics`]: counters, `/metrics` and `/healthz`.
+//! - [`notify`]: systemd's sd_notify (READY, STOPPING, WATCHDOG).
 //! - [`error`]: error classes shared by the I/O boundaries.
 //!
 //! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
@@ -19,9 +24,12 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod imap;
+pub mod mailbox;
 pub mod metrics;
+pub mod notify;
 pub mod parse;
 pub mod signals;
 pub mod store;
+pub mod supervisor;
 pub mod sync;
 pub mod telemetry;

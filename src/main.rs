@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mailpump::telemetry::{self, LogFormat};
-use mailpump::{commands, config, signals};
+use mailpump::{commands, config, signals, supervisor};
 use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
@@ -31,6 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The daemon: keep every mailbox live until SIGTERM/SIGINT (SIGHUP reloads the config)
+    Run,
     /// One catch-up pass over every configured mailbox, then exit
     Sync,
     /// Validate the config, reach the store, log in to every mailbox
@@ -86,6 +88,18 @@ fn main() -> ExitCode {
                 true
             }
             Command::Check { config_only: false } => commands::check_all(&config).await,
+            Command::Run => {
+                let shutdown = CancellationToken::new();
+                let signals = match signals::listen(shutdown.clone()) {
+                    Ok(rx) => rx,
+                    Err(e) => {
+                        tracing::error!(error = %e, "signal_setup_failed");
+                        return false;
+                    }
+                };
+                let limits = commands::limits(&config);
+                supervisor::run(&path, config, limits, shutdown, signals).await
+            }
             Command::Sync => {
                 let shutdown = CancellationToken::new();
                 if let Err(e) = signals::listen(shutdown.clone()) {

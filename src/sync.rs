@@ -57,6 +57,8 @@ pub struct SyncReport {
     /// Raw bytes fetched.
     pub bytes: u64,
     pub elapsed: Duration,
+    /// INTERNALDATE to acknowledged, per stored message (for the latency histogram).
+    pub latencies: Vec<Duration>,
     /// The checkpoint after the pass.
     pub last_uid: u32,
     pub uidvalidity: u32,
@@ -246,7 +248,7 @@ pub async fn catch_up(
     let (name2, mailbox2) = (name.to_string(), mailbox.to_string());
     let uidvalidity = info.uidvalidity;
     let storer = tokio::spawn(async move {
-        let mut totals = (0usize, 0usize, report.last_uid);
+        let mut totals = (0usize, 0usize, report.last_uid, Vec::new());
         while let Some(batch) = parsed_rx.recv().await {
             let t = Instant::now();
             let r = store2
@@ -262,13 +264,19 @@ pub async fn catch_up(
             totals.0 += r.inserted;
             totals.1 += r.replaced;
             totals.2 = batch.last_uid;
+            let now = chrono::Utc::now();
+            totals.3.extend(batch.messages.iter().filter_map(|m| {
+                (now - m.internal_date?.with_timezone(&chrono::Utc))
+                    .to_std()
+                    .ok()
+            }));
             tracing::debug!(
                 account = %name2, mailbox = %mailbox2, count = batch.messages.len(), last_uid = batch.last_uid,
                 blobs = r.blobs_written, elapsed_ms = t.elapsed().as_millis() as u64, "batch_stored"
             );
             let _ = acked_tx.send(batch.messages.iter().map(|m| m.uid).collect());
         }
-        Ok::<(usize, usize, u32), SyncError>(totals)
+        Ok::<_, SyncError>(totals)
     });
 
     // Stage 1: fetch (this task owns the session).
@@ -329,12 +337,13 @@ pub async fn catch_up(
             session.mark_seen(&uids).await?;
         }
     }
-    let (stored, replaced, last) = store_result?;
+    let (stored, replaced, last, latencies) = store_result?;
     parse_result?;
     fetch_result?;
     report.stored = stored;
     report.replaced = replaced;
     report.last_uid = last;
+    report.latencies = latencies;
     report.elapsed = started.elapsed();
     Ok(report)
 }

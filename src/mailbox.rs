@@ -1,0 +1,204 @@
+//! One mailbox's life: connect, catch up, wait for news (IDLE, or NOOP polling where the server
+//! has no IDLE or `idle = false`), catch up again. Any error ends the session: it is logged,
+//! classified, and the task reconnects after a backoff (long for rejected credentials).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::config::Account;
+use crate::error::ErrorClass;
+use crate::imap::{IdleEnd, ImapError, Session};
+use crate::metrics::Metrics;
+use crate::parse::Limits;
+use crate::store::Store;
+use crate::sync::{self, SyncError};
+
+/// How long LOGOUT may take when a session ends on purpose.
+const LOGOUT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a mailbox task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown or reload asked it to stop.
+    Cancelled,
+    /// Nothing will change until the operator acts.
+    Fatal(String),
+}
+
+#[derive(Clone)]
+pub struct MailboxTask {
+    pub account: Account,
+    pub mailbox: String,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub policy: BackoffPolicy,
+}
+
+impl MailboxTask {
+    fn name(&self) -> &str {
+        &self.account.name
+    }
+
+    /// Records the state for readers of `mailboxes`, without ever holding up the task (the
+    /// database may be the thing that is down).
+    fn record_state(&self, state: &'static str, error: Option<String>) {
+        let (store, account, mailbox) = (
+            self.store.clone(),
+            self.account.name.clone(),
+            self.mailbox.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = store
+                .set_state(&account, &mailbox, state, error.as_deref())
+                .await;
+        });
+    }
+
+    /// Runs until `cancel` fires or a fatal error; reconnects after every other error.
+    pub async fn run(self, cancel: CancellationToken) -> Exit {
+        let mut backoff = Backoff::new(self.policy);
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        let (account, mailbox) = (self.name().to_string(), self.mailbox.clone());
+        loop {
+            if cancel.is_cancelled() {
+                return Exit::Cancelled;
+            }
+            let mut healthy_since = None;
+            let error = match self.session(&cancel, &mut healthy_since).await {
+                Ok(()) => return Exit::Cancelled,
+                Err(e) => e,
+            };
+            let class = error.class();
+            let text = error.to_string();
+            self.metrics.failure(&account, &mailbox, &text);
+            self.record_state("error", Some(text.clone()));
+            if class == ErrorClass::Fatal {
+                tracing::error!(account, mailbox, error = %text, "mailbox_stopped");
+                return Exit::Fatal(text);
+            }
+            backoff.session_ended(
+                healthy_since
+                    .map(|t: Instant| t.elapsed())
+                    .unwrap_or_default(),
+            );
+            let delay = backoff.next_delay(class, &mut rng);
+            if class == ErrorClass::RetryLater {
+                tracing::error!(account, mailbox, error = %text, "rejected");
+            } else {
+                tracing::warn!(account, mailbox, error = %text, "disconnected");
+            }
+            tracing::info!(
+                account,
+                mailbox,
+                delay_ms = delay.as_millis() as u64,
+                attempt = backoff.failures(),
+                "backoff"
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => return Exit::Cancelled,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One session: Ok(()) only when cancelled.
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        healthy_since: &mut Option<Instant>,
+    ) -> Result<(), SyncError> {
+        let (account, mailbox) = (self.name(), self.mailbox.as_str());
+        let settings = &self.account.settings;
+        self.metrics.state(account, mailbox, "connecting");
+        let mut session = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            s = Session::connect(&self.account) => s?,
+        };
+        let mut use_idle = settings.idle && session.has_capability("IDLE");
+        tracing::info!(account, mailbox, host = %self.account.host, port = self.account.port, idle = use_idle, "connected");
+        let mut live = false;
+        loop {
+            self.metrics.state(account, mailbox, "syncing");
+            let report = sync::catch_up(
+                &mut session,
+                &self.store,
+                &self.account,
+                mailbox,
+                self.limits,
+                cancel,
+            )
+            .await?;
+            if report.stored + report.replaced > 0 {
+                tracing::info!(
+                    account,
+                    mailbox,
+                    count = report.stored,
+                    replaced = report.replaced,
+                    last_uid = report.last_uid,
+                    elapsed_ms = report.elapsed.as_millis() as u64,
+                    "stored"
+                );
+            }
+            self.metrics.success(
+                account,
+                mailbox,
+                report.stored as u64,
+                report.bytes,
+                if live { &report.latencies } else { &[] },
+            );
+            live = true;
+            if cancel.is_cancelled() {
+                session.logout(LOGOUT_TIMEOUT).await;
+                return Ok(());
+            }
+            if healthy_since.is_none() {
+                *healthy_since = Some(Instant::now());
+                self.record_state(if use_idle { "idle" } else { "polling" }, None);
+                tracing::info!(
+                    account,
+                    mailbox,
+                    mode = if use_idle { "idle" } else { "poll" },
+                    last_uid = report.last_uid,
+                    "watching"
+                );
+            }
+            if use_idle {
+                self.metrics.state(account, mailbox, "idle");
+                match session
+                    .idle(settings.idle_refresh, settings.silence_timeout, cancel)
+                    .await
+                {
+                    Ok(IdleEnd::Changed) => tracing::debug!(account, mailbox, "new_mail"),
+                    Ok(IdleEnd::Refresh) => tracing::debug!(account, mailbox, "idle_refreshed"),
+                    Ok(IdleEnd::Cancelled) => {
+                        session.logout(LOGOUT_TIMEOUT).await;
+                        return Ok(());
+                    }
+                    Err(ImapError::Rejected { command, text, .. }) if command == "IDLE" => {
+                        tracing::warn!(account, mailbox, text, "idle_refused");
+                        use_idle = false;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                self.metrics.idle_cycle();
+            } else {
+                self.metrics.state(account, mailbox, "polling");
+                tokio::select! {
+                    _ = cancel.cancelled() => {
+                        session.logout(LOGOUT_TIMEOUT).await;
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(settings.poll_interval) => {}
+                }
+                // NOOP proves the connection alive; the catch-up that follows decides.
+                session.noop().await?;
+            }
+        }
+    }
+}

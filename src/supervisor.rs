@@ -1,0 +1,285 @@
+//! The supervisor of `mailpump run`: one named task per configured mailbox, restarted with
+//! backoff if it panics, stopped on shutdown within a deadline; SIGHUP re-reads the config and
+//! starts, stops or restarts only the mailboxes whose configuration changed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use rand::SeedableRng;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::config::{self, Account, Config};
+use crate::error::ErrorClass;
+use crate::mailbox::{Exit, MailboxTask};
+use crate::metrics::{self, Metrics};
+use crate::notify;
+use crate::parse::Limits;
+use crate::signals::Signal;
+use crate::store::Store;
+
+/// How long running batches may take to finish after SIGTERM (PRODUCT.md promises exit
+/// within 10 s; systemd's TimeoutStopSec sits above it).
+pub const GRACE_PERIOD: Duration = Duration::from_secs(8);
+
+type Key = (String, String);
+
+struct Running {
+    account: Account,
+    cancel: CancellationToken,
+    generation: u64,
+}
+
+struct Supervisor {
+    store: Store,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    policy: BackoffPolicy,
+    shutdown: CancellationToken,
+    running: HashMap<Key, Running>,
+    tasks: JoinSet<(Key, u64, Exit)>,
+    generation: u64,
+}
+
+/// Runs a mailbox task, restarting it with backoff if it panics: a panic in one mailbox
+/// never reaches another.
+fn supervised(task: MailboxTask, cancel: CancellationToken) -> impl Future<Output = Exit> {
+    async move {
+        let mut backoff = Backoff::new(task.policy);
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        loop {
+            match AssertUnwindSafe(task.clone().run(cancel.clone()))
+                .catch_unwind()
+                .await
+            {
+                Ok(exit) => return exit,
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    let delay = backoff.next_delay(ErrorClass::Retry, &mut rng);
+                    tracing::error!(account = %task.account.name, mailbox = %task.mailbox, error = %why, delay_ms = delay.as_millis() as u64, "mailbox_task_panicked");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Exit::Cancelled,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn desired(config: &Config) -> HashMap<Key, Account> {
+    let mut out = HashMap::new();
+    for account in &config.accounts {
+        for mailbox in &account.mailboxes {
+            out.insert((account.name.clone(), mailbox.clone()), account.clone());
+        }
+    }
+    out
+}
+
+impl Supervisor {
+    fn start(&mut self, key: Key, account: Account) {
+        self.generation += 1;
+        let cancel = self.shutdown.child_token();
+        let task = MailboxTask {
+            account: account.clone(),
+            mailbox: key.1.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            limits: self.limits,
+            policy: self.policy,
+        };
+        let generation = self.generation;
+        let k = key.clone();
+        let c = cancel.clone();
+        self.tasks
+            .spawn(async move { (k, generation, supervised(task, c).await) });
+        tracing::info!(account = %key.0, mailbox = %key.1, "mailbox_started");
+        self.running.insert(
+            key,
+            Running {
+                account,
+                cancel,
+                generation,
+            },
+        );
+    }
+
+    fn stop(&mut self, key: &Key) {
+        if let Some(r) = self.running.remove(key) {
+            r.cancel.cancel();
+            self.metrics.forget(&key.0, &key.1);
+            tracing::info!(account = %key.0, mailbox = %key.1, "mailbox_stopping");
+        }
+    }
+
+    /// Applies a new config: only the mailboxes whose account settings changed are touched.
+    fn reload(&mut self, path: &Path, current: &mut Config) {
+        let new = match config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "reload_failed");
+                return;
+            }
+        };
+        if new.store != current.store || new.metrics != current.metrics {
+            tracing::warn!(
+                "reload_partial: [store] and [metrics] changes take effect at the next restart"
+            );
+        }
+        let want = desired(&new);
+        let (mut added, mut removed, mut restarted) = (0, 0, 0);
+        let keys: Vec<Key> = self.running.keys().cloned().collect();
+        for key in keys {
+            match want.get(&key) {
+                None => {
+                    self.stop(&key);
+                    removed += 1;
+                }
+                Some(account) if *account != self.running[&key].account => {
+                    self.stop(&key);
+                    self.start(key, account.clone());
+                    restarted += 1;
+                }
+                Some(_) => {}
+            }
+        }
+        for (key, account) in want {
+            if !self.running.contains_key(&key) {
+                self.start(key, account);
+                added += 1;
+            }
+        }
+        tracing::info!(added, removed, restarted, "reloaded");
+        current.accounts = new.accounts;
+    }
+}
+
+/// Connects to the store, retrying with backoff until it answers or shutdown.
+async fn connect_store(
+    config: &Config,
+    shutdown: &CancellationToken,
+    policy: BackoffPolicy,
+) -> Option<Store> {
+    let mut backoff = Backoff::new(policy);
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    loop {
+        match Store::connect(&config.store).await {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                let delay = backoff.next_delay(ErrorClass::Retry, &mut rng);
+                tracing::error!(error = %e, delay_ms = delay.as_millis() as u64, "store_unreachable");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// `mailpump run`: until shutdown. Returns false only when it could not start.
+pub async fn run(
+    path: &Path,
+    mut config: Config,
+    limits: Limits,
+    shutdown: CancellationToken,
+    mut signals: UnboundedReceiver<Signal>,
+) -> bool {
+    let policy = BackoffPolicy::default();
+    let Some(store) = connect_store(&config, &shutdown, policy).await else {
+        return true;
+    };
+    let metrics = Metrics::new();
+    if let Some(m) = &config.metrics {
+        match tokio::net::TcpListener::bind(&m.listen).await {
+            Ok(listener) => {
+                tracing::info!(listen = %m.listen, "metrics_listening");
+                tokio::spawn(metrics::serve(
+                    listener,
+                    metrics.clone(),
+                    store.clone(),
+                    m.unhealthy_after,
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(listen = %m.listen, error = %e, "metrics_bind_failed");
+                return false;
+            }
+        }
+    }
+    let mut sup = Supervisor {
+        store: store.clone(),
+        metrics,
+        limits,
+        policy,
+        shutdown: shutdown.clone(),
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+        generation: 0,
+    };
+    for (key, account) in desired(&config) {
+        sup.start(key, account);
+    }
+    notify::notify("READY=1");
+    tracing::info!(mailboxes = sup.running.len(), "running");
+    let watchdog = notify::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(signal) = signals.recv() => {
+                if signal == Signal::Reload {
+                    sup.reload(path, &mut config);
+                }
+            }
+            Some(joined) = sup.tasks.join_next(), if !sup.tasks.is_empty() => {
+                if let Ok((key, generation, exit)) = joined {
+                    let current = sup.running.get(&key).map(|r| r.generation) == Some(generation);
+                    if current {
+                        sup.running.remove(&key);
+                        if let Exit::Fatal(error) = exit {
+                            tracing::error!(account = %key.0, mailbox = %key.1, error = %error, "mailbox_task_ended");
+                        }
+                    }
+                }
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify::notify("WATCHDOG=1"),
+        }
+    }
+
+    notify::notify("STOPPING=1");
+    tracing::info!(
+        mailboxes = sup.tasks.len(),
+        grace_ms = GRACE_PERIOD.as_millis() as u64,
+        "stopping"
+    );
+    let deadline = tokio::time::sleep(GRACE_PERIOD);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            joined = sup.tasks.join_next() => if joined.is_none() { break },
+            _ = &mut deadline => {
+                tracing::warn!(still_running = sup.tasks.len(), "shutdown_deadline");
+                sup.tasks.abort_all();
+                break;
+            }
+        }
+    }
+    store.shutdown().await;
+    tracing::info!("stopped");
+    true
+}

@@ -3,7 +3,6 @@
 //! starts, stops or restarts only the mailboxes whose configuration changed.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
@@ -50,8 +49,8 @@ struct Supervisor {
 
 /// Runs a mailbox task, restarting it with backoff if it panics: a panic in one mailbox
 /// never reaches another.
-fn supervised(task: MailboxTask, cancel: CancellationToken) -> impl Future<Output = Exit> {
-    async move {
+async fn supervised(task: MailboxTask, cancel: CancellationToken) -> Exit {
+    {
         let mut backoff = Backoff::new(task.policy);
         let mut rng = rand::rngs::StdRng::from_entropy();
         loop {

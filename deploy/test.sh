@@ -23,7 +23,7 @@ cleanup() {
   local rc=$?
   # Dovecots of tests that died before their Drop ran: each left its master PID file.
   local pidfile
-  for pidfile in "$WORK"/*/run/master.pid; do
+  for pidfile in "$WORK"/*/run/master.pid "$WORK"/*/pid; do
     [ -f "$pidfile" ] && mp_stop_pid "$(cat "$pidfile")"
   done
   [ -n "$SECANTUS_PID" ] && mp_stop_pid "$SECANTUS_PID"

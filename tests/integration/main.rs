@@ -5,6 +5,7 @@
 mod harness;
 
 mod cli;
+mod daemon;
 mod golden;
 mod sync;
 mod transport;

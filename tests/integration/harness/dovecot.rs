@@ -172,6 +172,11 @@ impl Dovecot {
         }
     }
 
+    /// Starts the same Dovecot again (same ports, same mail).
+    pub fn start_again(&mut self) {
+        self.launch();
+    }
+
     pub fn add_user(&mut self, name: &str, password: &str) -> User {
         let uid = 20000
             + (std::process::id() % 1000) * 100

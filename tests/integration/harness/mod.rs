@@ -1,9 +1,12 @@
 //! Test helpers: a Dovecot per test, the database, the mailpump binary, and log reading.
 
+pub mod daemon;
 pub mod dovecot;
 pub mod mailpump;
 pub mod mongo;
+pub mod secantus;
 
+pub use daemon::{eventually, Daemon};
 pub use dovecot::{Dovecot, User};
 pub use mailpump::{AccountSpec, Mailpump};
 pub use mongo::TestDb;

@@ -19,11 +19,26 @@ pub fn mongo_uri() -> String {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let uri = mongo_uri();
+        Self::on(&mongo_uri()).await
+    }
+
+    /// A fresh database on the server at `uri`.
+    pub async fn on(uri: &str) -> TestDb {
+        let uri = uri.to_string();
         let client = Client::with_uri_str(&uri).await.unwrap();
         let name = format!("t_{}", super::unique_id().replace('-', "_"));
         let db = client.database(&name);
         TestDb { uri, name, db }
+    }
+
+    /// The same server, another handle on database `name`.
+    pub async fn with_name(self, name: &str) -> TestDb {
+        let client = Client::with_uri_str(&self.uri).await.unwrap();
+        TestDb {
+            db: client.database(name),
+            name: name.to_string(),
+            uri: self.uri,
+        }
     }
 
     pub async fn messages(&self, filter: Document) -> Vec<Document> {

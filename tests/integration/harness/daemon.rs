@@ -1,0 +1,128 @@
+//! `mailpump run` as a child process: logs to a file we can read while it runs, signals by PID,
+//! killed on drop.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::mailpump::{parse_logs, Mailpump};
+
+pub struct Daemon {
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    pub fn start(mp: &Mailpump) -> Daemon {
+        Self::start_with_env(mp, &[])
+    }
+
+    pub fn start_with_env(mp: &Mailpump, env: &[(&str, &str)]) -> Daemon {
+        let log = mp
+            .dir
+            .path()
+            .join(format!("run-{}.log", super::unique_id()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = mp.command(&["run"]);
+        cmd.stdout(file)
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: Some(cmd.spawn().expect("start mailpump run")),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn logs(&self) -> Vec<Value> {
+        parse_logs(&std::fs::read(&self.log).unwrap_or_default())
+    }
+
+    pub fn events(&self, message: &str) -> Vec<Value> {
+        self.logs()
+            .into_iter()
+            .filter(|l| l["message"] == message)
+            .collect()
+    }
+
+    pub fn raw_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `check` holds on the logs, or panics with them after `within`.
+    pub async fn wait_for_log(
+        &self,
+        within: Duration,
+        what: &str,
+        check: impl Fn(&[Value]) -> bool,
+    ) {
+        let deadline = Instant::now() + within;
+        loop {
+            if check(&self.logs()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.raw_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit; returns the exit code and how long it took.
+    pub async fn wait_exit(&mut self, within: Duration) -> (i32, Duration) {
+        let started = Instant::now();
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return (status.code().unwrap_or(-1), started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "mailpump did not exit within {within:?}; log:\n{}",
+                self.raw_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns true, or panics after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -140,9 +140,7 @@ impl Session {
     /// Connects, negotiates TLS as configured, reads the greeting, logs in, reads CAPABILITY
     /// and sends ID where offered (163.com refuses SELECT without it).
     pub async fn connect(account: &Account) -> Result<Session, ImapError> {
-        let settings = &account.settings;
-        let timeout = settings.command_timeout;
-        let connect_timeout = settings.connect_timeout;
+        let connect_timeout = account.settings.connect_timeout;
         let tcp = transport::tcp_connect(&account.host, account.port, connect_timeout).await?;
         let (transport, greeting_read) = match account.security {
             Security::Plain => (Transport::Plain(tcp), false),
@@ -159,6 +157,17 @@ impl Session {
                 )
             }
         };
+        Self::establish(transport, greeting_read, account).await
+    }
+
+    /// Greeting (unless STARTTLS already read it), login, CAPABILITY, ID over `transport`.
+    pub(crate) async fn establish(
+        transport: Transport,
+        greeting_read: bool,
+        account: &Account,
+    ) -> Result<Session, ImapError> {
+        let timeout = account.settings.command_timeout;
+        let connect_timeout = account.settings.connect_timeout;
         let mut client = async_imap::Client::new(BufWriter::new(transport));
         if !greeting_read {
             // async-imap does not read the greeting itself; authenticate() hangs without this.
@@ -721,6 +730,7 @@ fn clean_status_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_util::sync::CancellationToken;
 
     #[test]
     fn uid_sets_compress_runs() {
@@ -742,6 +752,193 @@ mod tests {
         let d = parse_internal_date(" 7-Jul-1996 02:44:25 -0700").unwrap();
         assert_eq!(d.to_rfc3339(), "1996-07-07T02:44:25-07:00");
         assert!(parse_internal_date("garbage").is_none());
+    }
+
+    /// What the scripted server does once IDLE is accepted.
+    #[derive(Clone, Copy)]
+    enum AfterIdle {
+        /// "* OK Still here" every so often, forever.
+        Keepalive(Duration),
+        /// Nothing at all.
+        Silence,
+        /// "* N EXISTS" after a while.
+        ExistsAfter(Duration),
+        /// A tagged NO instead of the continuation.
+        Refuse,
+    }
+
+    /// A scripted IMAP server on an in-memory pipe. Returns the lines it received.
+    fn scripted_server(
+        io: tokio::io::DuplexStream,
+        after_idle: AfterIdle,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(io);
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            let mut seen = Vec::new();
+            w.write_all(b"* OK ready\r\n").await.unwrap();
+            let mut idle_tag = String::new();
+            let mut ticker: Option<tokio::task::JoinHandle<()>> = None;
+            let w = std::sync::Arc::new(tokio::sync::Mutex::new(w));
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push(line.clone());
+                let (tag, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                let reply = match rest
+                    .split(' ')
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase()
+                    .as_str()
+                {
+                    _ if tag == "DONE" => {
+                        if let Some(t) = ticker.take() {
+                            t.abort();
+                        }
+                        format!("{idle_tag} OK Idle completed\r\n")
+                    }
+                    "LOGIN" => format!("{tag} OK Logged in\r\n"),
+                    "CAPABILITY" => format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK done\r\n"),
+                    "LOGOUT" => format!("* BYE bye\r\n{tag} OK done\r\n"),
+                    "IDLE" => {
+                        idle_tag = tag.to_string();
+                        match after_idle {
+                            AfterIdle::Refuse => format!("{tag} NO [UNAVAILABLE] not now\r\n"),
+                            AfterIdle::Silence => "+ idling\r\n".to_string(),
+                            AfterIdle::Keepalive(every) => {
+                                let w = w.clone();
+                                ticker = Some(tokio::spawn(async move {
+                                    loop {
+                                        tokio::time::sleep(every).await;
+                                        w.lock()
+                                            .await
+                                            .write_all(b"* OK Still here\r\n")
+                                            .await
+                                            .unwrap();
+                                    }
+                                }));
+                                "+ idling\r\n".to_string()
+                            }
+                            AfterIdle::ExistsAfter(after) => {
+                                let w = w.clone();
+                                ticker = Some(tokio::spawn(async move {
+                                    tokio::time::sleep(after).await;
+                                    w.lock().await.write_all(b"* 5 EXISTS\r\n").await.unwrap();
+                                }));
+                                "+ idling\r\n".to_string()
+                            }
+                        }
+                    }
+                    _ => format!("{tag} BAD unknown\r\n"),
+                };
+                w.lock().await.write_all(reply.as_bytes()).await.unwrap();
+            }
+            seen
+        })
+    }
+
+    async fn session_against(
+        after_idle: AfterIdle,
+    ) -> (Session, tokio::task::JoinHandle<Vec<String>>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let handle = scripted_server(server, after_idle);
+        let config = crate::config::from_toml_str(
+            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let session = Session::establish(Transport::Memory(client), false, &config.accounts[0])
+            .await
+            .unwrap();
+        assert!(session.has_capability("IDLE"));
+        (session, handle)
+    }
+
+    const REFRESH: Duration = Duration::from_secs(600);
+    const SILENCE: Duration = Duration::from_secs(300);
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_is_refreshed_on_time_although_keepalives_keep_coming() {
+        let (mut session, server) =
+            session_against(AfterIdle::Keepalive(Duration::from_secs(120))).await;
+        let started = tokio::time::Instant::now();
+        let end = session
+            .idle(REFRESH, SILENCE, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(end, IdleEnd::Refresh);
+        let took = started.elapsed();
+        assert!(
+            took >= REFRESH && took < REFRESH + Duration::from_secs(1),
+            "{took:?}"
+        );
+        session.logout(Duration::from_secs(5)).await;
+        let seen = server.await.unwrap();
+        assert!(seen.iter().any(|l| l == "DONE"), "{seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_detected_within_the_silence_timeout() {
+        let (mut session, _server) = session_against(AfterIdle::Silence).await;
+        let started = tokio::time::Instant::now();
+        let err = session
+            .idle(REFRESH, SILENCE, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ImapError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("silence timeout"));
+        let took = started.elapsed();
+        assert!(
+            took >= SILENCE && took < SILENCE + Duration::from_secs(1),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exists_ends_idle_at_once() {
+        let (mut session, _server) =
+            session_against(AfterIdle::ExistsAfter(Duration::from_secs(30))).await;
+        let started = tokio::time::Instant::now();
+        let end = session
+            .idle(REFRESH, SILENCE, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(end, IdleEnd::Changed);
+        assert!(started.elapsed() < Duration::from_secs(31));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_idle_is_an_error_not_a_hang() {
+        let (mut session, _server) = session_against(AfterIdle::Refuse).await;
+        let err = session
+            .idle(REFRESH, SILENCE, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ImapError::Rejected { command, .. } if command == "IDLE"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_ends_idle_with_done() {
+        let (mut session, server) =
+            session_against(AfterIdle::Keepalive(Duration::from_secs(120))).await;
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            c.cancel();
+        });
+        assert_eq!(
+            session.idle(REFRESH, SILENCE, &cancel).await.unwrap(),
+            IdleEnd::Cancelled
+        );
+        session.logout(Duration::from_secs(5)).await;
+        let seen = server.await.unwrap();
+        assert!(
+            seen.iter().any(|l| l == "DONE") && seen.iter().any(|l| l.ends_with("LOGOUT")),
+            "{seen:?}"
+        );
     }
 
     #[test]

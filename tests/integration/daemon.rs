@@ -346,3 +346,48 @@ async fn the_database_stopping_mid_run_loses_nothing_and_duplicates_nothing() {
         5
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_is_replaced_within_the_silence_timeout() {
+    // Dovecot says "* OK Still here" every second while idling: a live connection is never silent.
+    let mut dc = Dovecot::start_with("imap_idle_notify_interval = 1 secs\n");
+    let user = dc.add_user("silent", "pw-silent");
+    let proxy = crate::harness::proxy::Proxy::start(dc.imap_port).await;
+    let db = TestDb::new().await;
+    let mut spec = AccountSpec::plain("silent", &dc, &user).with("silence_timeout = \"3s\"");
+    spec.port = proxy.port;
+    let mp = Mailpump::new(&db, &[spec]);
+    let daemon = Daemon::start(&mp);
+    daemon.wait_for_log(SOON, "watching", |l| l.iter().any(|e| e["message"] == "watching")).await;
+    // keepalives arrive: several seconds pass without a disconnect
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(daemon.events("disconnected").is_empty(), "{}", daemon.raw_log());
+
+    proxy.freeze_existing();
+    dc.deliver(&user, &message("after the freeze", "x"));
+    daemon
+        .wait_for_log(SOON, "a silence timeout", |l| {
+            l.iter().any(|e| e["message"] == "disconnected" && e["error"].as_str().is_some_and(|s| s.contains("silence timeout")))
+        })
+        .await;
+    wait_count(&db, 1).await;
+    assert_eq!(daemon.events("connected").len(), 2, "one replacement session");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_is_reissued_every_idle_refresh_without_losing_mail_across_it() {
+    let mut dc = Dovecot::start();
+    let user = dc.add_user("refresh", "pw-refresh");
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(&db, &[AccountSpec::plain("refresh", &dc, &user).with("idle_refresh = \"500ms\"")]);
+    let daemon = Daemon::start_with_env(&mp, &[("RUST_LOG", "info,mailpump=debug")]);
+    daemon.wait_for_log(SOON, "watching", |l| l.iter().any(|e| e["message"] == "watching")).await;
+    for i in 0..6u64 {
+        dc.deliver(&user, &message(&format!("across refresh {i}"), "x"));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+    }
+    wait_count(&db, 6).await;
+    let refreshes = daemon.events("idle_refreshed").len();
+    assert!(refreshes >= 2, "IDLE re-issued {refreshes} times");
+    assert_eq!(daemon.events("connected").len(), 1);
+}

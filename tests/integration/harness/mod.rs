@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod dovecot;
 pub mod mailpump;
 pub mod mongo;
+pub mod proxy;
 pub mod secantus;
 
 pub use daemon::{eventually, Daemon};

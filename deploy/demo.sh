@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The local demo: no real account needed. Starts a throw-away Dovecot seeded with sample mail
 # (the multilingual fixture corpus) and SecantusDB (a MongoDB wire-protocol server), both on
-# 127.0.0.1 with state in a temp dir, runs `mailpump sync` against them, prints what landed
-# in the database, and stops everything it started.
+# 127.0.0.1 with state in a temp dir, runs the `mailpump run` daemon against them, prints
+# what landed in the database, delivers a new message and shows it arriving, then stops
+# everything it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=deploy/services.sh
@@ -15,9 +16,10 @@ BIN=${CARGO_TARGET_DIR:-target}/debug/mailpump
 
 WORK=$(mktemp -d /tmp/mailpump-demo.XXXXXX)
 chmod 755 "$WORK"
-DOVECOT_PID="" SECANTUS_PID=""
+DOVECOT_PID="" SECANTUS_PID="" DAEMON_PID=""
 cleanup() {
   local rc=$?
+  [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null && mp_stop_pid "$DAEMON_PID"
   [ -n "$DOVECOT_PID" ] && mp_stop_pid "$DOVECOT_PID"
   [ -n "$SECANTUS_PID" ] && mp_stop_pid "$SECANTUS_PID"
   rm -rf "$WORK"
@@ -55,8 +57,14 @@ printf 'demo-password\n' > "$WORK/demo.password"
 
 echo "== mailpump check"
 "$BIN" --config "$WORK/mailpump.toml" check
-echo "== mailpump sync (JSON logs, one event per line)"
-"$BIN" --config "$WORK/mailpump.toml" sync
+echo "== mailpump run (the daemon; JSON logs in $WORK/run.log, shown below)"
+"$BIN" --config "$WORK/mailpump.toml" run > "$WORK/run.log" &
+DAEMON_PID=$!
+count() {
+  "$MP_VENV/bin/python" -c "import pymongo,sys; print(pymongo.MongoClient('mongodb://127.0.0.1:$DB').mailpump.messages.count_documents({}))"
+}
+for _ in $(seq 1 200); do grep -q '"watching"' "$WORK/run.log" && break; sleep 0.05; done
+cat "$WORK/run.log"
 echo "== what landed in MongoDB"
 "$MP_VENV/bin/python" - "$DB" <<'PY'
 import sys, pymongo
@@ -71,5 +79,20 @@ for d in db.messages.find({}).sort("uid", 1):
     errs = ("  [%d parse errors]" % len(d["parse_errors"])) if d["parse_errors"] else ""
     print("%4d  %-28.28s  %-40.40s  %s%s" % (d["uid"], frm, d["subject"] or "-", atts, errs))
 PY
-echo "== second sync stores nothing new"
-"$BIN" --config "$WORK/mailpump.toml" --log-format text sync
+echo "== delivering a new message into the demo mailbox while the daemon idles"
+BEFORE=$(count)
+printf 'From: Demo <demo@example.com>\r\nTo: demo@example.com\r\nSubject: Delivered while mailpump was running\r\nMessage-ID: <live-%s@example.com>\r\n\r\nHello from the demo.\r\n' "$(date +%s%N)" > "$WORK/new.eml"
+T0=$(date +%s%N)
+mp_deliver "$WORK/dovecot" demo "$WORK/new.eml"
+for _ in $(seq 1 200); do [ "$(count)" -gt "$BEFORE" ] && break; sleep 0.02; done
+[ "$(count)" -gt "$BEFORE" ] || { echo "the new message did not arrive within 4 s"; exit 1; }
+"$MP_VENV/bin/python" -c "
+import pymongo, datetime
+d = pymongo.MongoClient('mongodb://127.0.0.1:$DB').mailpump.messages.find_one({'subject': 'Delivered while mailpump was running'})
+stored = d['stored_at'].replace(tzinfo=datetime.timezone.utc).timestamp()
+print('uid %d %r stored %d ms after delivery (Dovecot itself announces new mail about 500 ms after delivery)' % (d['uid'], d['subject'], (stored - $T0 / 1e9) * 1000))"
+echo "== SIGTERM: the daemon finishes, logs out and exits 0"
+kill -TERM "$DAEMON_PID"
+wait "$DAEMON_PID"
+echo "exit code $?"
+tail -n 4 "$WORK/run.log"

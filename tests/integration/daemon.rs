@@ -358,20 +358,37 @@ async fn a_silent_connection_is_replaced_within_the_silence_timeout() {
     spec.port = proxy.port;
     let mp = Mailpump::new(&db, &[spec]);
     let daemon = Daemon::start(&mp);
-    daemon.wait_for_log(SOON, "watching", |l| l.iter().any(|e| e["message"] == "watching")).await;
+    daemon
+        .wait_for_log(SOON, "watching", |l| {
+            l.iter().any(|e| e["message"] == "watching")
+        })
+        .await;
     // keepalives arrive: several seconds pass without a disconnect
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(daemon.events("disconnected").is_empty(), "{}", daemon.raw_log());
+    assert!(
+        daemon.events("disconnected").is_empty(),
+        "{}",
+        daemon.raw_log()
+    );
 
     proxy.freeze_existing();
     dc.deliver(&user, &message("after the freeze", "x"));
     daemon
         .wait_for_log(SOON, "a silence timeout", |l| {
-            l.iter().any(|e| e["message"] == "disconnected" && e["error"].as_str().is_some_and(|s| s.contains("silence timeout")))
+            l.iter().any(|e| {
+                e["message"] == "disconnected"
+                    && e["error"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("silence timeout"))
+            })
         })
         .await;
     wait_count(&db, 1).await;
-    assert_eq!(daemon.events("connected").len(), 2, "one replacement session");
+    assert_eq!(
+        daemon.events("connected").len(),
+        2,
+        "one replacement session"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -379,9 +396,16 @@ async fn idle_is_reissued_every_idle_refresh_without_losing_mail_across_it() {
     let mut dc = Dovecot::start();
     let user = dc.add_user("refresh", "pw-refresh");
     let db = TestDb::new().await;
-    let mp = Mailpump::new(&db, &[AccountSpec::plain("refresh", &dc, &user).with("idle_refresh = \"500ms\"")]);
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("refresh", &dc, &user).with("idle_refresh = \"500ms\"")],
+    );
     let daemon = Daemon::start_with_env(&mp, &[("RUST_LOG", "info,mailpump=debug")]);
-    daemon.wait_for_log(SOON, "watching", |l| l.iter().any(|e| e["message"] == "watching")).await;
+    daemon
+        .wait_for_log(SOON, "watching", |l| {
+            l.iter().any(|e| e["message"] == "watching")
+        })
+        .await;
     for i in 0..6u64 {
         dc.deliver(&user, &message(&format!("across refresh {i}"), "x"));
         tokio::time::sleep(Duration::from_millis(350)).await;

@@ -7,5 +7,6 @@ mod harness;
 mod cli;
 mod daemon;
 mod golden;
+mod packaging;
 mod sync;
 mod transport;

@@ -15,7 +15,12 @@ pub struct Proxy {
     stop: Arc<AtomicBool>,
 }
 
-async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, gen: u64, frozen_before: Arc<AtomicU64>) {
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    gen: u64,
+    frozen_before: Arc<AtomicU64>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
@@ -49,7 +54,9 @@ impl Proxy {
                 if st.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target_port)).await else { continue };
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                    continue;
+                };
                 let gen = g.fetch_add(1, Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (ur, uw) = upstream.into_split();
@@ -57,12 +64,18 @@ impl Proxy {
                 tokio::spawn(pump(ur, cw, gen, fb.clone()));
             }
         });
-        Proxy { port, frozen_before, generation, stop }
+        Proxy {
+            port,
+            frozen_before,
+            generation,
+            stop,
+        }
     }
 
     /// Every connection open now stops carrying bytes (both ways) and never closes.
     pub fn freeze_existing(&self) {
-        self.frozen_before.store(self.generation.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.frozen_before
+            .store(self.generation.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 

@@ -1,0 +1,167 @@
+//! Packaging that cannot run here (no systemd as PID 1, no Docker engine) is checked for what
+//! can be checked: the unit verifies and has its hardening, the Dockerfile copies what exists,
+//! the compose file parses with health checks and file secrets; sd_notify really is sent.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use crate::harness::{message, root, AccountSpec, Daemon, Dovecot, Mailpump, TestDb};
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap()
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_verifies() {
+    let unit = read("systemd/mailpump.service");
+    for directive in [
+        "Type=notify",
+        "Restart=on-failure",
+        "ExecStartPre=/usr/local/bin/mailpump --config %d/mailpump.toml check --config-only",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "WatchdogSec=",
+        "LoadCredential=mailpump.toml:",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+    ] {
+        assert!(unit.contains(directive), "missing {directive}");
+    }
+    let stop: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    assert!(
+        stop > mailpump::supervisor::GRACE_PERIOD.as_secs() + 2,
+        "TimeoutStopSec above the grace period"
+    );
+
+    if std::path::Path::new("/usr/bin/systemd-analyze").exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mailpump.service");
+        std::fs::write(
+            &path,
+            unit.replace("/usr/local/bin/mailpump", env!("CARGO_BIN_EXE_mailpump")),
+        )
+        .unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("mailpump.service:"),
+            "systemd-analyze verify: {text}"
+        );
+    }
+}
+
+#[test]
+fn the_dockerfile_copies_what_exists_and_ends_non_root() {
+    for file in ["deploy/Dockerfile", "deploy/demo-dovecot.Dockerfile"] {
+        let text = read(file);
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+        {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            for src in &parts[1..parts.len() - 1] {
+                let pattern = src.trim_end_matches("/*.eml");
+                assert!(
+                    root().join(pattern).exists(),
+                    "{file}: COPY source {src} does not exist"
+                );
+            }
+        }
+    }
+    let text = read("deploy/Dockerfile");
+    let final_stage = text.rsplit("FROM ").next().unwrap();
+    assert!(final_stage.contains("RUN /usr/local/bin/mailpump --version"));
+    let user = final_stage
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("USER in the final stage");
+    assert!(!user.starts_with('0') && user != "root");
+}
+
+#[test]
+fn the_compose_file_has_health_checks_and_file_secrets() {
+    let compose: serde_yaml::Value = serde_yaml::from_str(&read("deploy/compose.yaml")).unwrap();
+    let services = &compose["services"];
+    for name in ["mongo", "dovecot"] {
+        assert!(
+            services[name]["healthcheck"]["test"].is_sequence(),
+            "{name} has a health check"
+        );
+    }
+    let mp = &services["mailpump"];
+    assert_eq!(mp["depends_on"]["mongo"]["condition"], "service_healthy");
+    assert!(mp["secrets"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|s| s == "demo_password"));
+    assert!(compose["secrets"]["demo_password"]["file"].is_string());
+    let config = compose["configs"]["mailpump_config"]["content"]
+        .as_str()
+        .unwrap();
+    assert!(
+        config.contains("password_file = \"/run/secrets/demo_password\"")
+            && !config.contains("password =")
+    );
+    mailpump::config::from_toml_str(&config.replace("/run/secrets/demo_password", "/dev/null"))
+        .expect("the compose config is valid");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
+    let mut dc = Dovecot::start();
+    let user = dc.add_user("notify", "pw-notify");
+    dc.deliver(&user, &message("x", "y"));
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(&db, &[AccountSpec::plain("notify", &dc, &user)]);
+    let sock_path = mp.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut daemon = Daemon::start_with_env(
+        &mp,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let recv = |sock: &UnixDatagram| {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let sock = tokio::task::spawn_blocking(move || {
+        let mut got = vec![recv(&sock)];
+        while got.iter().filter(|m| *m == "WATCHDOG=1").count() < 2 {
+            got.push(recv(&sock));
+        }
+        (sock, got)
+    })
+    .await
+    .unwrap();
+    let (sock, got) = sock;
+    assert_eq!(got[0], "READY=1");
+    daemon.signal("TERM");
+    let stopping = tokio::task::spawn_blocking(move || loop {
+        let m = recv(&sock);
+        if m != "WATCHDOG=1" {
+            return m;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(stopping, "STOPPING=1");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await.0, 0);
+}

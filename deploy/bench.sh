@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Backfill benchmark: `mailpump sync` of an N-message mailbox (default 10,000) beside the
-# server's own ceiling (a bare `UID FETCH 1:* BODY.PEEK[]` read by a raw socket) in the same
-# run. Starts its own Dovecot and SecantusDB (or uses MONGODB_URI), seeds generated mail
-# straight into the Maildir, prints a table and writes bench-results.json. Not part of the
-# test suite.
-#   bash deploy/bench.sh [N]
+# Benchmarks (not part of the test suite). Each starts its own Dovecot and SecantusDB (or uses
+# MONGODB_URI), prints a table and writes a JSON file.
+#   bash deploy/bench.sh [backfill] [N]   `mailpump sync` of an N-message mailbox (default
+#       10,000, seeded straight into the Maildir) beside the server's ceiling, a bare
+#       `UID FETCH 1:* BODY.PEEK[]` read by a raw socket, in the same run
+#   bash deploy/bench.sh latency [N]      the daemon idling; N messages (default 100) delivered
+#       one at a time at random intervals; delivery->stored percentiles beside the server's own
+#       delivery->EXISTS delay seen by a bare IDLE client in the same run
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=deploy/services.sh
 source deploy/services.sh
-N=${1:-10000}
-OUT=${BENCH_OUT:-bench-results.json}
+SCENARIO=backfill
+case "${1:-}" in backfill|latency) SCENARIO=$1; shift ;; esac
+if [ "$SCENARIO" = latency ]; then N=${1:-100}; else N=${1:-10000}; fi
+OUT=${BENCH_OUT:-bench-$SCENARIO.json}
 
 mp_install
 command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null; }
@@ -34,8 +38,10 @@ trap 'exit 130' INT TERM
 IMAP=$(mp_free_port)
 mp_dovecot_config "$WORK/dovecot" "$IMAP" "$(mp_free_port)" "$(mp_free_port)" "$(mp_free_port)"
 mp_add_user "$WORK/dovecot" bench bench-pw 20900
-echo "== seeding $N messages"
-SEED=$(python3 deploy/bench_mail.py seed "$WORK/dovecot/home/bench/Maildir" 20900 "$N")
+if [ "$SCENARIO" = backfill ]; then
+  echo "== seeding $N messages"
+  SEED=$(python3 deploy/bench_mail.py seed "$WORK/dovecot/home/bench/Maildir" 20900 "$N")
+fi
 dovecot -c "$WORK/dovecot/dovecot.conf" </dev/null >/dev/null 2>&1
 for _ in $(seq 1 100); do [ -s "$WORK/dovecot/run/master.pid" ] && break; sleep 0.05; done
 DOVECOT_PID=$(cat "$WORK/dovecot/run/master.pid")
@@ -45,6 +51,40 @@ else
   DB=$(mp_free_port)
   SECANTUS_PID=$(mp_secantus_start "$WORK/db" "$DB")
   URI="mongodb://127.0.0.1:$DB" DBKIND="SecantusDB $MP_SECANTUS_VERSION (standalone)"
+fi
+
+if [ "$SCENARIO" = latency ]; then
+  cat > "$WORK/mailpump.toml" <<TOML
+[store]
+uri = "$URI"
+database = "latency"
+[accounts.bench]
+host = "127.0.0.1"
+port = $IMAP
+security = "plain"
+username = "bench"
+password = "bench-pw"
+TOML
+  "$BIN" --config "$WORK/mailpump.toml" run > "$WORK/run.log" &
+  DAEMON=$!
+  for _ in $(seq 1 200); do grep -q '"watching"' "$WORK/run.log" && break; sleep 0.05; done
+  echo "== delivering $N messages one at a time"
+  RES=$("$MP_VENV/bin/python" deploy/bench_mail.py latency "$IMAP" bench bench-pw "$WORK/dovecot/home/bench/Maildir" 20900 "$N" "$URI" latency)
+  kill -TERM "$DAEMON"; wait "$DAEMON" || true
+  echo "$RES" > "$OUT"
+  python3 - "$RES" "$DBKIND" <<'PY'
+import json, os, sys
+r = json.loads(sys.argv[1])
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print("\nmachine: %s, %d cores; database: %s" % (cpu, os.cpu_count(), sys.argv[2]))
+print("%d deliveries, %d stored" % (r["deliveries"], r["stored"]))
+print("%-44s %8s %8s %8s %8s" % ("milliseconds after delivery", "p50", "p95", "p99", "max"))
+for label, k in (("Dovecot's EXISTS to a bare IDLE client", "server_idle_notify_ms"), ("mailpump: stored in MongoDB (stored_at)", "mailpump_delivery_to_stored_ms")):
+    v = r[k]
+    print("%-44s %8.1f %8.1f %8.1f %8.1f" % (label, v["p50"], v["p95"], v["p99"], v["max"]))
+PY
+  echo "wrote $OUT"
+  exit 0
 fi
 
 echo "== server ceiling: bare UID FETCH 1:* BODY.PEEK[] (warm-up, then measured)"

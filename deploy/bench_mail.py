@@ -3,6 +3,10 @@
 
   bench_mail.py seed MAILDIR UID COUNT [SEED]   write COUNT generated messages into MAILDIR/new
   bench_mail.py fetch PORT USER PASSWORD        time a bare `UID FETCH 1:* BODY.PEEK[]`
+  bench_mail.py latency PORT USER PASSWORD MAILDIR UID COUNT MONGO_URI DB
+      deliver COUNT messages one at a time at random intervals while a bare IDLE client
+      watches the same mailbox; report delivery->EXISTS (the server's own delay) and
+      delivery->stored_at (mailpump) percentiles. Needs pymongo (the SecantusDB venv has it).
 
 The generated mail is deterministic for a seed: sizes skewed (most 2-20 KB, a tail of
 100 KB - 2 MB with attachments), mixed charsets, multipart alternatives, forwards.
@@ -117,10 +121,87 @@ def fetch(port, user, password):
     print(json.dumps({"elapsed_s": elapsed, "bytes": received}))
 
 
+def percentiles(values):
+    v = sorted(values)
+    pick = lambda p: v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+    return {"p50": round(pick(50) * 1000, 1), "p95": round(pick(95) * 1000, 1), "p99": round(pick(99) * 1000, 1),
+            "max": round(v[-1] * 1000, 1), "n": len(v)}
+
+
+def latency(port, user, password, maildir, uid, count, mongo_uri, dbname):
+    import threading
+    import pymongo
+    coll = pymongo.MongoClient(mongo_uri)[dbname].messages
+    exists_at = []  # (time, N) for each "* N EXISTS" after IDLE began
+    base_exists = [0]
+    ready = threading.Event()
+
+    def bare_idle():
+        s = socket.create_connection(("127.0.0.1", port))
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b'a LOGIN "%s" "%s"\r\n' % (user.encode(), password.encode()))
+        while not f.readline().startswith(b"a "):
+            pass
+        s.sendall(b"b EXAMINE INBOX\r\n")
+        while True:
+            line = f.readline()
+            if line.startswith(b"* ") and line.rstrip().endswith(b"EXISTS"):
+                base_exists[0] = int(line.split()[1])
+            if line.startswith(b"b "):
+                break
+        s.sendall(b"c IDLE\r\n")
+        f.readline()  # + idling
+        ready.set()
+        while not exists_at or exists_at[-1][1] < base_exists[0] + count:
+            line = f.readline()
+            if not line:
+                return
+            if line.startswith(b"* ") and line.rstrip().endswith(b"EXISTS"):
+                exists_at.append((time.time(), int(line.split()[1])))
+
+    t = threading.Thread(target=bare_idle, daemon=True)
+    t.start()
+    ready.wait(10)
+    rng = random.Random(7)
+    base = coll.count_documents({})
+    delivered_at = []
+    for i in range(count):
+        time.sleep(rng.uniform(0.3, 1.2))
+        raw = ("From: a@example.com\r\nTo: b@example.com\r\nSubject: latency %d\r\n"
+               "Message-ID: <lat-%d-%f@example.com>\r\n\r\nping\r\n" % (i, i, time.time())).encode()
+        name = "%d.lat%d.bench" % (int(time.time()), i)
+        tmp = os.path.join(maildir, "tmp", name)
+        with open(tmp, "wb") as fh:
+            fh.write(raw)
+        os.chown(tmp, uid, 65534)
+        delivered_at.append(time.time())
+        os.rename(tmp, os.path.join(maildir, "new", name))
+    deadline = time.time() + 30
+    while coll.count_documents({}) < base + count and time.time() < deadline:
+        time.sleep(0.1)
+    t.join(5)
+    stored = {}
+    for d in coll.find({"subject": {"$regex": "^latency "}}):
+        stored[int(d["subject"].split()[1])] = d["stored_at"].replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+    # one EXISTS may announce several deliveries: message i is announced by the first EXISTS
+    # whose count reaches it
+    server = []
+    for i, d in enumerate(delivered_at):
+        seen = next((t for t, n in exists_at if n >= base_exists[0] + i + 1), None)
+        if seen is not None:
+            server.append(seen - d)
+    pump = [stored[i] - delivered_at[i] for i in range(count) if i in stored]
+    print(json.dumps({"deliveries": count, "stored": len(pump), "server_idle_notify_ms": percentiles(server),
+                      "mailpump_delivery_to_stored_ms": percentiles(pump)}))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "seed":
         seed(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1)
+    elif cmd == "latency":
+        latency(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8], sys.argv[9])
     elif cmd == "fetch":
         fetch(int(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:

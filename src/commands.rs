@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Account, Config};
+use crate::config::{Account, Config, Protocol};
 use crate::imap::Session;
 use crate::parse::Limits;
 use crate::store::Store;
@@ -30,6 +30,9 @@ pub async fn sync_mailbox(
     limits: Limits,
     cancel: &CancellationToken,
 ) -> Result<SyncReport, SyncError> {
+    if account.protocol == Protocol::Pop3 {
+        return crate::pop3::pass::poll(account, store, limits, cancel).await;
+    }
     let mut session = Session::connect(account).await?;
     tracing::info!(account = %account.name, mailbox, host = %account.host, port = account.port, "connected");
     let report = sync::catch_up(&mut session, store, account, mailbox, limits, cancel).await?;
@@ -126,6 +129,27 @@ pub async fn check_all(config: &Config) -> bool {
         }
     }
     for account in &config.accounts {
+        if account.protocol == Protocol::Pop3 {
+            let result = async {
+                let mut s = crate::pop3::Pop3Session::connect(account).await?;
+                let (count, size) = s.stat().await?;
+                let uidl = s.listing().await.map(|_| ());
+                s.quit().await?;
+                uidl.map(|_| (count, size))
+            }
+            .await;
+            match result {
+                Ok((count, size)) => println!(
+                    "ok    {}/INBOX  {count} messages, {size} bytes (POP3)",
+                    account.name
+                ),
+                Err(e) => {
+                    println!("FAIL  {}/INBOX  {e}", account.name);
+                    all_ok = false;
+                }
+            }
+            continue;
+        }
         match Session::connect(account).await {
             Err(e) => {
                 for mailbox in &account.mailboxes {

@@ -441,12 +441,7 @@ fn validate_account(
 
     let protocol = match raw.protocol.as_deref().unwrap_or("imap") {
         "imap" => Protocol::Imap,
-        "pop3" => {
-            return Err(invalid(
-                key("protocol"),
-                "POP3 accounts are not supported by this version yet (issue #4); use imap",
-            ))
-        }
+        "pop3" => Protocol::Pop3,
         other => {
             return Err(invalid(
                 key("protocol"),

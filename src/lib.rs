@@ -10,6 +10,7 @@
 //! - [`commands`]: `sync` and `check`, one task per mailbox.
 //! - [`sync`]: one mailbox's catch-up pass: fetch -> parse -> store pipeline.
 //! - [`imap`]: the only async-imap user: transport (TLS, STARTTLS), checked commands.
+//! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing).
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
 //! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
 //! - [`backoff`]: capped exponential backoff with full jitter.
@@ -28,6 +29,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod notify;
 pub mod parse;
+pub mod pop3;
 pub mod signals;
 pub mod store;
 pub mod supervisor;

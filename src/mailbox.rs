@@ -106,12 +106,51 @@ impl MailboxTask {
         }
     }
 
+    /// POP3: a poll (its own connection) every `poll_interval`. Ok(()) only when cancelled.
+    async fn pop3_polls(
+        &self,
+        cancel: &CancellationToken,
+        healthy_since: &mut Option<Instant>,
+    ) -> Result<(), SyncError> {
+        let account = self.name();
+        loop {
+            self.metrics.state(account, "INBOX", "syncing");
+            let report =
+                crate::pop3::pass::poll(&self.account, &self.store, self.limits, cancel).await?;
+            if report.stored + report.replaced > 0 {
+                tracing::info!(
+                    account,
+                    mailbox = "INBOX",
+                    count = report.stored,
+                    replaced = report.replaced,
+                    elapsed_ms = report.elapsed.as_millis() as u64,
+                    "stored"
+                );
+            }
+            self.metrics
+                .success(account, "INBOX", report.stored as u64, report.bytes, &[]);
+            if healthy_since.is_none() {
+                *healthy_since = Some(Instant::now());
+                self.record_state("polling", None);
+                tracing::info!(account, mailbox = "INBOX", mode = "pop3", "watching");
+            }
+            self.metrics.state(account, "INBOX", "polling");
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(self.account.settings.poll_interval) => {}
+            }
+        }
+    }
+
     /// One session: Ok(()) only when cancelled.
     async fn session(
         &self,
         cancel: &CancellationToken,
         healthy_since: &mut Option<Instant>,
     ) -> Result<(), SyncError> {
+        if self.account.protocol == crate::config::Protocol::Pop3 {
+            return self.pop3_polls(cancel, healthy_since).await;
+        }
         let (account, mailbox) = (self.name(), self.mailbox.as_str());
         let settings = &self.account.settings;
         self.metrics.state(account, mailbox, "connecting");

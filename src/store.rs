@@ -11,12 +11,13 @@
 //! Driver futures are never cancelled mid-flight (notes/crates.md): each operation runs in its
 //! own task and the timeout is put on its JoinHandle.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
 use bson::{doc, Bson, Document};
 use chrono::{DateTime, FixedOffset, Utc};
+use futures::TryStreamExt;
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
 
@@ -80,11 +81,21 @@ pub struct CommitReport {
     pub blobs_written: usize,
 }
 
+/// What the UIDL map knows of one POP3 message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pop3Entry {
+    /// The stable uid this UIDL was given, once and for all.
+    pub uid: u32,
+    /// Its document is acknowledged.
+    pub stored: bool,
+}
+
 #[derive(Clone)]
 pub struct Store {
     client: Client,
     messages: Collection<Document>,
     mailboxes: Collection<Document>,
+    pop3_uidl: Collection<Document>,
     files: Collection<Document>,
     chunks: Collection<Document>,
     op_timeout: Duration,
@@ -102,6 +113,7 @@ impl Store {
         let store = Store {
             messages: db.collection("messages"),
             mailboxes: db.collection("mailboxes"),
+            pop3_uidl: db.collection("pop3_uidl"),
             files: db.collection("blobs.files"),
             chunks: db.collection("blobs.chunks"),
             client,
@@ -139,7 +151,10 @@ impl Store {
         let messages = self.messages.clone();
         let chunks = self.chunks.clone();
         let files = self.files.clone();
+        let pop3 = self.pop3_uidl.clone();
         self.guarded("index creation", async move {
+            pop3.create_index(IndexModel::builder().keys(doc! {"account": 1}).build())
+                .await?;
             messages
                 .create_index(
                     IndexModel::builder()
@@ -307,6 +322,31 @@ impl Store {
         batch: &[ReadyMessage],
         last_uid: u32,
     ) -> Result<CommitReport, StoreError> {
+        let report = self
+            .write_batch(account, mailbox, uidvalidity, batch)
+            .await?;
+        self.write_checkpoint(
+            account,
+            mailbox,
+            Checkpoint {
+                uidvalidity,
+                last_uid,
+            },
+            status,
+        )
+        .await?;
+        Ok(report)
+    }
+
+    /// Blobs, then message documents. Moves no checkpoint: callers are `commit_batch` and
+    /// `commit_pop3_batch`, which do that once this returned.
+    async fn write_batch(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        batch: &[ReadyMessage],
+    ) -> Result<CommitReport, StoreError> {
         let mut report = CommitReport::default();
         let blobs: Vec<&Blob> = {
             let mut seen = HashSet::new();
@@ -326,18 +366,145 @@ impl Store {
         let (inserted, replaced) = self.write_messages(docs).await?;
         report.inserted = inserted;
         report.replaced = replaced;
-
-        self.write_checkpoint(
-            account,
-            mailbox,
-            Checkpoint {
-                uidvalidity,
-                last_uid,
-            },
-            status,
-        )
-        .await?;
         Ok(report)
+    }
+
+    // --- POP3: the UIDL map (collection `pop3_uidl`, one document per account and UIDL) -------
+
+    fn uidl_id(account: &str, uidl: &str) -> String {
+        format!("{account}/{uidl}")
+    }
+
+    /// Everything the map knows for `account`, by UIDL.
+    pub async fn pop3_known(
+        &self,
+        account: &str,
+    ) -> Result<HashMap<String, Pop3Entry>, StoreError> {
+        let coll = self.pop3_uidl.clone();
+        let account = account.to_string();
+        let docs: Vec<Document> = self
+            .guarded("UIDL map read", async move {
+                coll.find(doc! {"account": account})
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                let uidl = d.get_str("uidl").ok()?.to_string();
+                let uid = d.get_i64("uid").ok()? as u32;
+                Some((
+                    uidl,
+                    Pop3Entry {
+                        uid,
+                        stored: d.get_bool("stored").unwrap_or(false),
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    /// Gives each new UIDL its stable uid: a block of numbers is taken from the mailbox's
+    /// counter, then the map entries are inserted; a UIDL that already had one keeps it.
+    pub async fn pop3_assign(
+        &self,
+        account: &str,
+        uidls: &[String],
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let mut out = HashMap::new();
+        if uidls.is_empty() {
+            return Ok(out);
+        }
+        let n = uidls.len() as i64;
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, "INBOX");
+        let counter = self
+            .guarded("uid allocation", async move {
+                coll.find_one_and_update(doc! {"_id": id}, doc! {"$inc": {"pop3_next_uid": n}})
+                    .upsert(true)
+                    .return_document(mongodb::options::ReturnDocument::After)
+                    .await
+            })
+            .await?;
+        let top = counter
+            .and_then(|d| d.get_i64("pop3_next_uid").ok())
+            .unwrap_or(n);
+        let first = top - n + 1;
+        let now = bson::DateTime::now();
+        let docs: Vec<Document> = uidls
+            .iter()
+            .enumerate()
+            .map(|(i, uidl)| {
+                doc! {"_id": Self::uidl_id(account, uidl), "account": account, "uidl": uidl, "uid": first + i as i64, "stored": false, "updated_at": now}
+            })
+            .collect();
+        let dups = self
+            .insert_ignoring_duplicates(&self.pop3_uidl, docs, "UIDL map insert")
+            .await?;
+        for (i, uidl) in uidls.iter().enumerate() {
+            out.insert(uidl.clone(), (first + i as i64) as u32);
+        }
+        for i in dups {
+            let coll = self.pop3_uidl.clone();
+            let id = Self::uidl_id(account, &uidls[i]);
+            let existing = self
+                .guarded("UIDL map read", async move {
+                    coll.find_one(doc! {"_id": id}).await
+                })
+                .await?;
+            if let Some(uid) = existing.and_then(|d| d.get_i64("uid").ok()) {
+                out.insert(uidls[i].clone(), uid as u32);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a POP3 batch (mailbox `INBOX`, uidvalidity 0), then marks its UIDLs stored: the
+    /// POP3 form of the checkpoint rule.
+    pub async fn commit_pop3_batch(
+        &self,
+        account: &str,
+        batch: &[ReadyMessage],
+        uidls: &[String],
+    ) -> Result<CommitReport, StoreError> {
+        let report = self.write_batch(account, "INBOX", 0, batch).await?;
+        self.pop3_mark(account, uidls, "stored").await?;
+        if let Some(top) = batch.iter().map(|m| m.uid).max() {
+            let coll = self.mailboxes.clone();
+            let id = Self::mailbox_id(account, "INBOX");
+            let set = doc! {"account": account, "mailbox": "INBOX", "uidvalidity": 0i64, "updated_at": bson::DateTime::now()};
+            self.guarded("checkpoint write", async move {
+                coll.update_one(doc! {"_id": id}, doc! {"$set": set, "$max": {"last_uid": top as i64}, "$setOnInsert": {"quarantined": []}})
+                    .upsert(true)
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+        }
+        Ok(report)
+    }
+
+    /// Sets `field` (stored / deleted) on the map entries of `uidls`.
+    pub async fn pop3_mark(
+        &self,
+        account: &str,
+        uidls: &[String],
+        field: &str,
+    ) -> Result<(), StoreError> {
+        if uidls.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = uidls.iter().map(|u| Self::uidl_id(account, u)).collect();
+        let coll = self.pop3_uidl.clone();
+        let set = doc! {field: true, "updated_at": bson::DateTime::now()};
+        self.guarded("UIDL map write", async move {
+            coll.update_many(doc! {"_id": {"$in": ids}}, doc! {"$set": set})
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
     /// Writes blobs in the GridFS layout: chunks first, then the files document that marks the

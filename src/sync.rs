@@ -29,6 +29,8 @@ pub enum SyncError {
     Imap(#[from] ImapError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Pop3(#[from] crate::pop3::Pop3Error),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -38,6 +40,7 @@ impl SyncError {
         match self {
             SyncError::Imap(e) => e.class(),
             SyncError::Store(e) => e.class(),
+            SyncError::Pop3(e) => e.class(),
             SyncError::Internal(_) => ErrorClass::Retry,
         }
     }
@@ -108,7 +111,7 @@ fn plan_batches(sizes: &[(u32, u64)], count: usize, bytes: u64) -> Vec<PlannedBa
 }
 
 /// Parses a batch on the blocking pool, split across the cores.
-async fn parse_batch(
+pub(crate) async fn parse_batch(
     messages: Vec<FetchedMessage>,
     limits: Limits,
 ) -> Result<Vec<ReadyMessage>, SyncError> {

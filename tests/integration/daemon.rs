@@ -415,3 +415,26 @@ async fn idle_is_reissued_every_idle_refresh_without_losing_mail_across_it() {
     assert!(refreshes >= 2, "IDLE re-issued {refreshes} times");
     assert_eq!(daemon.events("connected").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pop3_mailbox_is_polled_by_the_daemon() {
+    let mut dc = Dovecot::start();
+    let user = dc.add_user("popd", "pw-popd");
+    let db = TestDb::new().await;
+    let mut spec = AccountSpec::plain("popd", &dc, &user)
+        .with("protocol = \"pop3\"")
+        .with("poll_interval = \"1s\"");
+    spec.port = dc.pop3_port;
+    let mp = Mailpump::new(&db, &[spec]);
+    let daemon = Daemon::start(&mp);
+    daemon
+        .wait_for_log(SOON, "watching", |l| {
+            l.iter().any(|e| e["message"] == "watching")
+        })
+        .await;
+    assert_eq!(daemon.events("watching")[0]["mode"], "pop3");
+    dc.deliver(&user, &message("by pop3", "x"));
+    wait_count(&db, 1).await;
+    dc.deliver(&user, &message("by pop3 again", "x"));
+    wait_count(&db, 2).await;
+}

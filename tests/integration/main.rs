@@ -8,5 +8,6 @@ mod cli;
 mod daemon;
 mod golden;
 mod packaging;
+mod pop3;
 mod sync;
 mod transport;

@@ -41,6 +41,8 @@ pub struct Dovecot {
     pub dir: tempfile::TempDir,
     pub imap_port: u16,
     pub imaps_port: u16,
+    pub pop3_port: u16,
+    pub pop3s_port: u16,
     pid: Option<u32>,
     delivered: u64,
 }
@@ -94,6 +96,8 @@ impl Dovecot {
             dir,
             imap_port: imap,
             imaps_port: imaps,
+            pop3_port: pop3,
+            pop3s_port: pop3s,
             pid: None,
             delivered: 0,
         };
@@ -194,6 +198,18 @@ impl Dovecot {
             uid,
             maildir: self.path().join("home").join(name).join("Maildir"),
         }
+    }
+
+    /// Every message file in the user's INBOX (new/ and cur/).
+    pub fn inbox_files(&self, user: &User) -> Vec<PathBuf> {
+        ["new", "cur"]
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_dir(user.maildir.join(d))
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+            })
+            .collect()
     }
 
     /// Delivers into INBOX the way a delivery agent does: tmp/, then rename into new/.

@@ -1,0 +1,371 @@
+//! POP3 (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS): the client, written here (no POP3 crate is
+//! on the design card), over the same transport as IMAP. Every reply is checked for `+OK`,
+//! every read has a timeout, multi-line replies are dot-unstuffed exactly.
+//!
+//! **Invariant:** nothing is deleted unless the session ends with a successful QUIT: DELE only
+//! marks, and an aborted session (error, timeout, crash) deletes nothing.
+
+pub mod pass;
+
+use std::time::Duration;
+
+use md5::{Digest, Md5};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::config::{Account, Security};
+use crate::error::ErrorClass;
+use crate::imap::transport::{self, Transport};
+use crate::imap::ImapError;
+
+/// The largest message RETR will accept (the same bound as IMAP's).
+pub const MAX_MESSAGE: usize = 500 * 1024 * 1024;
+/// A single reply line longer than this is a protocol error.
+const MAX_LINE: usize = 1024 * 1024 + 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Pop3Error {
+    /// Connecting, TLS and timeouts share IMAP's wording ("connection refused by host:port").
+    #[error(transparent)]
+    Net(#[from] ImapError),
+    #[error("login rejected for {user}: {text}")]
+    AuthRejected { user: String, text: String },
+    #[error("{command} failed: server said -ERR {text}")]
+    Err { command: String, text: String },
+    #[error("the server does not support UIDL: without it mailpump cannot tell messages apart across sessions, so it refuses to fetch (duplicates would follow)")]
+    NoUidl,
+    #[error(
+        "server does not offer STLS: refusing to continue in plain text (security = \"starttls\")"
+    )]
+    NoStls,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl Pop3Error {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Pop3Error::Net(e) => e.class(),
+            Pop3Error::AuthRejected { .. } | Pop3Error::NoStls => ErrorClass::RetryLater,
+            Pop3Error::NoUidl => ErrorClass::Fatal,
+            _ => ErrorClass::Retry,
+        }
+    }
+}
+
+/// One message on the server: its number in this session, its UIDL and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub number: u32,
+    pub uidl: String,
+    pub size: u64,
+}
+
+pub struct Pop3Session {
+    stream: BufReader<Transport>,
+    timeout: Duration,
+    capabilities: Vec<String>,
+    user: String,
+}
+
+/// Removes POP3's byte-stuffing from one line of a multi-line reply.
+fn unstuff(line: &[u8]) -> &[u8] {
+    if line.starts_with(b"..") {
+        &line[1..]
+    } else {
+        line
+    }
+}
+
+fn apop_digest(timestamp: &str, password: &str) -> String {
+    hex::encode(Md5::digest(format!("{timestamp}{password}").as_bytes()))
+}
+
+/// The `<...@...>` timestamp of an APOP-capable greeting.
+fn apop_timestamp(greeting: &str) -> Option<&str> {
+    let start = greeting.find('<')?;
+    let end = greeting[start..].find('>')? + start;
+    let ts = &greeting[start..=end];
+    ts.contains('@').then_some(ts)
+}
+
+impl Pop3Session {
+    /// Connects (TLS, STLS or plain), reads the greeting, logs in (APOP when offered on a
+    /// plain connection, else USER/PASS) and reads CAPA.
+    pub async fn connect(account: &Account) -> Result<Pop3Session, Pop3Error> {
+        let connect_timeout = account.settings.connect_timeout;
+        let tcp = transport::tcp_connect(&account.host, account.port, connect_timeout).await?;
+        let transport = match account.security {
+            Security::Tls => {
+                transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?
+            }
+            _ => Transport::Plain(tcp),
+        };
+        let mut s = Pop3Session {
+            stream: BufReader::new(transport),
+            timeout: account.settings.command_timeout,
+            capabilities: Vec::new(),
+            user: account.username.clone(),
+        };
+        let greeting = s.status_line("the greeting").await?;
+        s.read_capabilities().await?;
+        if account.security == Security::StartTls {
+            if !s.has_capability("STLS") {
+                return Err(Pop3Error::NoStls);
+            }
+            s.simple("STLS").await?;
+            if !s.stream.buffer().is_empty() {
+                return Err(Pop3Error::Protocol(
+                    "server sent data after STLS +OK (possible injection)".into(),
+                ));
+            }
+            let Transport::Plain(tcp) = s.stream.into_inner() else {
+                return Err(Pop3Error::Protocol("STLS on a TLS connection".into()));
+            };
+            let tls =
+                transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?;
+            s.stream = BufReader::new(tls);
+            s.read_capabilities().await?; // RFC 2595: capabilities may change after STLS
+        }
+
+        let password = account.password.expose();
+        let apop = apop_timestamp(&greeting).map(str::to_string);
+        let login = match (&apop, account.security) {
+            (Some(ts), Security::Plain) => {
+                let cmd = format!("APOP {} {}", account.username, apop_digest(ts, password));
+                s.send_line(&cmd).await?;
+                s.status_line("APOP").await
+            }
+            _ => {
+                s.send_line(&format!("USER {}", account.username)).await?;
+                match s.status_line("USER").await {
+                    Err(e) => Err(e),
+                    Ok(_) => {
+                        s.send_line(&format!("PASS {password}")).await?;
+                        s.status_line("PASS").await
+                    }
+                }
+            }
+        };
+        match login {
+            Ok(_) => {}
+            Err(Pop3Error::Err { text, .. }) => {
+                return Err(Pop3Error::AuthRejected {
+                    user: account.username.clone(),
+                    text,
+                })
+            }
+            Err(e) => return Err(e),
+        }
+        // Some servers only list their full capabilities once logged in.
+        s.read_capabilities().await?;
+        Ok(s)
+    }
+
+    pub fn has_capability(&self, cap: &str) -> bool {
+        self.capabilities.iter().any(|c| {
+            c.split_whitespace()
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case(cap))
+        })
+    }
+
+    async fn send_line(&mut self, line: &str) -> Result<(), Pop3Error> {
+        let write = async {
+            let w = self.stream.get_mut();
+            w.write_all(line.as_bytes()).await?;
+            w.write_all(b"\r\n").await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(self.timeout, write).await {
+            Err(_) => Err(ImapError::Timeout {
+                what: "sending a POP3 command".into(),
+                after: self.timeout,
+            }
+            .into()),
+            Ok(Err(e)) => Err(ImapError::Io(e).into()),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// One raw line (with its line ending), under the timeout, at most MAX_LINE bytes.
+    async fn raw_line(&mut self, buf: &mut Vec<u8>) -> Result<(), Pop3Error> {
+        buf.clear();
+        let timeout = self.timeout;
+        let mut limited = (&mut self.stream).take(MAX_LINE as u64);
+        match tokio::time::timeout(timeout, limited.read_until(b'\n', buf)).await {
+            Err(_) => Err(ImapError::Timeout {
+                what: "a POP3 reply".into(),
+                after: timeout,
+            }
+            .into()),
+            Ok(Err(e)) => Err(ImapError::Io(e).into()),
+            Ok(Ok(0)) => Err(ImapError::Closed.into()),
+            Ok(Ok(_)) if !buf.ends_with(b"\n") => {
+                if buf.len() >= MAX_LINE {
+                    Err(Pop3Error::Protocol(format!(
+                        "a reply line longer than {MAX_LINE} bytes"
+                    )))
+                } else {
+                    Err(ImapError::Closed.into())
+                }
+            }
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// A status line: `+OK text` gives the text, `-ERR text` an error.
+    async fn status_line(&mut self, command: &str) -> Result<String, Pop3Error> {
+        let mut buf = Vec::new();
+        self.raw_line(&mut buf).await?;
+        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+        if let Some(rest) = line.strip_prefix("+OK") {
+            Ok(rest.trim().to_string())
+        } else if let Some(rest) = line.strip_prefix("-ERR") {
+            Err(Pop3Error::Err {
+                command: command.split(' ').next().unwrap_or(command).to_string(),
+                text: rest.trim().chars().take(300).collect(),
+            })
+        } else {
+            Err(Pop3Error::Protocol(format!(
+                "expected +OK or -ERR after {command}, got {:?}",
+                line.chars().take(100).collect::<String>()
+            )))
+        }
+    }
+
+    async fn simple(&mut self, command: &str) -> Result<String, Pop3Error> {
+        self.send_line(command).await?;
+        self.status_line(command).await
+    }
+
+    /// The body of a multi-line reply, dot-unstuffed, each line keeping its line ending.
+    async fn multiline(&mut self, limit: usize) -> Result<Vec<u8>, Pop3Error> {
+        let mut out = Vec::new();
+        let mut line = Vec::new();
+        loop {
+            self.raw_line(&mut line).await?;
+            if line == b".\r\n" || line == b".\n" {
+                return Ok(out);
+            }
+            out.extend_from_slice(unstuff(&line));
+            if out.len() > limit {
+                return Err(Pop3Error::Protocol(format!(
+                    "a multi-line reply larger than {limit} bytes"
+                )));
+            }
+        }
+    }
+
+    async fn read_capabilities(&mut self) -> Result<(), Pop3Error> {
+        self.send_line("CAPA").await?;
+        match self.status_line("CAPA").await {
+            Ok(_) => {
+                let body = self.multiline(64 * 1024).await?;
+                self.capabilities = String::from_utf8_lossy(&body)
+                    .lines()
+                    .map(|l| l.trim().to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                Ok(())
+            }
+            // CAPA is optional (RFC 2449): a server without it just has no extensions.
+            Err(Pop3Error::Err { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// STAT: (count, total size).
+    pub async fn stat(&mut self) -> Result<(u32, u64), Pop3Error> {
+        let text = self.simple("STAT").await?;
+        let mut words = text.split_whitespace();
+        match (
+            words.next().and_then(|w| w.parse().ok()),
+            words.next().and_then(|w| w.parse().ok()),
+        ) {
+            (Some(n), Some(size)) => Ok((n, size)),
+            _ => Err(Pop3Error::Protocol(format!(
+                "unreadable STAT reply {text:?}"
+            ))),
+        }
+    }
+
+    /// UIDL and LIST together: every message with its unique id and size, by number.
+    pub async fn listing(&mut self) -> Result<Vec<Listing>, Pop3Error> {
+        self.send_line("UIDL").await?;
+        match self.status_line("UIDL").await {
+            Ok(_) => {}
+            Err(Pop3Error::Err { .. }) => return Err(Pop3Error::NoUidl),
+            Err(e) => return Err(e),
+        }
+        let uidls = self.multiline(256 * 1024 * 1024).await?;
+        self.simple("LIST").await?;
+        let sizes = self.multiline(256 * 1024 * 1024).await?;
+        let mut size_of = std::collections::HashMap::new();
+        for line in String::from_utf8_lossy(&sizes).lines() {
+            let mut w = line.split_whitespace();
+            if let (Some(Ok(n)), Some(Ok(s))) = (
+                w.next().map(str::parse::<u32>),
+                w.next().map(str::parse::<u64>),
+            ) {
+                size_of.insert(n, s);
+            }
+        }
+        let mut out = Vec::new();
+        for line in String::from_utf8_lossy(&uidls).lines() {
+            let mut w = line.split_whitespace();
+            let (Some(Ok(number)), Some(uidl)) = (w.next().map(str::parse::<u32>), w.next()) else {
+                return Err(Pop3Error::Protocol(format!(
+                    "unreadable UIDL line {line:?}"
+                )));
+            };
+            out.push(Listing {
+                number,
+                uidl: uidl.to_string(),
+                size: size_of.get(&number).copied().unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// RETR: the exact message bytes.
+    pub async fn retr(&mut self, number: u32) -> Result<Vec<u8>, Pop3Error> {
+        self.simple(&format!("RETR {number}")).await?;
+        self.multiline(MAX_MESSAGE).await
+    }
+
+    /// DELE: marks for deletion; the server deletes only at a successful QUIT.
+    pub async fn dele(&mut self, number: u32) -> Result<(), Pop3Error> {
+        self.simple(&format!("DELE {number}")).await.map(|_| ())
+    }
+
+    /// QUIT: commits deletions. Must succeed for anything marked to be deleted.
+    pub async fn quit(mut self) -> Result<(), Pop3Error> {
+        self.simple("QUIT").await.map(|_| ())
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing_is_removed_exactly_once() {
+        assert_eq!(unstuff(b"..hidden\r\n"), b".hidden\r\n");
+        assert_eq!(unstuff(b"...\r\n"), b"..\r\n");
+        assert_eq!(unstuff(b"plain\r\n"), b"plain\r\n");
+    }
+
+    #[test]
+    fn apop_uses_the_rfc_1939_example() {
+        let ts = apop_timestamp("+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>").unwrap();
+        assert_eq!(
+            apop_digest(ts, "tanstaaf"),
+            "c4c9334bac560ecc979e58001b3e22fb"
+        );
+        assert_eq!(apop_timestamp("+OK Dovecot ready."), None);
+    }
+}

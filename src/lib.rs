@@ -16,6 +16,7 @@
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`metrics`]: counters, `/metrics` and `/healthz`.
 //! - [`notify`]: systemd's sd_notify (READY, STOPPING, WATCHDOG).
+//! - [`export`]: `mailpump export`: stored messages back to files, names sanitized.
 //! - [`error`]: error classes shared by the I/O boundaries.
 //!
 //! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
@@ -24,6 +25,7 @@ pub mod backoff;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod imap;
 pub mod mailbox;
 pub mod metrics;

@@ -35,6 +35,21 @@ enum Command {
     Run,
     /// One catch-up pass over every configured mailbox, then exit
     Sync,
+    /// Write stored messages to DIR/ACCOUNT/MAILBOX/<uid>.eml, with bodies and attachments
+    Export {
+        /// The account to export
+        #[arg(long)]
+        account: String,
+        /// Only this mailbox
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// Only messages that arrived on or after this date (YYYY-MM-DD)
+        #[arg(long)]
+        since: Option<chrono::NaiveDate>,
+        /// Where to write
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Validate the config, reach the store, log in to every mailbox
     Check {
         /// Only validate the configuration (no network): for systemd's ExecStartPre
@@ -99,6 +114,35 @@ fn main() -> ExitCode {
                 };
                 let limits = commands::limits(&config);
                 supervisor::run(&path, config, limits, shutdown, signals).await
+            }
+            Command::Export {
+                account,
+                mailbox,
+                since,
+                dir,
+            } => {
+                let store = match mailpump::store::Store::connect(&config.store).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "store_unreachable");
+                        return false;
+                    }
+                };
+                let options = mailpump::export::ExportOptions {
+                    account,
+                    mailbox,
+                    since,
+                    dir,
+                };
+                let result = mailpump::export::export(&store, &options).await;
+                store.shutdown().await;
+                match result {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "export_failed");
+                        false
+                    }
+                }
             }
             Command::Sync => {
                 let shutdown = CancellationToken::new();

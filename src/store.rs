@@ -38,11 +38,67 @@ pub enum StoreError {
     Timeout { what: String, after: Duration },
     #[error("MongoDB operation {0} ended abnormally")]
     Aborted(String),
+    #[error("missing from the database: {0}")]
+    Missing(String),
 }
 
 impl StoreError {
     pub fn class(&self) -> ErrorClass {
         ErrorClass::Retry
+    }
+}
+
+/// What `export` needs of one stored message.
+#[derive(Debug, Clone)]
+pub struct ExportItem {
+    pub mailbox: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub raw_sha256: String,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub text_blob: Option<String>,
+    pub html_blob: Option<String>,
+    /// (filename, content_type, sha256) of each attachment, in document order.
+    pub attachments: Vec<(Option<String>, String, String)>,
+}
+
+impl ExportItem {
+    fn from_document(d: &Document) -> Option<ExportItem> {
+        let blob_of = |key: &str| {
+            d.get_document(key)
+                .ok()
+                .and_then(|b| b.get_str("sha256").ok())
+                .map(str::to_string)
+        };
+        let text_of = |key: &str| d.get_str(key).ok().map(str::to_string);
+        Some(ExportItem {
+            mailbox: d.get_str("mailbox").ok()?.to_string(),
+            uidvalidity: d.get_i64("uidvalidity").ok()? as u32,
+            uid: d.get_i64("uid").ok()? as u32,
+            raw_sha256: blob_of("raw")?,
+            text: text_of("text"),
+            html: text_of("html"),
+            text_blob: blob_of("text_blob"),
+            html_blob: blob_of("html_blob"),
+            attachments: d
+                .get_array("attachments")
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|a| {
+                            let a = a.as_document()?;
+                            Some((
+                                a.get_str("filename").ok().map(str::to_string),
+                                a.get_str("content_type")
+                                    .unwrap_or("application/octet-stream")
+                                    .to_string(),
+                                a.get_str("sha256").ok()?.to_string(),
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
     }
 }
 
@@ -367,6 +423,92 @@ impl Store {
         report.inserted = inserted;
         report.replaced = replaced;
         Ok(report)
+    }
+
+    // --- Reading back (export) ------------------------------------------------------------
+
+    /// The stored messages of `account` (optionally one mailbox, optionally arrived on or
+    /// after `since`), in (mailbox, uidvalidity, uid) order, without their headers.
+    pub async fn export_items(
+        &self,
+        account: &str,
+        mailbox: Option<&str>,
+        since: Option<chrono::NaiveDate>,
+    ) -> Result<Vec<ExportItem>, StoreError> {
+        let mut filter = doc! {"account": account};
+        if let Some(m) = mailbox {
+            filter.insert("mailbox", m);
+        }
+        if let Some(day) = since {
+            let start =
+                bson::DateTime::from_chrono(day.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
+            // POP3 messages have no INTERNALDATE: their Date header decides
+            filter.insert(
+                "$or",
+                vec![
+                    doc! {"internal_date": {"$gte": start}},
+                    doc! {"internal_date": Bson::Null, "date": {"$gte": start}},
+                ],
+            );
+        }
+        let coll = self.messages.clone();
+        let projection = doc! {"headers": 0, "from": 0, "to": 0, "cc": 0, "bcc": 0, "sender": 0, "reply_to": 0, "references": 0};
+        let docs: Vec<Document> = self
+            .guarded("export query", async move {
+                coll.find(filter)
+                    .projection(projection)
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        let mut items: Vec<ExportItem> =
+            docs.iter().filter_map(ExportItem::from_document).collect();
+        items.sort_by(|a, b| {
+            (&a.mailbox, a.uidvalidity, a.uid).cmp(&(&b.mailbox, b.uidvalidity, b.uid))
+        });
+        Ok(items)
+    }
+
+    /// The bytes of a blob, chunk by chunk (each looked up by its exact `_id`).
+    pub async fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        let files = self.files.clone();
+        let id = sha256.to_string();
+        let file = self
+            .guarded("blob read", async move {
+                files.find_one(doc! {"_id": id}).await
+            })
+            .await?;
+        let Some(file) = file else {
+            return Err(StoreError::Missing(format!("blob {sha256}")));
+        };
+        let length = file.get_i64("length").unwrap_or(0).max(0) as usize;
+        let chunk_size = file
+            .get_i32("chunkSize")
+            .unwrap_or(CHUNK_SIZE as i32)
+            .max(1) as usize;
+        let mut out = Vec::with_capacity(length);
+        for n in 0..length.div_ceil(chunk_size) {
+            let chunks = self.chunks.clone();
+            let id = format!("{sha256}/{n}");
+            let chunk = self
+                .guarded("blob read", async move {
+                    chunks.find_one(doc! {"_id": id}).await
+                })
+                .await?;
+            let data = chunk
+                .as_ref()
+                .and_then(|c| c.get_binary_generic("data").ok())
+                .ok_or_else(|| StoreError::Missing(format!("chunk {n} of blob {sha256}")))?;
+            out.extend_from_slice(data);
+        }
+        if out.len() != length {
+            return Err(StoreError::Missing(format!(
+                "blob {sha256}: {} of {length} bytes",
+                out.len()
+            )));
+        }
+        Ok(out)
     }
 
     // --- POP3: the UIDL map (collection `pop3_uidl`, one document per account and UIDL) -------

@@ -6,6 +6,7 @@ mod harness;
 
 mod cli;
 mod daemon;
+mod export;
 mod golden;
 mod packaging;
 mod pop3;

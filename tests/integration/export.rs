@@ -1,0 +1,163 @@
+//! `mailpump export`: round trip against what the server holds, hostile names, idempotence.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::harness::{AccountSpec, Dovecot, Mailpump, TestDb};
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+const HOSTILE: &str = "From: a@example.com\r\nSubject: hostile names\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"h\"\r\n\r\n\
+--h\r\nContent-Type: text/html\r\n\r\n<p>html body</p>\r\n\
+--h\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=\"../../escape.txt\"\r\n\r\nup\r\n\
+--h\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=\"/etc/passwd\"\r\n\r\nroot\r\n\
+--h\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename*=utf-8''nul%00byte.txt\r\n\r\nnul\r\n\
+--h\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=\"CON.txt\"\r\n\r\ncon\r\n\
+--h\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=\"same.txt\"\r\n\r\none\r\n\
+--h\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=\"same.txt\"\r\n\r\ntwo\r\n\
+--h\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment\r\n\r\nnameless\r\n\
+--h--\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_round_trips_byte_for_byte_and_a_second_export_writes_nothing() {
+    let mut dc = Dovecot::start();
+    let user = dc.add_user("exp", "pw-exp");
+    let corpus: Vec<Vec<u8>> =
+        std::fs::read_dir(crate::harness::root().join("tests/fixtures/parse"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.extension().and_then(|e| e.to_str()) == Some("eml")
+                    && !p.ends_with("binary_garbage.eml")
+            })
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
+    for m in &corpus {
+        dc.deliver(&user, m);
+    }
+    dc.deliver(&user, HOSTILE.as_bytes());
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("exp", &dc, &user).with("mailboxes = [\"INBOX\"]")],
+    );
+    assert_eq!(mp.run_async(&["sync"]).await.code(), 0);
+
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("mail");
+    let dir = target.to_str().unwrap();
+    let run = mp
+        .run_async(&["export", "--account", "exp", "--dir", dir])
+        .await;
+    assert_eq!(run.code(), 0, "{}{}", run.stdout(), run.stderr());
+    let done = run.event("export_done");
+    assert_eq!(done["messages"], corpus.len() + 1);
+
+    // every .eml is byte for byte what the server holds (its maildir files)
+    let server: BTreeMap<String, Vec<u8>> = dc
+        .inbox_files(&user)
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .map(|b| (mailpump::parse::sha256_hex(&b), b))
+        .collect();
+    let inbox = target.join("exp").join("INBOX");
+    let emls: Vec<PathBuf> = files_under(&inbox)
+        .into_iter()
+        .filter(|p| {
+            p.extension().and_then(|e| e.to_str()) == Some("eml")
+                && p.parent() == Some(inbox.as_path())
+        })
+        .collect();
+    assert_eq!(emls.len(), server.len());
+    for p in &emls {
+        let bytes = std::fs::read(p).unwrap();
+        assert_eq!(
+            server.get(&mailpump::parse::sha256_hex(&bytes)),
+            Some(&bytes),
+            "{}",
+            p.display()
+        );
+    }
+    // bodies beside the .eml: HTML when there is one, else text
+    let hostile_uid = (corpus.len() + 1).to_string();
+    assert_eq!(
+        std::fs::read_to_string(inbox.join(format!("{hostile_uid}.html"))).unwrap(),
+        "<p>html body</p>"
+    );
+    assert!(
+        inbox.join("16.txt").exists()
+            || files_under(&inbox)
+                .iter()
+                .any(|p| p.extension().and_then(|e| e.to_str()) == Some("txt"))
+    );
+
+    // hostile attachment names land inside the attachments folder, sanitized
+    let atts = inbox.join(format!("{hostile_uid}.attachments"));
+    let mut names: Vec<String> = std::fs::read_dir(&atts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "_CON.txt",
+            "attachment-7",
+            "escape.txt",
+            "nul_byte.txt",
+            "passwd",
+            "same (2).txt",
+            "same.txt"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(atts.join("same (2).txt")).unwrap(),
+        "two"
+    );
+    let root = out.path().canonicalize().unwrap();
+    for f in files_under(out.path()) {
+        assert!(f.canonicalize().unwrap().starts_with(&root));
+    }
+    assert!(!out.path().join("escape.txt").exists() && !target.join("escape.txt").exists());
+
+    let again = mp
+        .run_async(&["export", "--account", "exp", "--dir", dir])
+        .await;
+    assert_eq!(again.code(), 0);
+    assert_eq!(again.event("export_done")["files_written"], 0, "idempotent");
+    assert!(
+        again.event("export_done")["files_unchanged"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // --mailbox and --since narrow it
+    let none = mp
+        .run_async(&[
+            "export",
+            "--account",
+            "exp",
+            "--since",
+            "2999-01-01",
+            "--dir",
+            out.path().join("none").to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(none.event("export_done")["messages"], 0);
+}

@@ -35,8 +35,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-IMAP=$(mp_free_port)
-mp_dovecot_config "$WORK/dovecot" "$IMAP" "$(mp_free_port)" "$(mp_free_port)" "$(mp_free_port)"
+IMAP=$(mp_free_port) POP3=$(mp_free_port)
+mp_dovecot_config "$WORK/dovecot" "$IMAP" "$(mp_free_port)" "$POP3" "$(mp_free_port)"
 mp_add_user "$WORK/dovecot" bench bench-pw 20900
 if [ "$SCENARIO" = backfill ]; then
   echo "== seeding $N messages"
@@ -105,6 +105,10 @@ TOML
 echo "== mailpump sync"
 /usr/bin/time -f '%M %e' -o "$WORK/time1" "$BIN" --config "$WORK/mailpump.toml" sync > "$WORK/sync1.log"
 /usr/bin/time -f '%M %e' -o "$WORK/time2" "$BIN" --config "$WORK/mailpump.toml" sync > "$WORK/sync2.log"
+echo "== mailpump sync of the same mailbox over POP3 (another database)"
+sed -e 's/^database = "bench"/database = "bench_pop3"/' -e "s/^port = $IMAP/port = $POP3/" \
+    -e 's/^\[accounts.bench\]/[accounts.bench]\nprotocol = "pop3"/' "$WORK/mailpump.toml" > "$WORK/pop3.toml"
+/usr/bin/time -f '%M %e' -o "$WORK/time3" "$BIN" --config "$WORK/pop3.toml" sync > "$WORK/sync3.log"
 
 python3 - "$SEED" "$FETCH" "$WORK" "$URI" "$OUT" "$DBKIND" "$MP_VENV" <<'PY'
 import json, os, platform, subprocess, sys
@@ -119,7 +123,8 @@ def summary(path):
         if e.get("message") in ("mailbox_synced", "mailbox_sync_failed"):
             return e
     raise SystemExit("no summary in " + path)
-s1, s2 = summary(work + "/sync1.log"), summary(work + "/sync2.log")
+s1, s2, s3 = summary(work + "/sync1.log"), summary(work + "/sync2.log"), summary(work + "/sync3.log")
+rss3 = open(work + "/time3").read().split()[0]
 rss1, wall1 = open(work + "/time1").read().split()
 count = subprocess.run([venv + "/bin/python", "-c",
     "import pymongo,sys; print(pymongo.MongoClient(sys.argv[1]).bench.messages.count_documents({}))", uri],
@@ -135,6 +140,8 @@ res = {
     "mailpump_sync": {"seconds": round(t_sync, 3), "msg_per_s": round(seed["messages"] / t_sync), "mb_per_s": round(mb / t_sync, 1),
                       "peak_rss_mb": round(int(rss1) / 1024, 1), "stored": s1.get("stored"), "wall_s": float(wall1)},
     "second_sync": {"fetched": s2.get("fetched"), "stored": s2.get("stored")},
+    "pop3_sync": {"seconds": round(s3["elapsed_ms"] / 1000, 3), "msg_per_s": round(seed["messages"] / (s3["elapsed_ms"] / 1000)),
+                  "mb_per_s": round(mb / (s3["elapsed_ms"] / 1000), 1), "peak_rss_mb": round(int(rss3) / 1024, 1), "stored": s3.get("stored")},
     "documents_in_db": int(count),
 }
 json.dump(res, open(out, "w"), indent=2)
@@ -144,6 +151,8 @@ print("mailbox: %d messages, %.1f MB" % (seed["messages"], mb))
 print("%-34s %9s %9s %8s %10s" % ("", "seconds", "msg/s", "MB/s", "peak RSS"))
 print("%-34s %9.2f %9d %8.1f %10s" % ("bare UID FETCH 1:* (server ceiling)", t_fetch, seed["messages"] / t_fetch, mb / t_fetch, "-"))
 print("%-34s %9.2f %9d %8.1f %7.1f MB" % ("mailpump sync (fetch+parse+store)", t_sync, seed["messages"] / t_sync, mb / t_sync, int(rss1) / 1024))
+t3 = s3["elapsed_ms"] / 1000
+print("%-34s %9.2f %9d %8.1f %7.1f MB" % ("mailpump sync over POP3", t3, seed["messages"] / t3, mb / t3, int(rss3) / 1024))
 print("stored %s documents (database holds %s); second sync fetched %s, stored %s" % (s1.get("stored"), count, s2.get("fetched"), s2.get("stored")))
 print("wrote", out)
 PY

@@ -34,6 +34,7 @@ pub struct Metrics {
     bytes_fetched: AtomicU64,
     reconnects: AtomicU64,
     idle_cycles: AtomicU64,
+    quarantined: AtomicU64,
     latency: Mutex<(Vec<u64>, f64, u64)>,
     mailboxes: Mutex<BTreeMap<(String, String), MailboxHealth>>,
 }
@@ -111,6 +112,10 @@ impl Metrics {
             m.failing_since.get_or_insert_with(SystemTime::now);
             m.last_error = Some(error.to_string());
         });
+    }
+
+    pub fn quarantined(&self, n: u64) {
+        self.quarantined.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn idle_cycle(&self) {

@@ -337,6 +337,62 @@ impl Store {
         .await
     }
 
+    /// Counts one more failed attempt at `uid`; returns the count.
+    pub async fn record_failure(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uid: u32,
+        reason: &str,
+    ) -> Result<i64, StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let field = format!("failures.{uid}");
+        let reason = reason.to_string();
+        let updated = self
+            .guarded("failure count", async move {
+                coll.find_one_and_update(
+                    doc! {"_id": id},
+                    doc! {"$inc": {&field: 1i64}, "$set": {"last_error": reason}},
+                )
+                .upsert(true)
+                .return_document(mongodb::options::ReturnDocument::After)
+                .await
+            })
+            .await?;
+        Ok(updated
+            .and_then(|d| {
+                d.get_document("failures").ok().and_then(|f| {
+                    f.get(uid.to_string())
+                        .and_then(Bson::as_i64)
+                        .or_else(|| f.get_i32(uid.to_string()).ok().map(i64::from))
+                })
+            })
+            .unwrap_or(1))
+    }
+
+    /// Records `uid` as quarantined (skipped for good) with its reason.
+    pub async fn quarantine(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uid: u32,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let entry = doc! {"uid": uid as i64, "reason": reason, "at": bson::DateTime::now()};
+        self.guarded("quarantine", async move {
+            coll.update_one(
+                doc! {"_id": id, "quarantined.uid": {"$ne": entry.get_i64("uid").unwrap_or(0)}},
+                doc! {"$push": {"quarantined": entry}},
+            )
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Records the mailbox's state for readers and /healthz (`syncing`, `idle`, `error`, ...).
     pub async fn set_state(
         &self,

@@ -55,8 +55,10 @@ pub struct SyncReport {
     pub stored: usize,
     /// Documents that were already there and were rewritten.
     pub replaced: usize,
-    /// UIDs found by SEARCH but not stored: expunged meanwhile, or too large to fetch.
+    /// UIDs found by SEARCH but not stored: expunged meanwhile, quarantined, or too large.
     pub skipped: usize,
+    /// UIDs quarantined during this pass.
+    pub quarantined: usize,
     /// Raw bytes fetched.
     pub bytes: u64,
     pub elapsed: Duration,
@@ -149,6 +151,82 @@ pub(crate) async fn parse_batch(
     Ok(out)
 }
 
+/// How many sessions in a row a UID may fail before it is quarantined.
+pub const QUARANTINE_AFTER: i64 = 3;
+
+/// UID FETCH of one batch. When the server refuses the batch (tagged NO/BAD: Gmail's
+/// "NO System Error" for one message) or leaves out UIDs that still exist, each UID is fetched
+/// on its own to find the culprits. A culprit's failure is counted in the store; at
+/// QUARANTINE_AFTER it is quarantined (recorded with its reason, logged, skipped) so that it
+/// cannot block its mailbox forever; before that, the batch fails and is retried next session.
+/// Returns (messages, UIDs gone, UIDs quarantined).
+async fn fetch_batch(
+    session: &mut Session,
+    store: &Store,
+    account: &str,
+    mailbox: &str,
+    uids: &[u32],
+) -> Result<(Vec<FetchedMessage>, usize, usize), SyncError> {
+    let mut failed: Vec<(u32, String)> = Vec::new();
+    let mut messages = match session.fetch_bodies(uids).await {
+        Ok(m) => m,
+        Err(ImapError::Rejected { status, text, .. }) if uids.len() == 1 => {
+            failed.push((uids[0], format!("UID FETCH answered {status} {text}")));
+            Vec::new()
+        }
+        Err(ImapError::Rejected { .. }) => {
+            let mut out = Vec::new();
+            for uid in uids {
+                match session.fetch_bodies(&[*uid]).await {
+                    Ok(m) => out.extend(m),
+                    Err(ImapError::Rejected { status, text, .. }) => {
+                        failed.push((*uid, format!("UID FETCH answered {status} {text}")))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            out
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let got: HashSet<u32> = messages
+        .iter()
+        .map(|m| m.uid)
+        .chain(failed.iter().map(|(u, _)| *u))
+        .collect();
+    let missing: Vec<u32> = uids.iter().copied().filter(|u| !got.contains(u)).collect();
+    let mut gone = 0;
+    if !missing.is_empty() {
+        let still_there: HashSet<u32> = session.existing(&missing).await?.into_iter().collect();
+        gone = missing.len() - still_there.len();
+        for uid in missing.into_iter().filter(|u| still_there.contains(u)) {
+            failed.push((
+                uid,
+                "the server returned no body for it although it exists".into(),
+            ));
+        }
+    }
+    let mut quarantined = HashSet::new();
+    let mut retry = Vec::new();
+    for (uid, reason) in &failed {
+        let attempts = store.record_failure(account, mailbox, *uid, reason).await?;
+        if attempts >= QUARANTINE_AFTER {
+            store.quarantine(account, mailbox, *uid, reason).await?;
+            tracing::error!(account, mailbox, uid, attempts, error = %reason, "quarantined");
+            quarantined.insert(*uid);
+        } else {
+            retry.push(format!(
+                "UID {uid}: {reason} (attempt {attempts} of {QUARANTINE_AFTER})"
+            ));
+        }
+    }
+    if !retry.is_empty() {
+        return Err(SyncError::Imap(ImapError::Protocol(retry.join("; "))));
+    }
+    messages.retain(|m| !quarantined.contains(&m.uid));
+    Ok((messages, gone, quarantined.len()))
+}
+
 /// One catch-up pass over `mailbox`. Stops between batches when `cancel` fires (what was
 /// stored stays stored, and the checkpoint says so).
 pub async fn catch_up(
@@ -212,7 +290,10 @@ pub async fn catch_up(
     let (fetchable, too_large): (Vec<_>, Vec<_>) =
         sizes.into_iter().partition(|(_, s)| *s <= MAX_FETCHABLE);
     for (uid, size) in &too_large {
-        tracing::error!(account = name, mailbox, uid, size, "message_too_large");
+        let reason =
+            format!("{size} bytes: larger than the {MAX_FETCHABLE} bytes a FETCH may carry");
+        store.quarantine(name, mailbox, *uid, &reason).await?;
+        tracing::error!(account = name, mailbox, uid, size, error = %reason, "quarantined");
     }
     report.skipped += too_large.len();
     let plan = plan_batches(&fetchable, settings.batch_size, settings.batch_bytes);
@@ -294,23 +375,10 @@ pub async fn catch_up(
                     session.mark_seen(&uids).await?;
                 }
             }
-            let messages = session.fetch_bodies(&batch.uids).await?;
-            if messages.len() < batch.uids.len() {
-                let got: HashSet<u32> = messages.iter().map(|m| m.uid).collect();
-                let missing: Vec<u32> = batch
-                    .uids
-                    .iter()
-                    .copied()
-                    .filter(|u| !got.contains(u))
-                    .collect();
-                let still_there = session.existing(&missing).await?;
-                if !still_there.is_empty() {
-                    return Err(SyncError::Imap(ImapError::Protocol(format!(
-                        "server returned no body for UIDs {still_there:?} that still exist"
-                    ))));
-                }
-                report.skipped += missing.len();
-            }
+            let (messages, gone, quarantined) =
+                fetch_batch(session, store, name, mailbox, &batch.uids).await?;
+            report.skipped += gone + quarantined;
+            report.quarantined += quarantined;
             report.fetched += messages.len();
             report.bytes += messages.iter().map(|m| m.body.len() as u64).sum::<u64>();
             if fetched_tx

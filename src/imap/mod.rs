@@ -48,13 +48,41 @@ pub enum ImapError {
     Bye(String),
     #[error("connection closed by the server")]
     Closed,
+    #[error("connection closed by the server in the middle of a response")]
+    ClosedMidResponse,
     #[error("I/O error: {0}")]
     Io(#[source] std::io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("the server sent a response mailpump cannot parse: {0}")]
+    Unparseable(String),
 }
 
 impl ImapError {
+    /// A read error from async-imap, named plainly where it can be.
+    pub fn from_read(e: std::io::Error) -> ImapError {
+        // async-imap reports EOF inside a response (a literal cut short) this way
+        let text = e.to_string();
+        if e.kind() == std::io::ErrorKind::UnexpectedEof
+            || text.contains("bytes remaining in stream")
+        {
+            ImapError::ClosedMidResponse
+        } else if let Some((_, quoted)) = text.split_once("during parsing of ") {
+            // imap-proto's message carries the whole buffer as a byte list: keep the first line
+            let line = quoted
+                .trim_matches('"')
+                .split("\\r\\n")
+                .next()
+                .unwrap_or("");
+            let line: String = line.chars().take(120).collect();
+            ImapError::Unparseable(line)
+        } else if text.contains("incoming data too large") {
+            ImapError::Protocol("the server announced a response larger than 512 MiB".into())
+        } else {
+            ImapError::Io(e)
+        }
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             ImapError::AuthRejected { .. } | ImapError::NoStartTls => ErrorClass::RetryLater,

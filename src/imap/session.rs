@@ -179,7 +179,7 @@ impl Session {
                         after: connect_timeout,
                     })
                 }
-                Ok(Err(e)) => return Err(ImapError::Io(e)),
+                Ok(Err(e)) => return Err(ImapError::from_read(e)),
                 Ok(Ok(None)) => return Err(ImapError::Closed),
                 Ok(Ok(Some(g))) => g,
             };
@@ -317,7 +317,7 @@ impl Session {
                             after: self.timeout,
                         })
                     }
-                    Ok(Err(e)) => return Err(ImapError::Io(e)),
+                    Ok(Err(e)) => return Err(ImapError::from_read(e)),
                     Ok(Ok(None)) => return Err(ImapError::Closed),
                     Ok(Ok(Some(r))) => r,
                 };
@@ -594,7 +594,7 @@ impl Session {
                         after: timeout,
                     })
                 }
-                Ok(Err(e)) => return Err(ImapError::Io(e)),
+                Ok(Err(e)) => return Err(ImapError::from_read(e)),
                 Ok(Ok(None)) => return Err(ImapError::Closed),
                 Ok(Ok(Some(r))) => r,
             };
@@ -635,7 +635,7 @@ impl Session {
                     read = tokio::time::timeout(silence, self.inner.read_response()) => {
                         let response = match read {
                             Err(_) => return Err(ImapError::Timeout { what: "any data while idling (silence timeout)".into(), after: silence }),
-                            Ok(Err(e)) => return Err(ImapError::Io(e)),
+                            Ok(Err(e)) => return Err(ImapError::from_read(e)),
                             Ok(Ok(None)) => return Err(ImapError::Closed),
                             Ok(Ok(Some(r))) => r,
                         };
@@ -671,7 +671,7 @@ impl Session {
                         after: timeout,
                     })
                 }
-                Ok(Err(e)) => return Err(ImapError::Io(e)),
+                Ok(Err(e)) => return Err(ImapError::from_read(e)),
                 Ok(Ok(None)) => return Err(ImapError::Closed),
                 Ok(Ok(Some(r))) => r,
             };

@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod export;
 mod golden;
+mod hostile;
 mod packaging;
 mod pop3;
 mod sync;

@@ -1,0 +1,317 @@
+//! A scripted IMAP server that misbehaves on purpose. Whatever it does, mailpump must log a
+//! clear error, never panic, never hang, and never move the checkpoint past a message it did
+//! not store.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bson::doc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::harness::mailpump::Run;
+use crate::harness::{AccountSpec, Mailpump, TestDb};
+
+const MESSAGE: &str =
+    "From: a@example.com\r\nSubject: scripted\r\nMessage-ID: <s@example.com>\r\n\r\nhello\r\n";
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fault {
+    None,
+    NoGreeting,
+    ByeGreeting,
+    GarbageGreeting,
+    CapabilityDoubleSpace,
+    GarbageAfterLogin,
+    UnknownUntagged,
+    ShortLiteral,
+    LongLiteral,
+    HugeLiteral,
+    FetchNo,
+    SearchBadWithoutText,
+    ByeMidSession,
+    NoUidValidity,
+}
+
+/// Starts the server; returns its port and every command line it received.
+async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let greeting = match fault {
+                    Fault::NoGreeting => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return;
+                    }
+                    Fault::ByeGreeting => "* BYE too many connections, go away\r\n",
+                    Fault::GarbageGreeting => "HELLO THIS IS NOT IMAP\r\n",
+                    _ => "* OK scripted IMAP server ready\r\n",
+                };
+                if w.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                while let Ok(Some(line)) = lines.next_line().await {
+                    seen.lock().unwrap().push(line.clone());
+                    let (tag, rest) = line.split_once(' ').unwrap_or((&line, ""));
+                    let upper = rest.to_ascii_uppercase();
+                    let n = MESSAGE.len();
+                    let reply: String = if upper.starts_with("LOGIN") {
+                        format!("{tag} OK logged in\r\n")
+                    } else if upper.starts_with("CAPABILITY") {
+                        match fault {
+                            Fault::CapabilityDoubleSpace => {
+                                format!("* CAPABILITY IMAP4rev1  IDLE\r\n{tag} OK\r\n")
+                            }
+                            Fault::GarbageAfterLogin => {
+                                format!("%%% garbage \x01\x02 %%%\r\n{tag} OK\r\n")
+                            }
+                            _ => format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK\r\n"),
+                        }
+                    } else if upper.starts_with("EXAMINE") || upper.starts_with("SELECT") {
+                        let validity = if fault == Fault::NoUidValidity {
+                            String::new()
+                        } else {
+                            "* OK [UIDVALIDITY 7] ok\r\n".to_string()
+                        };
+                        format!("* 1 EXISTS\r\n{validity}* OK [UIDNEXT 2] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                    } else if upper.starts_with("UID SEARCH") {
+                        match fault {
+                            Fault::SearchBadWithoutText => format!("{tag} BAD\r\n"),
+                            Fault::ByeMidSession => {
+                                let _ = w.write_all(b"* BYE server shutting down\r\n").await;
+                                return;
+                            }
+                            Fault::UnknownUntagged => format!(
+                                "* XAPPLEPUSHSERVICE aps-version 2\r\n* SEARCH 1\r\n{tag} OK\r\n"
+                            ),
+                            _ => format!("* SEARCH 1\r\n{tag} OK\r\n"),
+                        }
+                    } else if upper.starts_with("UID FETCH") && upper.contains("BODY.PEEK[]") {
+                        let head = "* 1 FETCH (UID 1 FLAGS () INTERNALDATE \"01-Jun-2020 10:00:00 +0000\" RFC822.SIZE";
+                        match fault {
+                            Fault::FetchNo => format!("{tag} NO [UNAVAILABLE] System Error\r\n"),
+                            Fault::ShortLiteral => {
+                                let _ = w
+                                    .write_all(
+                                        format!("{head} {n} BODY[] {{{}}}\r\n{MESSAGE}", n + 10)
+                                            .as_bytes(),
+                                    )
+                                    .await;
+                                return;
+                            }
+                            Fault::LongLiteral => format!(
+                                "{head} {n} BODY[] {{{}}}\r\n{MESSAGE})\r\n{tag} OK\r\n",
+                                n - 10
+                            ),
+                            Fault::HugeLiteral => {
+                                let _ = w
+                                    .write_all(
+                                        format!("{head} {n} BODY[] {{1073741824}}\r\n{MESSAGE}")
+                                            .as_bytes(),
+                                    )
+                                    .await;
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                                return;
+                            }
+                            _ => format!("{head} {n} BODY[] {{{n}}}\r\n{MESSAGE})\r\n{tag} OK\r\n"),
+                        }
+                    } else if upper.starts_with("UID FETCH") {
+                        format!("* 1 FETCH (UID 1 RFC822.SIZE {n})\r\n{tag} OK\r\n")
+                    } else if upper.starts_with("LOGOUT") {
+                        let _ = w
+                            .write_all(format!("* BYE bye\r\n{tag} OK\r\n").as_bytes())
+                            .await;
+                        return;
+                    } else {
+                        format!("{tag} OK\r\n")
+                    };
+                    if w.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+async fn sync_against(fault: Fault) -> (Run, TestDb) {
+    let (port, _) = server(fault).await;
+    let db = TestDb::new().await;
+    let spec = AccountSpec {
+        name: "hostile".into(),
+        port,
+        security: "plain",
+        username: "u".into(),
+        password: "p".into(),
+        extra: vec![
+            "command_timeout = \"3s\"".into(),
+            "connect_timeout = \"2s\"".into(),
+        ],
+    };
+    let mp = Mailpump::new(&db, &[spec]);
+    let run = tokio::time::timeout(Duration::from_secs(30), mp.run_async(&["sync"]))
+        .await
+        .unwrap_or_else(|_| panic!("{fault:?}: mailpump hung"));
+    assert!(
+        !run.stderr().contains("panicked"),
+        "{fault:?}: {}",
+        run.stderr()
+    );
+    let outcome = run
+        .events("mailbox_sync_failed")
+        .first()
+        .map(|e| e["error"].to_string())
+        .unwrap_or_else(|| "synced".into());
+    eprintln!("hostile {fault:?}: exit {} {outcome}", run.code());
+    (run, db)
+}
+
+/// The run failed with an error containing `expect`, and nothing moved.
+async fn assert_fails_cleanly(fault: Fault, expect: &str) {
+    let (run, db) = sync_against(fault).await;
+    assert_eq!(run.code(), 1, "{fault:?}: {}", run.stdout());
+    let error = run.event("mailbox_sync_failed")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.to_lowercase().contains(&expect.to_lowercase()),
+        "{fault:?}: {error}"
+    );
+    assert_eq!(db.count("messages", doc! {}).await, 0, "{fault:?}");
+    let last_uid = db
+        .mailbox("hostile/INBOX")
+        .await
+        .and_then(|d| d.get_i64("last_uid").ok())
+        .unwrap_or(0);
+    assert_eq!(last_uid, 0, "{fault:?}: the checkpoint did not move");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_well_behaved_script_syncs() {
+    let (run, db) = sync_against(Fault::None).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(db.count("messages", doc! {}).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_greetings() {
+    assert_fails_cleanly(
+        Fault::NoGreeting,
+        "timed out after 2s waiting for the server greeting",
+    )
+    .await;
+    assert_fails_cleanly(Fault::ByeGreeting, "too many connections").await;
+    assert_fails_cleanly(
+        Fault::GarbageGreeting,
+        "cannot parse: HELLO THIS IS NOT IMAP",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_and_unparseable_capabilities() {
+    assert_fails_cleanly(Fault::GarbageAfterLogin, "cannot parse: %%% garbage").await;
+    assert_fails_cleanly(
+        Fault::CapabilityDoubleSpace,
+        "cannot parse: * CAPABILITY IMAP4rev1  IDLE",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn literals_that_lie_about_their_length() {
+    assert_fails_cleanly(Fault::ShortLiteral, "closed").await;
+    assert_fails_cleanly(Fault::LongLiteral, "cannot parse").await;
+    // async-imap refuses the announcement at once (its cap is 512 MiB): no 1 GB allocation
+    assert_fails_cleanly(Fault::HugeLiteral, "larger than 512 MiB").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tagged_bad_without_text_and_bye_mid_session() {
+    assert_fails_cleanly(Fault::SearchBadWithoutText, "BAD").await;
+    assert_fails_cleanly(Fault::ByeMidSession, "shutting down").await;
+    assert_fails_cleanly(Fault::NoUidValidity, "no UIDVALIDITY").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_untagged_responses() {
+    // RFC 3501 asks clients to ignore what they do not know; imap-proto cannot parse some of
+    // it: either way, no panic, no hang, no checkpoint past an unstored message.
+    let (run, db) = sync_against(Fault::UnknownUntagged).await;
+    let stored = db.count("messages", doc! {}).await;
+    let last_uid = db
+        .mailbox("hostile/INBOX")
+        .await
+        .and_then(|d| d.get_i64("last_uid").ok())
+        .unwrap_or(0);
+    assert_eq!(last_uid as u64, stored, "{}", run.stdout());
+    if run.code() != 0 {
+        assert!(run.event("mailbox_sync_failed")["error"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_uid_that_always_fails_to_fetch_is_quarantined_after_three_sessions() {
+    let (port, _) = server(Fault::FetchNo).await;
+    let db = TestDb::new().await;
+    let spec = AccountSpec {
+        name: "hostile".into(),
+        port,
+        security: "plain",
+        username: "u".into(),
+        password: "p".into(),
+        extra: vec![],
+    };
+    let mp = Mailpump::new(&db, &[spec]);
+    for attempt in 1..=2 {
+        let run = mp.run_async(&["sync"]).await;
+        assert_eq!(run.code(), 1);
+        let error = run.event("mailbox_sync_failed")["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains(&format!("attempt {attempt} of 3")) && error.contains("System Error"),
+            "{error}"
+        );
+        assert_eq!(
+            db.mailbox("hostile/INBOX")
+                .await
+                .unwrap()
+                .get_i64("last_uid")
+                .unwrap(),
+            0
+        );
+    }
+    let run = mp.run_async(&["sync"]).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(run.event("quarantined")["uid"], 1);
+    assert_eq!(run.event("mailbox_synced")["skipped"], 1);
+    let mailbox = db.mailbox("hostile/INBOX").await.unwrap();
+    let q = mailbox.get_array("quarantined").unwrap();
+    assert_eq!(q.len(), 1);
+    let entry = q[0].as_document().unwrap();
+    assert_eq!(entry.get_i64("uid").unwrap(), 1);
+    assert!(entry.get_str("reason").unwrap().contains("System Error"));
+    // the mailbox moves on past it
+    assert_eq!(mailbox.get_i64("last_uid").unwrap(), 1);
+    let again = mp.run_async(&["sync"]).await;
+    assert_eq!(again.code(), 0);
+    assert_eq!(
+        db.mailbox("hostile/INBOX")
+            .await
+            .unwrap()
+            .get_array("quarantined")
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -33,6 +33,22 @@ fn a_bad_config_exits_78_and_names_the_key() {
     assert!(run.stderr().contains("absent.toml"));
 }
 
+#[test]
+fn store_credentials_never_reach_the_logs() {
+    let toml = "[store]\nuri = \"mongodb://mailpump:s3cret-db-pw@127.0.0.1:1/?authSource=admin\"\nconnect_timeout = \"1s\"\n[accounts.work]\nhost = \"127.0.0.1\"\nport = 1\nsecurity = \"plain\"\nusername = \"u\"\npassword = \"imap-pw-123\"\n";
+    let mp = Mailpump::from_toml(toml);
+    assert_eq!(
+        crate::harness::mailpump::secrets_in(toml),
+        vec!["mailpump:s3cret-db-pw", "s3cret-db-pw", "imap-pw-123"]
+    );
+    for args in [&["sync"][..], &["check"], &["--log-format", "text", "sync"]] {
+        let run = mp.run(args); // run() itself asserts that no secret appears
+        assert_eq!(run.code(), 1);
+    }
+    let run = mp.run(&["check"]);
+    assert!(run.stdout().contains("FAIL  store"), "{}", run.stdout());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn check_prints_one_line_per_mailbox_and_fails_on_a_bad_login() {
     let mut dc = Dovecot::start();

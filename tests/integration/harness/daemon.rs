@@ -11,6 +11,7 @@ use super::mailpump::{parse_logs, Mailpump};
 pub struct Daemon {
     child: Option<Child>,
     log: std::path::PathBuf,
+    secrets: Vec<String>,
 }
 
 impl Daemon {
@@ -34,6 +35,7 @@ impl Daemon {
         Daemon {
             child: Some(cmd.spawn().expect("start mailpump run")),
             log,
+            secrets: mp.secrets(),
         }
     }
 
@@ -107,6 +109,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // every daemon's whole log goes through the secret check (unless the test already failed)
+        if !std::thread::panicking() {
+            super::mailpump::assert_no_secrets(&self.secrets, &self.raw_log());
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

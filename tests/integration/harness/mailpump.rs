@@ -79,7 +79,44 @@ pub fn parse_logs(stdout: &[u8]) -> Vec<Value> {
         .collect()
 }
 
+/// Every secret in a config: passwords and the store URI's credentials.
+pub fn secrets_in(toml: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in toml.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("password = ") {
+            out.push(v.trim_matches('"').to_string());
+        }
+        if let Some(v) = line.strip_prefix("uri = ") {
+            let uri = v.trim_matches('"');
+            if let Some((userinfo, _)) = uri.trim_start_matches("mongodb://").split_once('@') {
+                out.push(userinfo.to_string());
+                if let Some((_, pw)) = userinfo.split_once(':') {
+                    out.push(pw.to_string());
+                }
+            }
+        }
+    }
+    out.retain(|s| s.len() >= 2);
+    out
+}
+
+/// The check every test's output goes through: no secret of its config ever appears.
+pub fn assert_no_secrets(secrets: &[String], output: &str) {
+    for secret in secrets {
+        assert!(
+            !output.contains(secret.as_str()),
+            "a secret ({} chars) appeared in mailpump's output:\n{output}",
+            secret.len()
+        );
+    }
+}
+
 impl Mailpump {
+    pub fn secrets(&self) -> Vec<String> {
+        secrets_in(&std::fs::read_to_string(&self.config).unwrap_or_default())
+    }
+
     pub fn new(db: &TestDb, accounts: &[AccountSpec]) -> Mailpump {
         let mut toml = format!(
             "[store]\nuri = \"{}\"\ndatabase = \"{}\"\nconnect_timeout = \"5s\"\n\n",
@@ -113,13 +150,17 @@ impl Mailpump {
     pub fn run(&self, args: &[&str]) -> Run {
         let output = self.command(args).output().expect("run mailpump");
         let logs = parse_logs(&output.stdout);
-        Run { output, logs }
+        let run = Run { output, logs };
+        assert_no_secrets(&self.secrets(), &(run.stdout() + &run.stderr()));
+        run
     }
 
     pub async fn run_async(&self, args: &[&str]) -> Run {
         let mut cmd = tokio::process::Command::from(self.command(args));
         let output = cmd.output().await.expect("run mailpump");
         let logs = parse_logs(&output.stdout);
-        Run { output, logs }
+        let run = Run { output, logs };
+        assert_no_secrets(&self.secrets(), &(run.stdout() + &run.stderr()));
+        run
     }
 }

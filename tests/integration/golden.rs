@@ -127,3 +127,61 @@ fn a_25_mb_attachment_is_decoded_exactly() {
         .iter()
         .any(|b| b.sha256 == a.sha256 && b.bytes == data));
 }
+
+/// The malformed corpus (tests/fixtures/make_malformed.py), written to a temp dir.
+pub fn malformed_corpus() -> (tempfile::TempDir, Vec<(String, Vec<u8>, bool)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(root().join("tests/fixtures/make_malformed.py"))
+        .arg(dir.path())
+        .output()
+        .expect("python3 runs the corpus generator");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("manifest.json")).unwrap())
+            .unwrap();
+    let mut cases: Vec<(String, Vec<u8>, bool)> = manifest
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                std::fs::read(dir.path().join(name)).unwrap(),
+                m["broken"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    cases.sort();
+    (dir, cases)
+}
+
+#[test]
+fn every_malformed_message_parses_to_a_storable_document_with_its_raw_bytes() {
+    let (_dir, cases) = malformed_corpus();
+    assert!(cases.len() >= 100, "{} cases", cases.len());
+    for (name, raw, broken) in &cases {
+        let parsed = parse::parse(raw.clone(), Limits::default());
+        assert_eq!(&parsed.blobs[0].bytes, raw, "{name}: raw intact");
+        if *broken {
+            assert!(
+                !parsed.parse_errors.is_empty(),
+                "{name}: the damage is reported"
+            );
+        }
+        let ready = mailpump::store::ReadyMessage {
+            uid: 1,
+            flags: vec![],
+            internal_date: None,
+            size: raw.len() as u64,
+            parsed,
+        };
+        let doc = mailpump::store::message_document("a", "INBOX", 1, &ready, bson::DateTime::now());
+        let size = bson::to_vec(&doc).expect("the document encodes").len();
+        assert!(size < 16 * 1024 * 1024, "{name}: {size} bytes");
+    }
+}

@@ -424,3 +424,45 @@ async fn one_failing_mailbox_does_not_stop_the_others() {
     );
     assert_eq!(db.count("messages", doc! {}).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_malformed_corpus_is_stored_whole_through_imap() {
+    let (_dir, cases) = crate::golden::malformed_corpus();
+    let mut dc = Dovecot::start();
+    let user = dc.add_user("bad", "pw-bad");
+    for (_, raw, _) in &cases {
+        dc.deliver(&user, raw);
+    }
+    let db = TestDb::new().await;
+    let run = Mailpump::new(&db, &[AccountSpec::plain("bad", &dc, &user)])
+        .run_async(&["sync"])
+        .await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(run.event("mailbox_synced")["stored"], cases.len());
+    let docs = db.messages(doc! {}).await;
+    assert_eq!(docs.len(), cases.len());
+    let by_sha: BTreeSet<String> = docs
+        .iter()
+        .map(|d| {
+            d.get_document("raw")
+                .unwrap()
+                .get_str("sha256")
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for (name, raw, _) in &cases {
+        if wire_clean(raw) {
+            assert!(
+                by_sha.contains(&mailpump::parse::sha256_hex(raw)),
+                "{name} stored byte for byte"
+            );
+        }
+    }
+    assert!(
+        docs.iter()
+            .filter(|d| !d.get_array("parse_errors").unwrap().is_empty())
+            .count()
+            >= cases.iter().filter(|c| c.2).count()
+    );
+}

@@ -192,6 +192,15 @@ async fn assert_fails_cleanly(fault: Fault, expect: &str) {
         .and_then(|d| d.get_i64("last_uid").ok())
         .unwrap_or(0);
     assert_eq!(last_uid, 0, "{fault:?}: the checkpoint did not move");
+    crate::harness::reliability::record(crate::harness::reliability::Row {
+        fault: &format!("hostile IMAP server: {fault:?} (clear error: \"{error}\")"),
+        tries: 1,
+        expected: 0,
+        stored: 0,
+        duplicated: 0,
+        crashes: 0,
+        hangs: 0,
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]

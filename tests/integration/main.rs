@@ -7,6 +7,7 @@ mod harness;
 mod cli;
 mod daemon;
 mod export;
+mod faults;
 mod golden;
 mod hostile;
 mod packaging;

@@ -176,6 +176,23 @@ impl Dovecot {
         }
     }
 
+    /// SIGKILL to the master (its children notice and exit), as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            // the children first (imap processes would keep serving their clients), then the master
+            let _ = Command::new("pkill")
+                .arg("-9")
+                .arg("-P")
+                .arg(pid.to_string())
+                .status();
+            unsafe_kill(pid as i32, 9);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// Starts the same Dovecot again (same ports, same mail).
     pub fn start_again(&mut self) {
         self.launch();

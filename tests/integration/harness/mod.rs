@@ -5,6 +5,7 @@ pub mod dovecot;
 pub mod mailpump;
 pub mod mongo;
 pub mod proxy;
+pub mod reliability;
 pub mod secantus;
 
 pub use daemon::{eventually, Daemon};

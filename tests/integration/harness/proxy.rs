@@ -1,25 +1,43 @@
-//! A TCP proxy between mailpump and Dovecot that can turn the connections it carries into
-//! silent, half-dead ones (as a NAT box that forgot them would), while new connections work.
+//! A fault-injecting TCP proxy between mailpump and Dovecot: it can freeze the connections it
+//! carries (a NAT box that forgot them), reset a connection in the middle of a response, trickle
+//! bytes, or refuse connections for a while (by closing its listening socket).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub struct Proxy {
-    pub port: u16,
-    /// Connections of this generation and older are frozen.
-    frozen_before: Arc<AtomicU64>,
-    generation: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+/// What happens to bytes from the server to mailpump.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    Pass,
+    /// The next connection that has carried this many bytes downstream is reset (RST).
+    ResetAfter(u64),
+    /// Each 256-byte piece waits this long.
+    Trickle(Duration),
 }
 
-async fn pump(
+struct Shared {
+    frozen_before: AtomicU64,
+    generation: AtomicU64,
+    mode: Mutex<Mode>,
+    resets: AtomicU64,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    target: u16,
+    shared: Arc<Shared>,
+    accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+async fn upstream_pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     gen: u64,
-    frozen_before: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -27,13 +45,8 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if gen < frozen_before.load(Ordering::SeqCst) {
-            // silently swallow everything from now on, never closing
-            loop {
-                if from.read(&mut buf).await.map(|n| n == 0).unwrap_or(true) {
-                    std::future::pending::<()>().await;
-                }
-            }
+        if gen < shared.frozen_before.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -41,46 +54,130 @@ async fn pump(
     }
 }
 
+async fn downstream_pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    to: tokio::net::tcp::OwnedWriteHalf,
+    gen: u64,
+    shared: Arc<Shared>,
+) {
+    let mut to = to;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut carried = 0u64;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if gen < shared.frozen_before.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        let mode = *shared.mode.lock().unwrap();
+        match mode {
+            Mode::ResetAfter(limit) if carried + n as u64 >= limit => {
+                let keep = (limit.saturating_sub(carried)) as usize;
+                let _ = to.write_all(&buf[..keep.min(n)]).await;
+                *shared.mode.lock().unwrap() = Mode::Pass;
+                shared.resets.fetch_add(1, Ordering::SeqCst);
+                // an abortive close: the peer sees a reset in the middle of the literal
+                let stream = to.reunite(from).expect("halves of one stream");
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+                return;
+            }
+            Mode::Trickle(every) => {
+                for piece in buf[..n].chunks(256) {
+                    tokio::time::sleep(every).await;
+                    if to.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        carried += n as u64;
+    }
+}
+
 impl Proxy {
     pub async fn start(target_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let frozen_before = Arc::new(AtomicU64::new(0));
-        let generation = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (fb, g, st) = (frozen_before.clone(), generation.clone(), stop.clone());
-        tokio::spawn(async move {
+        let shared = Arc::new(Shared {
+            frozen_before: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            mode: Mutex::new(Mode::Pass),
+            resets: AtomicU64::new(0),
+        });
+        let proxy = Proxy {
+            port,
+            target: target_port,
+            shared,
+            accept_task: Mutex::new(None),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let shared = self.shared.clone();
+        let target = self.target;
+        let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                if st.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)).await else {
                     continue;
                 };
-                let gen = g.fetch_add(1, Ordering::SeqCst);
+                let gen = shared.generation.fetch_add(1, Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (ur, uw) = upstream.into_split();
-                tokio::spawn(pump(cr, uw, gen, fb.clone()));
-                tokio::spawn(pump(ur, cw, gen, fb.clone()));
+                tokio::spawn(upstream_pump(cr, uw, gen, shared.clone()));
+                tokio::spawn(downstream_pump(ur, cw, gen, shared.clone()));
             }
         });
-        Proxy {
-            port,
-            frozen_before,
-            generation,
-            stop,
-        }
+        *self.accept_task.lock().unwrap() = Some(task);
     }
 
     /// Every connection open now stops carrying bytes (both ways) and never closes.
     pub fn freeze_existing(&self) {
-        self.frozen_before
-            .store(self.generation.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.shared.frozen_before.store(
+            self.shared.generation.load(Ordering::SeqCst),
+            Ordering::SeqCst,
+        );
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    pub fn resets(&self) -> u64 {
+        self.shared.resets.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listening socket: connecting gets "connection refused" until `accept_again`.
+    pub fn refuse(&self) {
+        if let Some(task) = self.accept_task.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    pub async fn accept_again(&self) {
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        self.serve(listener);
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        if let Some(task) = self.accept_task.lock().unwrap().take() {
+            task.abort();
+        }
     }
 }

@@ -53,6 +53,17 @@ impl Secantus {
         self.pid = Some(pid);
     }
 
+    /// SIGKILL, as a crash would (writes acknowledged with --sync-on-commit survive).
+    pub fn kill9(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            let proc = format!("/proc/{pid}");
+            while std::path::Path::new(&proc).exists() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(pid) = self.pid.take() {
             let _ = Command::new("kill").arg(pid.to_string()).status();

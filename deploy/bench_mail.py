@@ -60,6 +60,10 @@ def message(rng, i):
 
 
 def seed(maildir, uid, count, seed_value=1):
+    print(json.dumps(seed_quiet(maildir, uid, count, seed_value)))
+
+
+def seed_quiet(maildir, uid, count, seed_value=1):
     rng = random.Random(seed_value)
     total = 0
     for i in range(count):
@@ -71,10 +75,14 @@ def seed(maildir, uid, count, seed_value=1):
             f.write(raw)
         os.chown(tmp, uid, 65534)
         os.rename(tmp, os.path.join(maildir, "new", name))
-    print(json.dumps({"messages": count, "bytes": total}))
+    return {"messages": count, "bytes": total}
 
 
 def fetch(port, user, password):
+    print(json.dumps(fetch_quiet(port, user, password)))
+
+
+def fetch_quiet(port, user, password):
     s = socket.create_connection(("127.0.0.1", port))
     buf = bytearray()
 
@@ -118,7 +126,7 @@ def fetch(port, user, password):
     elapsed = time.monotonic() - start
     s.sendall(b"d LOGOUT\r\n")
     s.close()
-    print(json.dumps({"elapsed_s": elapsed, "bytes": received}))
+    return {"elapsed_s": elapsed, "bytes": received}
 
 
 def percentiles(values):
@@ -129,6 +137,10 @@ def percentiles(values):
 
 
 def latency(port, user, password, maildir, uid, count, mongo_uri, dbname):
+    print(json.dumps(latency_quiet(port, user, password, maildir, uid, count, mongo_uri, dbname)))
+
+
+def latency_quiet(port, user, password, maildir, uid, count, mongo_uri, dbname):
     import threading
     import pymongo
     coll = pymongo.MongoClient(mongo_uri)[dbname].messages
@@ -192,8 +204,8 @@ def latency(port, user, password, maildir, uid, count, mongo_uri, dbname):
         if seen is not None:
             server.append(seen - d)
     pump = [stored[i] - delivered_at[i] for i in range(count) if i in stored]
-    print(json.dumps({"deliveries": count, "stored": len(pump), "server_idle_notify_ms": percentiles(server),
-                      "mailpump_delivery_to_stored_ms": percentiles(pump)}))
+    return {"deliveries": count, "stored": len(pump), "server_idle_notify_ms": percentiles(server),
+            "mailpump_delivery_to_stored_ms": percentiles(pump)}
 
 
 if __name__ == "__main__":

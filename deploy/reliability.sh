@@ -19,7 +19,9 @@ out = ["# Reliability", "",
        "`bash deploy/reliability.sh` (the same tests run at a smaller scale in `bash deploy/test.sh`).",
        "Each fault test ends with an exact comparison of the server's UIDs with the stored",
        "documents: *stored* counts distinct UIDs found in `messages` (all of them, or the test",
-       "fails), *duplicated* counts messages stored more than once.", "",
+       "fails), *duplicated* counts messages stored more than once. A panic, an unexpected exit",
+       "or a hang (every wait is bounded) fails the test, so *crashes* and *hangs* are 0 in any",
+       "table this command writes; the kill -9 row counts exits mailpump took by itself.", "",
        "Last run: %s, %s, %d cores, %d s. Real Dovecot %s, SecantusDB (MongoDB wire protocol,"
        " `--sync-on-commit` where the database is killed)." % (
            datetime.date.today().isoformat(), cpu, os.cpu_count(), int(sys.argv[2]),

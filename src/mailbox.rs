@@ -160,6 +160,10 @@ impl MailboxTask {
         };
         let mut use_idle = settings.idle && session.has_capability("IDLE");
         tracing::info!(account, mailbox, host = %self.account.host, port = self.account.port, idle = use_idle, "connected");
+        // Healthy from the login on: a long, productive catch-up that then breaks must reset
+        // the backoff too (only sessions that last `healthy_after` do).
+        *healthy_since = Some(Instant::now());
+        let mut watching = false;
         let mut live = false;
         loop {
             self.metrics.state(account, mailbox, "syncing");
@@ -195,8 +199,8 @@ impl MailboxTask {
                 session.logout(LOGOUT_TIMEOUT).await;
                 return Ok(());
             }
-            if healthy_since.is_none() {
-                *healthy_since = Some(Instant::now());
+            if !watching {
+                watching = true;
                 self.record_state(if use_idle { "idle" } else { "polling" }, None);
                 tracing::info!(
                     account,

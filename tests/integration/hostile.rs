@@ -265,6 +265,15 @@ async fn unknown_untagged_responses() {
     if run.code() != 0 {
         assert!(run.event("mailbox_sync_failed")["error"].is_string());
     }
+    crate::harness::reliability::record(crate::harness::reliability::Row {
+        fault: "hostile IMAP server: an unknown untagged response (imap-proto cannot parse it: the session fails cleanly, nothing moves)",
+        tries: 1,
+        expected: 0,
+        stored,
+        duplicated: 0,
+        crashes: 0,
+        hangs: 0,
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -323,4 +332,13 @@ async fn a_uid_that_always_fails_to_fetch_is_quarantined_after_three_sessions() 
             .len(),
         1
     );
+    crate::harness::reliability::record(crate::harness::reliability::Row {
+        fault: "a UID whose FETCH always fails (NO System Error): quarantined after 3 sessions, then the mailbox moves on",
+        tries: 4,
+        expected: 0,
+        stored: 0,
+        duplicated: 0,
+        crashes: 0,
+        hangs: 0,
+    });
 }

@@ -74,7 +74,9 @@ impl Secantus {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(25));
             }
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            if std::path::Path::new(&proc).exists() {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
         }
     }
 }

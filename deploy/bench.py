@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""mailpump's benchmark scenarios (run through deploy/bench.sh, which installs and builds).
+
+Every scenario starts its own Dovecot and SecantusDB on 127.0.0.1 (or uses MONGODB_URI),
+prints a table, and all results go to bench-results.json (BENCH_OUT overrides). Figures are
+measurements, never pass/fail.
+"""
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_mail  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVICES = os.path.join(ROOT, "deploy", "services.sh")
+BIN_DIR = os.environ["MAILPUMP_BIN_DIR"]
+PEERS = os.environ["MAILPUMP_PEERS"]
+VENV = os.environ["MAILPUMP_VENV"]
+PIDS = []
+
+
+def sh(*args, capture=True):
+    out = subprocess.run(["bash", SERVICES, *args], check=True, capture_output=capture, text=True)
+    return out.stdout.strip() if capture else None
+
+
+def free_port():
+    return int(sh("free-port"))
+
+
+def stop(pid):
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Services:
+    """A Dovecot and a database in a temp dir, stopped by PID when done."""
+
+    def __init__(self, extra=""):
+        self.work = tempfile.mkdtemp(prefix="mailpump-bench.", dir="/tmp")
+        os.chmod(self.work, 0o755)
+        self.dc = os.path.join(self.work, "dovecot")
+        self.imap, self.pop3 = free_port(), free_port()
+        extra_file = os.path.join(self.work, "extra.conf")
+        with open(extra_file, "w") as f:
+            f.write(extra)
+        sh("dovecot-config", self.dc, str(self.imap), str(free_port()), str(self.pop3), str(free_port()), extra_file)
+        self.uid = 20900
+        self.dovecot_pid = None
+        if os.environ.get("MONGODB_URI"):
+            self.uri, self.dbkind = os.environ["MONGODB_URI"], "MongoDB at MONGODB_URI"
+        else:
+            port = free_port()
+            pid = int(sh("secantus-start", os.path.join(self.work, "db"), str(port)))
+            PIDS.append(pid)
+            self.uri, self.dbkind = "mongodb://127.0.0.1:%d" % port, "SecantusDB 0.7.0b3 (standalone, Python)"
+
+    def add_users(self, names):
+        """Users with their own uids, written in one go (faster than one add-user each)."""
+        with open(os.path.join(self.dc, "users"), "a") as users:
+            for i, name in enumerate(names):
+                uid = self.uid + i
+                home = os.path.join(self.dc, "home", name)
+                for sub in ("cur", "new", "tmp"):
+                    os.makedirs(os.path.join(home, "Maildir", sub), exist_ok=True)
+                for d, _, files in os.walk(home):
+                    os.chown(d, uid, 65534)
+                users.write("%s:{PLAIN}pw-%s:%d:65534::%s::\n" % (name, name, uid, home))
+        return {name: self.uid + i for i, name in enumerate(names)}
+
+    def maildir(self, user):
+        return os.path.join(self.dc, "home", user, "Maildir")
+
+    def start_dovecot(self):
+        subprocess.run(["dovecot", "-c", os.path.join(self.dc, "dovecot.conf")], check=True, stdin=subprocess.DEVNULL)
+        for _ in range(200):
+            pidfile = os.path.join(self.dc, "run", "master.pid")
+            if os.path.exists(pidfile) and open(pidfile).read().strip():
+                self.dovecot_pid = int(open(pidfile).read())
+                PIDS.append(self.dovecot_pid)
+                return
+            time.sleep(0.05)
+        raise SystemExit("dovecot did not start")
+
+    def config(self, database, accounts, extra=""):
+        text = '[store]\nuri = "%s"\ndatabase = "%s"\n%s\n' % (self.uri, database, extra)
+        for name, protocol, port in accounts:
+            text += ('[accounts.%s]\nprotocol = "%s"\nhost = "127.0.0.1"\nport = %d\nsecurity = "plain"\n'
+                     'username = "%s"\npassword = "pw-%s"\n\n' % (name, protocol, port, name, name))
+        path = os.path.join(self.work, database + ".toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def count(self, database):
+        import pymongo
+        return pymongo.MongoClient(self.uri)[database].messages.count_documents({})
+
+    def close(self):
+        for pid in [self.dovecot_pid] + PIDS:
+            if pid:
+                stop(pid)
+        PIDS.clear()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def timed(cmd, env=None):
+    """Runs cmd under /usr/bin/time; returns (stdout, wall seconds, peak RSS MB)."""
+    with tempfile.NamedTemporaryFile("r") as t:
+        started = time.monotonic()
+        out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name, *cmd], capture_output=True, text=True, env=env)
+        wall = time.monotonic() - started
+        if out.returncode != 0:
+            raise SystemExit("%s failed:\n%s\n%s" % (cmd[0], out.stdout[-3000:], out.stderr[-3000:]))
+        rss = int(open(t.name).read().split()[-1]) / 1024
+    return out.stdout, wall, rss
+
+
+def summary(stdout):
+    for line in stdout.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("message") in ("mailbox_synced", "mailbox_sync_failed"):
+            return e
+    raise SystemExit("no summary in:\n" + stdout[-2000:])
+
+
+def row(label, seconds, n, mb, rss=None, extra=""):
+    print("%-46s %8.2f %8d %7.1f %9s  %s" % (label, seconds, n / seconds, mb / seconds, "%.0f MB" % rss if rss else "-", extra))
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)}
+
+
+def backfill(n):
+    s = Services()
+    try:
+        s.add_users(["bench"])
+        seed = bench_mail.seed_quiet(s.maildir("bench"), s.uid, n)
+        s.start_dovecot()
+        mb = seed["bytes"] / 1e6
+        print("\n== backfill: %d messages, %.1f MB; database: %s" % (n, mb, s.dbkind))
+        print("%-46s %8s %8s %7s %9s" % ("", "seconds", "msg/s", "MB/s", "peak RSS"))
+        bench_mail.fetch_quiet(s.imap, "bench", "pw-bench")  # warm-up: Dovecot indexes the mailbox
+        bare = bench_mail.fetch_quiet(s.imap, "bench", "pw-bench")
+        row("bare UID FETCH 1:* (raw socket)", bare["elapsed_s"], n, mb)
+        out, _, rss = timed([os.path.join(BIN_DIR, "examples", "fetch_ceiling"), str(s.imap), "bench", "pw-bench", "100"])
+        fetch = json.loads(out)
+        row("fetch ceiling: mailpump's FETCHes, bytes dropped", fetch["elapsed_s"], n, mb, rss)
+        out, _, rss = timed([os.path.join(BIN_DIR, "examples", "store_ceiling"), s.uri, "ceiling", s.maildir("bench"), "100"])
+        store = json.loads(out)
+        row("store ceiling: mailpump's writes, pre-parsed", store["elapsed_s"], n, mb, rss)
+        cfg = s.config("mailpump", [("bench", "imap", s.imap)])
+        out, wall, rss = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"])
+        sync = summary(out)
+        t_sync = sync["elapsed_ms"] / 1000
+        lower = max(fetch["elapsed_s"], store["elapsed_s"])
+        row("mailpump sync (IMAP)", t_sync, n, mb, rss, "%.0f%% of the lower ceiling" % (100 * lower / t_sync))
+        again = summary(timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"])[0])
+        cfg3 = s.config("pop3", [("bench", "pop3", s.pop3)])
+        out, _, rss3 = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg3, "sync"])
+        pop = summary(out)
+        row("mailpump sync (POP3, same mail)", pop["elapsed_ms"] / 1000, n, mb, rss3)
+        peers = {}
+        for label, cmd, db in (
+            ("seed pipeline: node-imap + mailparser", ["node", os.path.join(ROOT, "deploy/peers/node_imap.js")], "node_imap"),
+            ("imapflow + mailparser", ["node", os.path.join(ROOT, "deploy/peers/imapflow.js")], "imapflow"),
+            ("python imaplib + email + pymongo", [os.path.join(VENV, "bin/python"), os.path.join(ROOT, "deploy/peers/python_imaplib.py")], "python"),
+        ):
+            env = dict(os.environ, NODE_PATH=os.path.join(PEERS, "node_modules"), NODE_OPTIONS="--max-old-space-size=8192")
+            out, wall, rss = timed([*cmd, str(s.imap), "bench", "pw-bench", s.uri, db], env=env)
+            r = json.loads(out.strip().splitlines()[-1])
+            stored = s.count(db)
+            row(label, r["elapsed_s"], n, mb, rss, "mailpump is %.1fx faster; stored %d" % (r["elapsed_s"] / t_sync, stored))
+            peers[db] = {"seconds": round(r["elapsed_s"], 2), "msg_per_s": round(n / r["elapsed_s"]), "peak_rss_mb": round(rss), "stored": stored,
+                         "mailpump_speedup": round(r["elapsed_s"] / t_sync, 2)}
+        return {
+            "messages": n, "bytes": seed["bytes"], "database": s.dbkind,
+            "bare_fetch": {"seconds": round(bare["elapsed_s"], 3), "msg_per_s": round(n / bare["elapsed_s"])},
+            "fetch_ceiling": {"seconds": fetch["elapsed_s"], "msg_per_s": round(n / fetch["elapsed_s"])},
+            "store_ceiling": {"seconds": store["elapsed_s"], "msg_per_s": round(n / store["elapsed_s"])},
+            "mailpump": {"seconds": t_sync, "msg_per_s": round(n / t_sync), "mb_per_s": round(mb / t_sync, 1), "peak_rss_mb": round(rss),
+                         "stored": sync["stored"], "ratio_of_lower_ceiling": round(lower / t_sync, 3),
+                         "second_sync_fetched": again["fetched"]},
+            "pop3": {"seconds": pop["elapsed_ms"] / 1000, "msg_per_s": round(n / (pop["elapsed_ms"] / 1000)), "stored": pop["stored"]},
+            "peers": peers,
+        }
+    finally:
+        s.close()
+
+
+def latency(n):
+    s = Services()
+    try:
+        s.add_users(["bench"])
+        s.start_dovecot()
+        cfg = s.config("latency", [("bench", "imap", s.imap)])
+        log = open(os.path.join(s.work, "run.log"), "w")
+        daemon = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "run"], stdout=log)
+        wait_log(os.path.join(s.work, "run.log"), "watching", 1, 30)
+        r = bench_mail.latency_quiet(s.imap, "bench", "pw-bench", s.maildir("bench"), s.uid, n, s.uri, "latency")
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(15)
+        print("\n== push latency: %d deliveries at random intervals; database: %s" % (n, s.dbkind))
+        print_latency(r)
+        return r
+    finally:
+        s.close()
+
+
+def print_latency(r):
+    print("%-46s %8s %8s %8s %8s" % ("milliseconds after delivery", "p50", "p95", "p99", "max"))
+    for label, k in (("Dovecot's EXISTS to a bare IDLE client", "server_idle_notify_ms"), ("mailpump: stored in MongoDB", "mailpump_delivery_to_stored_ms")):
+        v = r[k]
+        print("%-46s %8.1f %8.1f %8.1f %8.1f" % (label, v["p50"], v["p95"], v["p99"], v["max"]))
+
+
+def wait_log(path, message, count, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        seen = sum(1 for l in open(path) if '"message":"%s"' % message in l)
+        if seen >= count:
+            return time.time()
+        time.sleep(0.1)
+    raise SystemExit("timed out waiting for %d %s events; log tail:\n%s" % (count, message, open(path).read()[-3000:]))
+
+
+def proc_stat(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    rss = next(int(l.split()[1]) for l in open("/proc/%d/status" % pid) if l.startswith("VmRSS:")) / 1024
+    return ticks / os.sysconf("SC_CLK_TCK"), rss
+
+
+def scale(n):
+    extra = ("default_process_limit = %d\ndefault_client_limit = %d\nservice imap {\n  process_limit = %d\n}\n"
+             "service stats {\n  client_limit = %d\n}\n" % (n + 200, 4 * n + 1000, n + 200, 4 * n + 1000))
+    s = Services(extra)
+    try:
+        names = ["u%04d" % i for i in range(n)]
+        uids = s.add_users(names)
+        s.start_dovecot()
+        cfg = s.config("scale", [(name, "imap", s.imap) for name in names])
+        logpath = os.path.join(s.work, "run.log")
+        log = open(logpath, "w")
+        started = time.time()
+        daemon = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "run"], stdout=log)
+        all_idle = wait_log(logpath, "watching", n, 600) - started
+        time.sleep(5)
+        cpu0, rss = proc_stat(daemon.pid)
+        time.sleep(60)
+        cpu1, rss_after = proc_stat(daemon.pid)
+        idle_cpu = (cpu1 - cpu0) / 60 * 100
+        # push latency with every mailbox open: deliveries to random mailboxes
+        import pymongo
+        coll = pymongo.MongoClient(s.uri).scale.messages
+        rng = random.Random(3)
+        delivered = {}
+        for i in range(50):
+            user = rng.choice(names)
+            time.sleep(rng.uniform(0.2, 0.6))
+            raw = ("From: a@example.com\r\nSubject: scale %d\r\n\r\nping\r\n" % i).encode()
+            name = "%d.scale%d.bench" % (int(time.time()), i)
+            tmp = os.path.join(s.maildir(user), "tmp", name)
+            with open(tmp, "wb") as f:
+                f.write(raw)
+            os.chown(tmp, uids[user], 65534)
+            delivered[i] = time.time()
+            os.rename(tmp, os.path.join(s.maildir(user), "new", name))
+        deadline = time.time() + 30
+        while coll.count_documents({}) < 50 and time.time() < deadline:
+            time.sleep(0.2)
+        lat = []
+        for d in coll.find({}):
+            i = int(d["subject"].split()[1])
+            lat.append(d["stored_at"].replace(tzinfo=__import__("datetime").timezone.utc).timestamp() - delivered[i])
+        daemon.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        daemon.wait(30)
+        stop_s = time.time() - t0
+        r = {"mailboxes": n, "seconds_until_all_idle": round(all_idle, 1), "rss_mb": round(rss, 1), "rss_kb_per_mailbox": round(rss * 1024 / n, 1),
+             "rss_mb_after_60s": round(rss_after, 1), "idle_cpu_percent_of_one_core": round(idle_cpu, 2),
+             "latency_ms": bench_mail.percentiles(lat), "sigterm_exit_seconds": round(stop_s, 2)}
+        print("\n== scale: %d mailboxes held open by one daemon (IDLE); database: %s" % (n, s.dbkind))
+        print("all idling after %.1f s; RSS %.1f MB (%.1f KB per mailbox), %.1f MB after 60 s; CPU while idle %.2f%% of one core" %
+              (all_idle, rss, rss * 1024 / n, rss_after, idle_cpu))
+        print("push latency with all open (50 deliveries): p50 %.0f ms, p95 %.0f ms, p99 %.0f ms; SIGTERM exit in %.2f s" %
+              (r["latency_ms"]["p50"], r["latency_ms"]["p95"], r["latency_ms"]["p99"], stop_s))
+        return r
+    finally:
+        s.close()
+
+
+def big(megabytes):
+    s = Services()
+    try:
+        s.add_users(["big"])
+        data = random.Random(5).randbytes(int(megabytes * 1e6 * 3 / 4))
+        import base64
+        b64 = base64.b64encode(data).decode()
+        body = "\r\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+        raw = ("From: a@example.com\r\nSubject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               "--b\r\nContent-Type: text/plain\r\n\r\nsee attachment\r\n--b\r\nContent-Type: application/octet-stream\r\n"
+               "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=big.bin\r\n\r\n" + body + "\r\n--b--\r\n").encode()
+        name = "1.big.bench"
+        tmp = os.path.join(s.maildir("big"), "tmp", name)
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.chown(tmp, s.uid, 65534)
+        os.rename(tmp, os.path.join(s.maildir("big"), "new", name))
+        s.start_dovecot()
+        cfg = s.config("big", [("big", "imap", s.imap)])
+        out, wall, rss = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"])
+        e = summary(out)
+        size_mb = len(raw) / 1e6
+        r = {"message_mb": round(size_mb, 1), "seconds": e["elapsed_ms"] / 1000, "wall_seconds": round(wall, 2), "peak_rss_mb": round(rss),
+             "rss_over_size": round(rss / size_mb, 2), "stored": e["stored"]}
+        print("\n== one %.1f MB message: synced in %.2f s (process %.2f s), peak RSS %.0f MB = %.2fx its size; database: %s" %
+              (size_mb, r["seconds"], wall, rss, r["rss_over_size"], s.dbkind))
+        return r
+    finally:
+        s.close()
+
+
+def main():
+    args = sys.argv[1:]
+    scenario = args[0] if args else "all"
+    size = int(args[1]) if len(args) > 1 else None
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    print("machine: %(cpu)s, %(cores)d cores, %(memory_gb)d GB" % results["machine"])
+    runs = {"backfill": lambda: backfill(size or 10000), "latency": lambda: latency(size or 100),
+            "scale": lambda: scale(size or 1000), "big": lambda: big(size or 50)}
+    for name in (runs if scenario == "all" else [scenario]):
+        results[name] = runs[name]()
+    out = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench-results.json"))
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print("\nwrote", out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        for pid in PIDS:
+            stop(pid)

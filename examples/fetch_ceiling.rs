@@ -1,0 +1,38 @@
+//! Benchmark helper (deploy/bench.sh): the server's ceiling for mailpump's fetch pattern. The
+//! same UID SEARCH, RFC822.SIZE and batched `UID FETCH (... BODY.PEEK[])` commands as a
+//! catch-up, through mailpump's own IMAP session, with the bytes thrown away.
+//!   cargo run --release --example fetch_ceiling -- PORT USER PASSWORD [BATCH]
+
+use std::time::Instant;
+
+use mailpump::config;
+use mailpump::imap::Session;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let (port, user, password) = (&args[1], &args[2], &args[3]);
+    let batch: usize = args.get(4).map(|b| b.parse()).transpose()?.unwrap_or(100);
+    let toml = format!(
+        "[store]\nuri = \"mongodb://unused\"\n[accounts.bench]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"plain\"\nusername = \"{user}\"\npassword = \"{password}\"\n"
+    );
+    let account = config::from_toml_str(&toml)?.accounts.remove(0);
+    let mut session = Session::connect(&account).await?;
+    let started = Instant::now();
+    session.open_mailbox("INBOX", false).await?;
+    let uids = session.search_after(0, None, false).await?;
+    let mut sizes = Vec::new();
+    for chunk in uids.chunks(5000) {
+        sizes.extend(session.fetch_sizes(chunk).await?);
+    }
+    let (mut messages, mut bytes) = (0usize, 0u64);
+    for chunk in uids.chunks(batch) {
+        for m in session.fetch_bodies(chunk).await? {
+            messages += 1;
+            bytes += m.body.len() as u64;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("{{\"elapsed_s\": {elapsed:.3}, \"messages\": {messages}, \"bytes\": {bytes}}}");
+    Ok(())
+}

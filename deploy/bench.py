@@ -124,16 +124,21 @@ class Services:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+CPU = {}
+
+
 def timed(cmd, env=None):
-    """Runs cmd under /usr/bin/time; returns (stdout, wall seconds, peak RSS MB)."""
+    """Runs cmd under /usr/bin/time; returns (stdout, wall seconds, peak RSS MB). The CPU
+    seconds (user + system) it used are kept in CPU[cmd[-1] or the program]."""
     with tempfile.NamedTemporaryFile("r") as t:
         started = time.monotonic()
-        out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name, *cmd], capture_output=True, text=True, env=env)
+        out = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", t.name, *cmd], capture_output=True, text=True, env=env)
         wall = time.monotonic() - started
         if out.returncode != 0:
             raise SystemExit("%s failed:\n%s\n%s" % (cmd[0], out.stdout[-3000:], out.stderr[-3000:]))
-        rss = int(open(t.name).read().split()[-1]) / 1024
-    return out.stdout, wall, rss
+        rss_kb, user, system = open(t.name).read().split()[-3:]
+        CPU["last"] = float(user) + float(system)
+    return out.stdout, wall, int(rss_kb) / 1024
 
 
 def summary(stdout):
@@ -147,8 +152,9 @@ def summary(stdout):
     raise SystemExit("no summary in:\n" + stdout[-2000:])
 
 
-def row(label, seconds, n, mb, rss=None, extra=""):
-    print("%-46s %8.2f %8d %7.1f %9s  %s" % (label, seconds, n / seconds, mb / seconds, "%.0f MB" % rss if rss else "-", extra))
+def row(label, seconds, n, mb, rss=None, extra="", cpu=None):
+    cpu_text = "%.2f" % (cpu * 1000 / n) if cpu is not None else "-"
+    print("%-46s %8.2f %8d %7.1f %9s %9s  %s" % (label, seconds, n / seconds, mb / seconds, "%.0f MB" % rss if rss else "-", cpu_text, extra))
 
 
 def machine():
@@ -164,27 +170,24 @@ def backfill(n):
         s.start_dovecot()
         mb = seed["bytes"] / 1e6
         print("\n== backfill: %d messages, %.1f MB; database: %s" % (n, mb, s.dbkind))
-        print("%-46s %8s %8s %7s %9s" % ("", "seconds", "msg/s", "MB/s", "peak RSS"))
+        print("%-46s %8s %8s %7s %9s %9s" % ("", "seconds", "msg/s", "MB/s", "peak RSS", "CPU s/1k"))
         bench_mail.fetch_quiet(s.imap, "bench", "pw-bench")  # warm-up: Dovecot indexes the mailbox
         bare = bench_mail.fetch_quiet(s.imap, "bench", "pw-bench")
         row("bare UID FETCH 1:* (raw socket)", bare["elapsed_s"], n, mb)
         out, _, rss = timed([os.path.join(BIN_DIR, "examples", "fetch_ceiling"), str(s.imap), "bench", "pw-bench", "100"])
         fetch = json.loads(out)
-        row("fetch ceiling: mailpump's FETCHes, bytes dropped", fetch["elapsed_s"], n, mb, rss)
+        row("fetch ceiling: mailpump's FETCHes, bytes dropped", fetch["elapsed_s"], n, mb, rss, cpu=CPU["last"])
         out, _, rss = timed([os.path.join(BIN_DIR, "examples", "store_ceiling"), s.uri, "ceiling", s.maildir("bench"), "100"])
         store = json.loads(out)
-        row("store ceiling: mailpump's writes, pre-parsed", store["elapsed_s"], n, mb, rss)
+        row("store ceiling: mailpump's writes, pre-parsed", store["elapsed_s"], n, mb, rss, cpu=CPU["last"])
         cfg = s.config("mailpump", [("bench", "imap", s.imap)])
         out, wall, rss = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"])
         sync = summary(out)
         t_sync = sync["elapsed_ms"] / 1000
         lower = max(fetch["elapsed_s"], store["elapsed_s"])
-        row("mailpump sync (IMAP)", t_sync, n, mb, rss, "%.0f%% of the lower ceiling" % (100 * lower / t_sync))
+        cpu_sync = CPU["last"]
+        row("mailpump sync (IMAP)", t_sync, n, mb, rss, "%.0f%% of the lower ceiling" % (100 * lower / t_sync), cpu=cpu_sync)
         again = summary(timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"])[0])
-        cfg3 = s.config("pop3", [("bench", "pop3", s.pop3)])
-        out, _, rss3 = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg3, "sync"])
-        pop = summary(out)
-        row("mailpump sync (POP3, same mail)", pop["elapsed_ms"] / 1000, n, mb, rss3)
         peers = {}
         for label, cmd, db in (
             ("seed pipeline: node-imap + mailparser", ["node", os.path.join(ROOT, "deploy/peers/node_imap.js")], "node_imap"),
@@ -195,15 +198,22 @@ def backfill(n):
             out, wall, rss = timed([*cmd, str(s.imap), "bench", "pw-bench", s.uri, db], env=env)
             r = json.loads(out.strip().splitlines()[-1])
             stored = s.count(db)
-            row(label, r["elapsed_s"], n, mb, rss, "mailpump is %.1fx faster; stored %d" % (r["elapsed_s"] / t_sync, stored))
+            row(label, r["elapsed_s"], n, mb, rss, "mailpump %.1fx faster, %.1fx less CPU; stored %d" % (r["elapsed_s"] / t_sync, CPU["last"] / cpu_sync, stored), cpu=CPU["last"])
             peers[db] = {"seconds": round(r["elapsed_s"], 2), "msg_per_s": round(n / r["elapsed_s"]), "peak_rss_mb": round(rss), "stored": stored,
-                         "mailpump_speedup": round(r["elapsed_s"] / t_sync, 2)}
+                         "cpu_seconds": round(CPU["last"], 2), "mailpump_speedup": round(r["elapsed_s"] / t_sync, 2),
+                         "mailpump_cpu_advantage": round(CPU["last"] / cpu_sync, 2)}
+        # last: Dovecot marks messages \Seen when POP3 retrieves them, and the seed pipeline
+        # searches UNSEEN
+        cfg3 = s.config("pop3", [("bench", "pop3", s.pop3)])
+        out, _, rss3 = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg3, "sync"])
+        pop = summary(out)
+        row("mailpump sync (POP3, same mail)", pop["elapsed_ms"] / 1000, n, mb, rss3)
         return {
             "messages": n, "bytes": seed["bytes"], "database": s.dbkind,
             "bare_fetch": {"seconds": round(bare["elapsed_s"], 3), "msg_per_s": round(n / bare["elapsed_s"])},
             "fetch_ceiling": {"seconds": fetch["elapsed_s"], "msg_per_s": round(n / fetch["elapsed_s"])},
             "store_ceiling": {"seconds": store["elapsed_s"], "msg_per_s": round(n / store["elapsed_s"])},
-            "mailpump": {"seconds": t_sync, "msg_per_s": round(n / t_sync), "mb_per_s": round(mb / t_sync, 1), "peak_rss_mb": round(rss),
+            "mailpump": {"seconds": t_sync, "msg_per_s": round(n / t_sync), "mb_per_s": round(mb / t_sync, 1), "peak_rss_mb": round(rss), "cpu_seconds": round(cpu_sync, 2),
                          "stored": sync["stored"], "ratio_of_lower_ceiling": round(lower / t_sync, 3),
                          "second_sync_fetched": again["fetched"]},
             "pop3": {"seconds": pop["elapsed_ms"] / 1000, "msg_per_s": round(n / (pop["elapsed_ms"] / 1000)), "stored": pop["stored"]},
@@ -357,6 +367,10 @@ def main():
     for name in (runs if scenario == "all" else [scenario]):
         results[name] = runs[name]()
     out = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench-results.json"))
+    if os.path.exists(out):  # scenarios run one at a time accumulate in one file
+        previous = json.load(open(out))
+        previous.update(results)
+        results = previous
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
     print("\nwrote", out)

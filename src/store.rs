@@ -27,6 +27,8 @@ use crate::parse::{Blob, ParsedMessage};
 
 /// GridFS' default chunk size, so that any GridFS reader can open our blobs.
 pub const CHUNK_SIZE: usize = 255 * 1024;
+/// Chunk documents are sent in groups of about this many bytes (bounds memory for big blobs).
+const CHUNK_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 const DUPLICATE_KEY: i32 = 11000;
 
@@ -711,6 +713,7 @@ impl Store {
     async fn write_blobs(&self, blobs: &[&Blob]) -> Result<usize, StoreError> {
         let mut files_docs = Vec::new();
         let mut chunk_docs = Vec::new();
+        let mut chunk_bytes = 0usize;
         let mut written = 0;
         for blob in blobs {
             if blob.bytes.len() > CHUNK_SIZE {
@@ -738,6 +741,18 @@ impl Store {
                     "n": n as i32,
                     "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: data.to_vec() },
                 });
+                chunk_bytes += data.len();
+                // Bounded memory: a 50 MB message is written a few MiB at a time, not copied
+                // into chunk documents all at once.
+                if chunk_bytes >= CHUNK_GROUP_BYTES {
+                    self.insert_ignoring_duplicates(
+                        &self.chunks,
+                        std::mem::take(&mut chunk_docs),
+                        "blob chunks",
+                    )
+                    .await?;
+                    chunk_bytes = 0;
+                }
             }
             files_docs.push(doc! {
                 "_id": &blob.sha256,

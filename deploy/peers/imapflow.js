@@ -11,7 +11,7 @@ const [port, user, password, uri, dbName] = process.argv.slice(2);
 async function main() {
   const mongo = await MongoClient.connect(uri);
   const batcher = new Batcher(mongo.db(dbName).collection('messages'), 100);
-  const client = new ImapFlow({ host: '127.0.0.1', port: Number(port), secure: false, auth: { user, pass: password }, logger: false });
+  const client = new ImapFlow({ host: '127.0.0.1', port: Number(port), secure: false, doSTARTTLS: false, auth: { user, pass: password }, logger: false });
   const started = process.hrtime.bigint();
   await client.connect();
   const lock = await client.getMailboxLock('INBOX', { readOnly: true });

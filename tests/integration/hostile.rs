@@ -30,6 +30,8 @@ enum Fault {
     SearchBadWithoutText,
     ByeMidSession,
     NoUidValidity,
+    /// 163.com: SELECT/EXAMINE refused with "Unsafe Login" unless the client sent ID first.
+    RequireId,
 }
 
 /// Starts the server; returns its port and every command line it received.
@@ -61,6 +63,11 @@ async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
                     let (tag, rest) = line.split_once(' ').unwrap_or((&line, ""));
                     let upper = rest.to_ascii_uppercase();
                     let n = MESSAGE.len();
+                    let id_sent = seen
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|l| l.to_ascii_uppercase().contains(" ID (\"NAME\""));
                     let reply: String = if upper.starts_with("LOGIN") {
                         format!("{tag} OK logged in\r\n")
                     } else if upper.starts_with("CAPABILITY") {
@@ -71,8 +78,18 @@ async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
                             Fault::GarbageAfterLogin => {
                                 format!("%%% garbage \x01\x02 %%%\r\n{tag} OK\r\n")
                             }
+                            Fault::RequireId => {
+                                format!("* CAPABILITY IMAP4rev1 ID\r\n{tag} OK\r\n")
+                            }
                             _ => format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK\r\n"),
                         }
+                    } else if upper.starts_with("ID ") {
+                        format!("* ID (\"name\" \"scripted\")\r\n{tag} OK ID completed\r\n")
+                    } else if fault == Fault::RequireId
+                        && !id_sent
+                        && (upper.starts_with("EXAMINE") || upper.starts_with("SELECT"))
+                    {
+                        format!("{tag} NO SELECT Unsafe Login. Please contact kefu@188.com for help\r\n")
                     } else if upper.starts_with("EXAMINE") || upper.starts_with("SELECT") {
                         let validity = if fault == Fault::NoUidValidity {
                             String::new()
@@ -208,6 +225,30 @@ async fn the_well_behaved_script_syncs() {
     let (run, db) = sync_against(Fault::None).await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
     assert_eq!(db.count("messages", doc! {}).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_163_style_server_that_wants_imap_id_before_select_is_served() {
+    let (port, seen) = server(Fault::RequireId).await;
+    let db = TestDb::new().await;
+    let spec = AccountSpec {
+        name: "netease".into(),
+        port,
+        security: "plain",
+        username: "u".into(),
+        password: "p".into(),
+        extra: vec![],
+    };
+    let run = Mailpump::new(&db, &[spec]).run_async(&["sync"]).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(db.count("messages", doc! {}).await, 1);
+    let lines = seen.lock().unwrap().clone();
+    let id = lines
+        .iter()
+        .position(|l| l.contains(" ID (\"name\" \"mailpump\" \"version\""))
+        .expect("ID sent");
+    let examine = lines.iter().position(|l| l.contains("EXAMINE")).unwrap();
+    assert!(id < examine, "ID before EXAMINE: {lines:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

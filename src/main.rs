@@ -58,6 +58,32 @@ enum Command {
     },
 }
 
+/// One connection per mailbox: 1,000 mailboxes need more descriptors than the usual soft limit
+/// of 1,024. Raise the soft limit to the hard one (what systemd's LimitNOFILE or ulimit -Hn
+/// allows); returns the new soft limit.
+fn raise_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                return Some(wanted.rlim_cur);
+            }
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -85,6 +111,13 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(cli.log_format, config.log_level.as_deref());
+    let mailboxes: usize = config.accounts.iter().map(|a| a.mailboxes.len()).sum();
+    match raise_open_files_limit() {
+        Some(n) if (n as usize) < mailboxes + 64 => {
+            tracing::warn!(open_files_limit = n, mailboxes, "open_files_limit_low")
+        }
+        _ => {}
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

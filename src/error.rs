@@ -10,3 +10,12 @@ pub enum ErrorClass {
     /// Nothing will change until the operator does something (configuration): stop the task.
     Fatal,
 }
+
+/// The text of a caught panic (`catch_unwind`), for logs and parse errors.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

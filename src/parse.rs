@@ -138,11 +138,7 @@ pub fn parse(raw: Vec<u8>, limits: Limits) -> ParsedMessage {
             limits,
         ),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let why = crate::error::panic_message(panic.as_ref());
             fallback(
                 &raw_blob.bytes,
                 &format!("the parser panicked: {why}"),

@@ -60,11 +60,7 @@ async fn supervised(task: MailboxTask, cancel: CancellationToken) -> Exit {
             {
                 Ok(exit) => return exit,
                 Err(panic) => {
-                    let why = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
+                    let why = crate::error::panic_message(panic.as_ref());
                     let delay = backoff.next_delay(ErrorClass::Retry, &mut rng);
                     tracing::error!(account = %task.account.name, mailbox = %task.mailbox, error = %why, delay_ms = delay.as_millis() as u64, "mailbox_task_panicked");
                     tokio::select! {

@@ -82,6 +82,45 @@ impl async_imap::Authenticator for PlainAuth<'_> {
     }
 }
 
+/// Awaits `read` (a `read_response()`) under `timeout`, returning the error from the enclosing
+/// function when it times out, fails or meets EOF. A macro because async-imap's ResponseData
+/// cannot be named outside that crate.
+macro_rules! next_response {
+    ($read:expr, $timeout:expr, $what:expr) => {
+        match tokio::time::timeout($timeout, $read).await {
+            Err(_) => {
+                return Err(ImapError::Timeout {
+                    what: $what.into(),
+                    after: $timeout,
+                })
+            }
+            Ok(Err(e)) => return Err(ImapError::from_read(e)),
+            Ok(Ok(None)) => return Err(ImapError::Closed),
+            Ok(Ok(Some(r))) => r,
+        }
+    };
+}
+
+/// A tagged NO/BAD to `command`, as an error.
+fn rejected(
+    command: &str,
+    status: &Status,
+    information: Option<&str>,
+    hint: &'static str,
+) -> ImapError {
+    ImapError::Rejected {
+        command: command.to_string(),
+        status: status_word(status),
+        text: clean_status_text(information.unwrap_or("")),
+        hint,
+    }
+}
+
+/// An untagged BYE, as an error.
+fn bye(information: Option<&str>) -> ImapError {
+    ImapError::Bye(information.unwrap_or("").to_string())
+}
+
 fn status_word(status: &Status) -> &'static str {
     match status {
         Status::Ok => "OK",
@@ -171,18 +210,11 @@ impl Session {
         let mut client = async_imap::Client::new(BufWriter::new(transport));
         if !greeting_read {
             // async-imap does not read the greeting itself; authenticate() hangs without this.
-            let greeting = match tokio::time::timeout(connect_timeout, client.read_response()).await
-            {
-                Err(_) => {
-                    return Err(ImapError::Timeout {
-                        what: "the server greeting".into(),
-                        after: connect_timeout,
-                    })
-                }
-                Ok(Err(e)) => return Err(ImapError::from_read(e)),
-                Ok(Ok(None)) => return Err(ImapError::Closed),
-                Ok(Ok(Some(g))) => g,
-            };
+            let greeting = next_response!(
+                client.read_response(),
+                connect_timeout,
+                "the server greeting"
+            );
             match greeting.parsed() {
                 Response::Data {
                     status: Status::Ok | Status::PreAuth,
@@ -191,11 +223,7 @@ impl Session {
                 Response::Data {
                     status: Status::Bye,
                     outcome,
-                } => {
-                    return Err(ImapError::Bye(
-                        outcome.information.as_deref().unwrap_or("").to_string(),
-                    ))
-                }
+                } => return Err(bye(outcome.information.as_deref())),
                 other => {
                     return Err(ImapError::Protocol(format!(
                         "unexpected greeting {other:?}"
@@ -309,18 +337,11 @@ impl Session {
         let mut pending_error = None;
         loop {
             // (async-imap's ResponseData cannot be named outside it, so this stays inline.)
-            let response =
-                match tokio::time::timeout(self.timeout, self.inner.read_response()).await {
-                    Err(_) => {
-                        return Err(ImapError::Timeout {
-                            what: format!("the reply to {verb}"),
-                            after: self.timeout,
-                        })
-                    }
-                    Ok(Err(e)) => return Err(ImapError::from_read(e)),
-                    Ok(Ok(None)) => return Err(ImapError::Closed),
-                    Ok(Ok(Some(r))) => r,
-                };
+            let response = next_response!(
+                self.inner.read_response(),
+                self.timeout,
+                format!("the reply to {verb}")
+            );
             match response.parsed() {
                 Response::Done {
                     tag: t,
@@ -357,9 +378,7 @@ impl Session {
                     status: Status::Bye,
                     outcome,
                 } => {
-                    return Err(ImapError::Bye(
-                        outcome.information.as_deref().unwrap_or("").to_string(),
-                    ));
+                    return Err(bye(outcome.information.as_deref()));
                 }
                 Response::Data {
                     status: Status::No | Status::Bad,
@@ -587,17 +606,8 @@ impl Session {
         // Wait for the continuation; a change announced before it still counts.
         let mut changed = false;
         loop {
-            let response = match tokio::time::timeout(timeout, self.inner.read_response()).await {
-                Err(_) => {
-                    return Err(ImapError::Timeout {
-                        what: "the IDLE continuation".into(),
-                        after: timeout,
-                    })
-                }
-                Ok(Err(e)) => return Err(ImapError::from_read(e)),
-                Ok(Ok(None)) => return Err(ImapError::Closed),
-                Ok(Ok(Some(r))) => r,
-            };
+            let response =
+                next_response!(self.inner.read_response(), timeout, "the IDLE continuation");
             match response.parsed() {
                 Response::Continue(_) => break,
                 Response::Done {
@@ -605,21 +615,12 @@ impl Session {
                     status,
                     outcome,
                 } if *t == tag => {
-                    return Err(ImapError::Rejected {
-                        command: "IDLE".into(),
-                        status: status_word(status),
-                        text: clean_status_text(outcome.information.as_deref().unwrap_or("")),
-                        hint: "",
-                    })
+                    return Err(rejected("IDLE", status, outcome.information.as_deref(), ""))
                 }
                 Response::Data {
                     status: Status::Bye,
                     outcome,
-                } => {
-                    return Err(ImapError::Bye(
-                        outcome.information.as_deref().unwrap_or("").to_string(),
-                    ))
-                }
+                } => return Err(bye(outcome.information.as_deref())),
                 other => changed |= is_change(other),
             }
         }
@@ -641,7 +642,7 @@ impl Session {
                         };
                         match response.parsed() {
                             Response::Data { status: Status::Bye, outcome } => {
-                                return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()))
+                                return Err(bye(outcome.information.as_deref()))
                             }
                             Response::Done { tag: t, .. } if *t == tag => {
                                 return Err(ImapError::Protocol("the server ended IDLE on its own".into()))
@@ -664,17 +665,7 @@ impl Session {
             Ok(Ok(())) => {}
         }
         loop {
-            let response = match tokio::time::timeout(timeout, self.inner.read_response()).await {
-                Err(_) => {
-                    return Err(ImapError::Timeout {
-                        what: "the reply to DONE".into(),
-                        after: timeout,
-                    })
-                }
-                Ok(Err(e)) => return Err(ImapError::from_read(e)),
-                Ok(Ok(None)) => return Err(ImapError::Closed),
-                Ok(Ok(Some(r))) => r,
-            };
+            let response = next_response!(self.inner.read_response(), timeout, "the reply to DONE");
             match response.parsed() {
                 Response::Done {
                     tag: t,
@@ -686,21 +677,12 @@ impl Session {
                     status,
                     outcome,
                 } if *t == tag => {
-                    return Err(ImapError::Rejected {
-                        command: "IDLE".into(),
-                        status: status_word(status),
-                        text: clean_status_text(outcome.information.as_deref().unwrap_or("")),
-                        hint: "",
-                    })
+                    return Err(rejected("IDLE", status, outcome.information.as_deref(), ""))
                 }
                 Response::Data {
                     status: Status::Bye,
                     outcome,
-                } => {
-                    return Err(ImapError::Bye(
-                        outcome.information.as_deref().unwrap_or("").to_string(),
-                    ))
-                }
+                } => return Err(bye(outcome.information.as_deref())),
                 _ => {}
             }
         }

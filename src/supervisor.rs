@@ -47,26 +47,31 @@ struct Supervisor {
     generation: u64,
 }
 
-/// Runs a mailbox task, restarting it with backoff if it panics: a panic in one mailbox
-/// never reaches another.
-async fn supervised(task: MailboxTask, cancel: CancellationToken) -> Exit {
-    {
-        let mut backoff = Backoff::new(task.policy);
-        let mut rng = rand::rngs::StdRng::from_entropy();
-        loop {
-            match AssertUnwindSafe(task.clone().run(cancel.clone()))
-                .catch_unwind()
-                .await
-            {
-                Ok(exit) => return exit,
-                Err(panic) => {
-                    let why = crate::error::panic_message(panic.as_ref());
-                    let delay = backoff.next_delay(ErrorClass::Retry, &mut rng);
-                    tracing::error!(account = %task.account.name, mailbox = %task.mailbox, error = %why, delay_ms = delay.as_millis() as u64, "mailbox_task_panicked");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Exit::Cancelled,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+/// Runs a mailbox task (a fresh future from `run` each time), restarting it with backoff if it
+/// panics: a panic in one mailbox never reaches another.
+async fn supervised<F, Fut>(
+    name: &str,
+    mailbox: &str,
+    policy: BackoffPolicy,
+    cancel: CancellationToken,
+    mut run: F,
+) -> Exit
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Exit>,
+{
+    let mut backoff = Backoff::new(policy);
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    loop {
+        match AssertUnwindSafe(run()).catch_unwind().await {
+            Ok(exit) => return exit,
+            Err(panic) => {
+                let why = crate::error::panic_message(panic.as_ref());
+                let delay = backoff.next_delay(ErrorClass::Retry, &mut rng);
+                tracing::error!(account = name, mailbox, error = %why, delay_ms = delay.as_millis() as u64, "mailbox_task_panicked");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Exit::Cancelled,
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
@@ -98,8 +103,15 @@ impl Supervisor {
         let generation = self.generation;
         let k = key.clone();
         let c = cancel.clone();
-        self.tasks
-            .spawn(async move { (k, generation, supervised(task, c).await) });
+        self.tasks.spawn(async move {
+            let (name, mailbox, policy) =
+                (task.account.name.clone(), task.mailbox.clone(), task.policy);
+            let exit = supervised(&name, &mailbox, policy, c.clone(), || {
+                task.clone().run(c.clone())
+            })
+            .await;
+            (k, generation, exit)
+        });
         tracing::info!(account = %key.0, mailbox = %key.1, "mailbox_started");
         self.running.insert(
             key,
@@ -277,4 +289,53 @@ pub async fn run(
     store.shutdown().await;
     tracing::info!("stopped");
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_task_is_restarted_after_a_backoff_and_its_exit_returned() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let exit = supervised(
+            "a",
+            "INBOX",
+            BackoffPolicy::default(),
+            CancellationToken::new(),
+            move || {
+                let r = r.clone();
+                async move {
+                    if r.fetch_add(1, Ordering::SeqCst) < 2 {
+                        panic!("boom");
+                    }
+                    Exit::Fatal("done".into())
+                }
+            },
+        )
+        .await;
+        assert_eq!(exit, Exit::Fatal("done".into()));
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_task_stops_on_cancel_during_its_backoff() {
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let exit = supervised(
+            "a",
+            "INBOX",
+            BackoffPolicy::default(),
+            cancel.clone(),
+            move || {
+                c.cancel();
+                async { panic!("always") }
+            },
+        )
+        .await;
+        assert_eq!(exit, Exit::Cancelled);
+    }
 }

@@ -56,17 +56,13 @@ async fn a_server_without_idle_is_polled() {
         &db,
         &[AccountSpec::plain("poll", &dc, &user).with("poll_interval = \"1s\"")],
     );
-    let _daemon_guard;
-    {
-        let daemon = Daemon::start(&mp);
-        daemon
-            .wait_for_log(SOON, "watching", |l| {
-                l.iter().any(|e| e["message"] == "watching")
-            })
-            .await;
-        assert_eq!(daemon.events("watching")[0]["mode"], "poll");
-        _daemon_guard = daemon;
-    }
+    let daemon = Daemon::start(&mp);
+    daemon
+        .wait_for_log(SOON, "watching", |l| {
+            l.iter().any(|e| e["message"] == "watching")
+        })
+        .await;
+    assert_eq!(daemon.events("watching")[0]["mode"], "poll");
     dc.deliver(&user, &message("polled", "x"));
     wait_count(&db, 1).await;
 }

@@ -3,8 +3,11 @@
 //! timeout on every read (async-imap's own helpers report success on EOF and swallow tagged
 //! NO/BAD: see notes/crates.md).
 //!
+//! `sanitize` filters what imap-proto cannot parse but must ignore (unknown untagged responses).
+//!
 //! **Invariant:** any error leaves the session unusable: callers drop it and reconnect.
 
+pub mod sanitize;
 pub mod session;
 pub mod transport;
 pub mod utf7;

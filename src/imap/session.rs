@@ -8,12 +8,13 @@ use async_imap::imap_proto::{self, AttributeValue, MailboxDatum, Response, Respo
 use chrono::{DateTime, FixedOffset, NaiveDate};
 use tokio::io::BufWriter;
 
+use super::sanitize::Sanitize;
 use super::transport::{self, Transport};
 use super::utf7;
 use super::ImapError;
 use crate::config::{Account, Security};
 
-type Stream = BufWriter<Transport>;
+type Stream = BufWriter<Sanitize<Transport>>;
 
 /// What EXAMINE (or SELECT) reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +208,7 @@ impl Session {
     ) -> Result<Session, ImapError> {
         let timeout = account.settings.command_timeout;
         let connect_timeout = account.settings.connect_timeout;
-        let mut client = async_imap::Client::new(BufWriter::new(transport));
+        let mut client = async_imap::Client::new(BufWriter::new(Sanitize::new(transport)));
         if !greeting_read {
             // async-imap does not read the greeting itself; authenticate() hangs without this.
             let greeting = next_response!(

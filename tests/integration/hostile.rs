@@ -267,13 +267,21 @@ async fn broken_greetings() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn garbage_and_unparseable_capabilities() {
+async fn garbage_and_odd_capabilities() {
     assert_fails_cleanly(Fault::GarbageAfterLogin, "cannot parse: %%% garbage").await;
-    assert_fails_cleanly(
-        Fault::CapabilityDoubleSpace,
-        "cannot parse: * CAPABILITY IMAP4rev1  IDLE",
-    )
-    .await;
+    // imap-proto cannot parse a double space; the transport filter collapses it
+    let (run, db) = sync_against(Fault::CapabilityDoubleSpace).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(db.count("messages", doc! {}).await, 1);
+    crate::harness::reliability::record(crate::harness::reliability::Row {
+        fault: "hostile IMAP server: a CAPABILITY line with a double space (collapsed by the transport filter: synced)",
+        tries: 1,
+        expected: 1,
+        stored: 1,
+        duplicated: 0,
+        crashes: 0,
+        hangs: 0,
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -292,25 +300,17 @@ async fn tagged_bad_without_text_and_bye_mid_session() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unknown_untagged_responses() {
-    // RFC 3501 asks clients to ignore what they do not know; imap-proto cannot parse some of
-    // it: either way, no panic, no hang, no checkpoint past an unstored message.
+async fn unknown_untagged_responses_are_ignored() {
+    // RFC 3501 section 7: clients must ignore what they do not know. imap-proto would fail the
+    // session on it; the transport filter drops it.
     let (run, db) = sync_against(Fault::UnknownUntagged).await;
-    let stored = db.count("messages", doc! {}).await;
-    let last_uid = db
-        .mailbox("hostile/INBOX")
-        .await
-        .and_then(|d| d.get_i64("last_uid").ok())
-        .unwrap_or(0);
-    assert_eq!(last_uid as u64, stored, "{}", run.stdout());
-    if run.code() != 0 {
-        assert!(run.event("mailbox_sync_failed")["error"].is_string());
-    }
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(db.count("messages", doc! {}).await, 1);
     crate::harness::reliability::record(crate::harness::reliability::Row {
-        fault: "hostile IMAP server: an unknown untagged response (imap-proto cannot parse it: the session fails cleanly, nothing moves)",
+        fault: "hostile IMAP server: an unknown untagged response in the middle of a command (ignored: synced)",
         tries: 1,
-        expected: 0,
-        stored,
+        expected: 1,
+        stored: 1,
         duplicated: 0,
         crashes: 0,
         hangs: 0,

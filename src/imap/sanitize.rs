@@ -1,0 +1,288 @@
+//! A read-side filter between the socket and async-imap, for server output that is valid (or
+//! harmless) but that imap-proto cannot parse:
+//! - untagged responses it does not know (`* XAPPLEPUSHSERVICE ...`): RFC 3501 section 7 asks
+//!   clients to ignore them, imap-proto fails the whole session; they are dropped;
+//! - `* CAPABILITY` lines with repeated spaces: the spaces are collapsed.
+//!
+//! Everything else passes byte for byte. Literals (`{n}` at the end of a line) are carried
+//! whole and never inspected, so message bodies cannot be mistaken for responses.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Untagged response names imap-proto parses (after `* `, or after `* n ` for the numbered).
+const KNOWN: &[&str] = &[
+    "OK",
+    "NO",
+    "BAD",
+    "BYE",
+    "PREAUTH",
+    "CAPABILITY",
+    "LIST",
+    "LSUB",
+    "STATUS",
+    "SEARCH",
+    "SORT",
+    "FLAGS",
+    "ENABLED",
+    "ID",
+    "QUOTA",
+    "QUOTAROOT",
+    "ACL",
+    "LISTRIGHTS",
+    "MYRIGHTS",
+    "METADATA",
+    "VANISHED",
+];
+const KNOWN_NUMBERED: &[&str] = &["EXISTS", "RECENT", "EXPUNGE", "FETCH"];
+/// A single line (not counting literals) longer than this is refused.
+const MAX_LINE: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Pass,
+    Drop,
+    Capability,
+}
+
+#[derive(Debug)]
+pub struct Sanitize<T> {
+    inner: T,
+    /// Bytes ready for the reader.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// The line being collected (up to and including its `\n`).
+    line: Vec<u8>,
+    /// The fate of the response in progress (None between responses).
+    decision: Option<Decision>,
+    /// Literal bytes still to carry.
+    literal: u64,
+    eof: bool,
+}
+
+/// The `n` of a line ending in `{n}\r\n` or `{n+}\r\n`.
+fn literal_length(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\n")?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let line = line.strip_suffix(b"}")?;
+    let open = line.iter().rposition(|b| *b == b'{')?;
+    let digits = &line[open + 1..];
+    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn classify(line: &[u8]) -> Decision {
+    let Some(rest) = line.strip_prefix(b"* ") else {
+        return Decision::Pass;
+    };
+    let mut words = rest
+        .split(|b| *b == b' ' || *b == b'\r' || *b == b'\n')
+        .filter(|w| !w.is_empty());
+    let Some(first) = words.next() else {
+        return Decision::Pass;
+    };
+    let word = String::from_utf8_lossy(first).to_ascii_uppercase();
+    if word.bytes().all(|b| b.is_ascii_digit()) {
+        let name = words
+            .next()
+            .map(|w| String::from_utf8_lossy(w).to_ascii_uppercase())
+            .unwrap_or_default();
+        let name = name.split('(').next().unwrap_or("");
+        return if KNOWN_NUMBERED.contains(&name) {
+            Decision::Pass
+        } else {
+            Decision::Drop
+        };
+    }
+    match word.as_str() {
+        "CAPABILITY" => Decision::Capability,
+        w if KNOWN.contains(&w) => Decision::Pass,
+        _ => Decision::Drop,
+    }
+}
+
+fn collapse_spaces(line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    for &b in line {
+        if !(b == b' ' && out.last() == Some(&b' ')) {
+            out.push(b);
+        }
+    }
+    // "IMAP4rev1 \r\n" -> "IMAP4rev1\r\n"
+    if out.ends_with(b" \r\n") {
+        out.drain(out.len() - 3..out.len() - 2);
+    }
+    out
+}
+
+impl<T> Sanitize<T> {
+    pub fn new(inner: T) -> Sanitize<T> {
+        Sanitize {
+            inner,
+            out: Vec::new(),
+            out_pos: 0,
+            line: Vec::new(),
+            decision: None,
+            literal: 0,
+            eof: false,
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    /// Sorts freshly read bytes into `out`.
+    fn process(&mut self, mut input: &[u8]) -> io::Result<()> {
+        while !input.is_empty() {
+            if self.literal > 0 {
+                let n = (self.literal as usize).min(input.len());
+                if self.decision != Some(Decision::Drop) {
+                    self.out.extend_from_slice(&input[..n]);
+                }
+                self.literal -= n as u64;
+                input = &input[n..];
+                continue;
+            }
+            match input.iter().position(|b| *b == b'\n') {
+                None => {
+                    self.line.extend_from_slice(input);
+                    if self.line.len() > MAX_LINE {
+                        return Err(io::Error::other("a response line longer than 64 MiB"));
+                    }
+                    return Ok(());
+                }
+                Some(i) => {
+                    self.line.extend_from_slice(&input[..=i]);
+                    input = &input[i + 1..];
+                    let line = std::mem::take(&mut self.line);
+                    let decision = *self.decision.get_or_insert_with(|| classify(&line));
+                    match decision {
+                        Decision::Pass => self.out.extend_from_slice(&line),
+                        Decision::Capability => self.out.extend_from_slice(&collapse_spaces(&line)),
+                        Decision::Drop => {
+                            tracing::debug!(line = %String::from_utf8_lossy(&line[..line.len().min(80)]).trim_end(), "unknown_response_ignored")
+                        }
+                    }
+                    match literal_length(&line) {
+                        Some(n) => self.literal = n,
+                        None => self.decision = None,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Sanitize<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.out_pos < this.out.len() {
+                let n = (this.out.len() - this.out_pos).min(buf.remaining());
+                buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                if this.out_pos == this.out.len() {
+                    this.out.clear();
+                    this.out_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut scratch = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let filled = rb.filled();
+                    if filled.is_empty() {
+                        // EOF: whatever partial line there is goes up as it is
+                        this.eof = true;
+                        let rest = std::mem::take(&mut this.line);
+                        this.out.extend_from_slice(&rest);
+                    } else {
+                        this.process(filled)?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Sanitize<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Runs `input` through the filter, fed `step` bytes at a time.
+    async fn filtered(input: &[u8], step: usize) -> Vec<u8> {
+        let mut s = Sanitize::new(tokio_test_reader(input, step));
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    fn tokio_test_reader(input: &[u8], step: usize) -> impl AsyncRead + Unpin {
+        let mut builder = tokio_test::io::Builder::new();
+        for chunk in input.chunks(step) {
+            builder.read(chunk);
+        }
+        builder.build()
+    }
+
+    const SESSION: &[u8] = b"* OK ready\r\n* CAPABILITY IMAP4rev1  IDLE  \r\nA1 OK done\r\n* XAPPLEPUSHSERVICE aps-version 2\r\n* 3 XWEIRD {5}\r\nab\r\nc more\r\n* SEARCH 1 2\r\n* 1 FETCH (UID 1 BODY[] {23}\r\n* XFAKE in a literal\r\n)\r\nA2 OK done\r\n";
+    const EXPECTED: &[u8] = b"* OK ready\r\n* CAPABILITY IMAP4rev1 IDLE\r\nA1 OK done\r\n* SEARCH 1 2\r\n* 1 FETCH (UID 1 BODY[] {23}\r\n* XFAKE in a literal\r\n)\r\nA2 OK done\r\n";
+
+    #[tokio::test]
+    async fn unknown_responses_are_dropped_literals_and_the_rest_kept() {
+        assert_eq!(
+            String::from_utf8_lossy(&filtered(SESSION, 4096).await),
+            String::from_utf8_lossy(EXPECTED)
+        );
+    }
+
+    #[tokio::test]
+    async fn any_split_of_the_input_gives_the_same_output() {
+        for step in [1, 2, 3, 5, 7, 11, 64] {
+            assert_eq!(filtered(SESSION, step).await, EXPECTED, "step {step}");
+        }
+    }
+
+    #[test]
+    fn literal_markers_are_recognised() {
+        assert_eq!(literal_length(b"* 1 FETCH (BODY[] {123}\r\n"), Some(123));
+        assert_eq!(literal_length(b"A1 APPEND x {5+}\r\n"), Some(5));
+        assert_eq!(literal_length(b"* OK {not}\r\n"), None);
+        assert_eq!(literal_length(b"* OK done\r\n"), None);
+    }
+}

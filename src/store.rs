@@ -316,7 +316,6 @@ impl Store {
         cp: Checkpoint,
         status: MailboxStatus,
     ) -> Result<(), StoreError> {
-        let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
         let set = doc! {
             "account": account,
@@ -327,7 +326,18 @@ impl Store {
             "exists": status.exists as i64,
             "updated_at": bson::DateTime::now(),
         };
-        self.guarded("checkpoint write", async move {
+        self.upsert_mailbox(id, set, "checkpoint write").await
+    }
+
+    /// `$set` on the mailbox document, creating it (with an empty quarantine) if needed.
+    async fn upsert_mailbox(
+        &self,
+        id: String,
+        set: Document,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        self.guarded(what, async move {
             coll.update_one(
                 doc! {"_id": id},
                 doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
@@ -403,7 +413,6 @@ impl Store {
         state: &str,
         last_error: Option<&str>,
     ) -> Result<(), StoreError> {
-        let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
         let set = doc! {
             "account": account,
@@ -412,16 +421,7 @@ impl Store {
             "last_error": last_error.map(|e| Bson::String(e.to_string())).unwrap_or(Bson::Null),
             "updated_at": bson::DateTime::now(),
         };
-        self.guarded("state write", async move {
-            coll.update_one(
-                doc! {"_id": id},
-                doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
-            )
-            .upsert(true)
-            .await
-            .map(|_| ())
-        })
-        .await
+        self.upsert_mailbox(id, set, "state write").await
     }
 
     /// Writes the batch's blobs, then its messages, then moves the checkpoint to the batch's

@@ -29,6 +29,34 @@ async fn compare(db: &TestDb, n: u64) -> (u64, u64) {
     (uids.len() as u64, duplicated)
 }
 
+/// `tries` times: wait until more is stored, then `crash` something (and bring it back); then
+/// wait (at most `finish`) until all `n` are stored and compare with the server's UIDs.
+async fn crash_during_catch_up(
+    db: &TestDb,
+    n: u64,
+    tries: u64,
+    finish: Duration,
+    mut crash: impl FnMut(),
+) -> (u64, u64) {
+    for _ in 0..tries {
+        let before = db.count("messages", doc! {}).await;
+        if before >= n {
+            break;
+        }
+        eventually(Duration::from_secs(60), "progress", || async {
+            db.count("messages", doc! {}).await > before
+        })
+        .await;
+        crash();
+    }
+    eventually(finish, "everything stored", || async {
+        db.count("messages", doc! {}).await >= n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    compare(db, n).await
+}
+
 fn deliver_many(dc: &mut Dovecot, user: &crate::harness::User, n: u64) {
     for i in 0..n {
         dc.deliver(
@@ -109,25 +137,13 @@ async fn dovecot_killed_and_restarted_mid_fetch() {
     );
     let daemon = Daemon::start(&mp);
     let tries = scale(2, 5);
-    for _ in 0..tries {
-        let before = db.count("messages", doc! {}).await;
-        if before >= n {
-            break;
-        }
-        eventually(Duration::from_secs(60), "progress", || async {
-            db.count("messages", doc! {}).await > before
+    let (stored, duplicated) =
+        crash_during_catch_up(&db, n, tries, Duration::from_secs(120), || {
+            dc.kill9();
+            std::thread::sleep(Duration::from_millis(300));
+            dc.start_again();
         })
         .await;
-        dc.kill9();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        dc.start_again();
-    }
-    eventually(Duration::from_secs(120), "everything stored", || async {
-        db.count("messages", doc! {}).await >= n
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (stored, duplicated) = compare(&db, n).await;
     assert_eq!(duplicated, 0);
     assert!(!daemon.events("disconnected").is_empty());
     record(Row {
@@ -164,25 +180,13 @@ async fn the_database_killed_and_restarted_mid_batch() {
     let mp = Mailpump::from_toml(&toml);
     let daemon = Daemon::start(&mp);
     let tries = scale(2, 5);
-    for _ in 0..tries {
-        let before = db.count("messages", doc! {}).await;
-        if before >= n {
-            break;
-        }
-        eventually(Duration::from_secs(60), "progress", || async {
-            db.count("messages", doc! {}).await > before
+    let (stored, duplicated) =
+        crash_during_catch_up(&db, n, tries, Duration::from_secs(180), || {
+            server.kill9();
+            std::thread::sleep(Duration::from_millis(500));
+            server.launch();
         })
         .await;
-        server.kill9();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        server.launch();
-    }
-    eventually(Duration::from_secs(180), "everything stored", || async {
-        db.count("messages", doc! {}).await >= n
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (stored, duplicated) = compare(&db, n).await;
     assert_eq!(duplicated, 0);
     drop(daemon);
     record(Row {

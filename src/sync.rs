@@ -88,26 +88,37 @@ struct ParsedBatch {
 /// Cuts `sizes` (sorted by UID) into batches of at most `count` messages and `bytes` bytes
 /// (a single larger message goes alone).
 fn plan_batches(sizes: &[(u32, u64)], count: usize, bytes: u64) -> Vec<PlannedBatch> {
+    cut_batches(sizes.iter().copied(), count, bytes, |(_, size)| *size)
+        .into_iter()
+        .map(|batch| PlannedBatch {
+            last_uid: batch.last().map(|(uid, _)| *uid).unwrap_or(0),
+            uids: batch.into_iter().map(|(uid, _)| uid).collect(),
+        })
+        .collect()
+}
+
+/// Cuts `items` into batches of at most `count` items and `bytes` bytes (by `size`); a single
+/// larger item goes alone. Shared by the IMAP and POP3 passes.
+pub(crate) fn cut_batches<T>(
+    items: impl IntoIterator<Item = T>,
+    count: usize,
+    bytes: u64,
+    size: impl Fn(&T) -> u64,
+) -> Vec<Vec<T>> {
     let mut batches = Vec::new();
-    let mut current: Vec<u32> = Vec::new();
+    let mut current: Vec<T> = Vec::new();
     let mut current_bytes = 0u64;
-    for &(uid, size) in sizes {
-        if !current.is_empty() && (current.len() >= count || current_bytes + size > bytes) {
-            let last_uid = *current.last().unwrap_or(&uid);
-            batches.push(PlannedBatch {
-                uids: std::mem::take(&mut current),
-                last_uid,
-            });
+    for item in items {
+        let item_size = size(&item);
+        if !current.is_empty() && (current.len() >= count || current_bytes + item_size > bytes) {
+            batches.push(std::mem::take(&mut current));
             current_bytes = 0;
         }
-        current.push(uid);
-        current_bytes += size;
+        current.push(item);
+        current_bytes += item_size;
     }
-    if let Some(&last_uid) = current.last() {
-        batches.push(PlannedBatch {
-            uids: current,
-            last_uid,
-        });
+    if !current.is_empty() {
+        batches.push(current);
     }
     batches
 }

@@ -337,7 +337,6 @@ impl Session {
         };
         let mut pending_error = None;
         loop {
-            // (async-imap's ResponseData cannot be named outside it, so this stays inline.)
             let response = next_response!(
                 self.inner.read_response(),
                 self.timeout,
@@ -355,18 +354,17 @@ impl Session {
                     return match status {
                         Status::Ok => Ok(()),
                         other => {
-                            let text = outcome.information.as_deref().unwrap_or("").to_string();
-                            let hint = if text.to_ascii_lowercase().contains("unsafe login") {
+                            let text = outcome.information.as_deref();
+                            let hint = if text
+                                .unwrap_or("")
+                                .to_ascii_lowercase()
+                                .contains("unsafe login")
+                            {
                                 " (this server wants the IMAP ID command before SELECT; mailpump sends it only when CAPABILITY lists ID)"
                             } else {
                                 ""
                             };
-                            Err(ImapError::Rejected {
-                                command: verb,
-                                status: status_word(other),
-                                text: clean_status_text(&text),
-                                hint,
-                            })
+                            Err(rejected(&verb, other, text, hint))
                         }
                     };
                 }

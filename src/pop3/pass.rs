@@ -13,31 +13,12 @@ use crate::config::Account;
 use crate::imap::FetchedMessage;
 use crate::parse::Limits;
 use crate::store::Store;
-use crate::sync::{parse_batch, SyncError, SyncReport};
+use crate::sync::{cut_batches, parse_batch, SyncError, SyncReport};
 
 struct Batch {
     messages: Vec<FetchedMessage>,
     /// (number in this session, UIDL) of each message, in the same order.
     ids: Vec<(u32, String)>,
-}
-
-/// Cuts the listing into batches by count and bytes.
-fn plan(new: Vec<(Listing, u32)>, count: usize, bytes: u64) -> Vec<Vec<(Listing, u32)>> {
-    let mut out = Vec::new();
-    let mut current: Vec<(Listing, u32)> = Vec::new();
-    let mut size = 0;
-    for item in new {
-        if !current.is_empty() && (current.len() >= count || size + item.0.size > bytes) {
-            out.push(std::mem::take(&mut current));
-            size = 0;
-        }
-        size += item.0.size;
-        current.push(item);
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
 }
 
 /// One poll of a POP3 mailbox (always `INBOX`, uidvalidity 0).
@@ -94,10 +75,11 @@ pub async fn poll(
             "catch_up_started"
         );
     }
-    let batches = plan(
+    let batches = cut_batches(
         new,
         account.settings.batch_size,
         account.settings.batch_bytes,
+        |(l, _)| l.size,
     );
 
     let (tx, mut rx) = mpsc::channel::<Batch>(1);

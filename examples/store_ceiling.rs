@@ -47,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         connect_timeout: Duration::from_secs(10),
         op_timeout: Duration::from_secs(120),
         max_inline_body: 1024 * 1024,
+        write_concern: Default::default(),
     })
     .await?;
     let started = Instant::now();
@@ -61,6 +62,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{{\"elapsed_s\": {elapsed:.3}, \"messages\": {}, \"bytes\": {bytes}}}",
         ready.len()
     );
-    store.shutdown().await;
+    store.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

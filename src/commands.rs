@@ -6,14 +6,19 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::config::{Account, Config, Protocol};
 use crate::imap::Session;
 use crate::parse::Limits;
 use crate::store::Store;
-use crate::sync::{self, SyncError, SyncReport};
+use crate::sync::{self, Context, SyncError, SyncReport};
 
 /// How long LOGOUT may take after a successful pass.
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After SIGTERM/SIGINT, how long `sync` lets each mailbox finish the batch in flight.
+pub const SYNC_GRACE: Duration = Duration::from_secs(7);
+/// What is left of the 10 s promise for the store's own shutdown.
+pub const STORE_SHUTDOWN: Duration = Duration::from_secs(2);
 
 pub fn limits(config: &Config) -> Limits {
     Limits {
@@ -22,47 +27,61 @@ pub fn limits(config: &Config) -> Limits {
     }
 }
 
-/// Connects, runs one catch-up pass, logs out.
+/// Connects, runs one catch-up pass, logs out. Cancelled before the login, it returns an
+/// empty report.
 pub async fn sync_mailbox(
     account: &Account,
     mailbox: &str,
-    store: &Store,
-    limits: Limits,
+    ctx: &Context,
+    options: sync::Options,
     cancel: &CancellationToken,
 ) -> Result<SyncReport, SyncError> {
     if account.protocol == Protocol::Pop3 {
-        return crate::pop3::pass::poll(account, store, limits, cancel).await;
+        return crate::pop3::pass::poll(account, ctx, cancel).await;
     }
-    let mut session = Session::connect(account).await?;
+    let mut session = tokio::select! {
+        _ = cancel.cancelled() => return Ok(SyncReport::default()),
+        s = Session::connect(account) => s?,
+    };
     tracing::info!(account = %account.name, mailbox, host = %account.host, port = account.port, "connected");
-    let report = sync::catch_up(&mut session, store, account, mailbox, limits, cancel).await?;
+    let report = sync::catch_up(&mut session, ctx, account, mailbox, options, cancel).await?;
     session
         .logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout))
         .await;
     Ok(report)
 }
 
-/// `mailpump sync`: true when every mailbox completed its pass.
-pub async fn sync_all(config: &Config, cancel: CancellationToken) -> bool {
-    let store = match Store::connect(&config.store).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "store_unreachable");
-            return false;
-        }
+/// The process-wide memory budget of `config`.
+pub fn budget(config: &Config) -> Budget {
+    Budget::new(config.limits.max_inflight_bytes)
+}
+
+/// `mailpump sync`: true when every mailbox completed its pass, or stopped cleanly between
+/// batches because SIGTERM/SIGINT asked it to (what it had fetched is stored).
+pub async fn sync_all(config: &Config, options: sync::Options, cancel: CancellationToken) -> bool {
+    let store = tokio::select! {
+        _ = cancel.cancelled() => return true,
+        s = Store::connect(&config.store) => match s {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "store_unreachable");
+                return false;
+            }
+        },
     };
-    let limits = limits(config);
+    let (limits, budget) = (limits(config), budget(config));
     let mut tasks = JoinSet::new();
     for account in &config.accounts {
         for mailbox in &account.mailboxes {
-            let (account, mailbox, store, cancel) = (
-                account.clone(),
-                mailbox.clone(),
-                store.clone(),
-                cancel.child_token(),
-            );
+            let ctx = Context {
+                store: store.scoped(),
+                limits,
+                budget: budget.clone(),
+            };
+            let (account, mailbox, cancel) =
+                (account.clone(), mailbox.clone(), cancel.child_token());
             tasks.spawn(async move {
-                let result = sync_mailbox(&account, &mailbox, &store, limits, &cancel).await;
+                let result = sync_mailbox(&account, &mailbox, &ctx, options, &cancel).await;
                 let name = account.name.as_str();
                 match result {
                     Ok(r) if cancel.is_cancelled() => {
@@ -74,7 +93,7 @@ pub async fn sync_all(config: &Config, cancel: CancellationToken) -> bool {
                             last_uid = r.last_uid,
                             "sync_interrupted"
                         );
-                        false
+                        true
                     }
                     Ok(r) => {
                         tracing::info!(
@@ -84,12 +103,18 @@ pub async fn sync_all(config: &Config, cancel: CancellationToken) -> bool {
                             stored = r.stored,
                             replaced = r.replaced,
                             skipped = r.skipped,
+                            quarantined = r.quarantined_total,
+                            held = r.held,
                             bytes = r.bytes,
                             last_uid = r.last_uid,
                             uidvalidity = r.uidvalidity,
                             elapsed_ms = r.elapsed.as_millis() as u64,
                             "mailbox_synced"
                         );
+                        r.held.is_none()
+                    }
+                    Err(e) if cancel.is_cancelled() => {
+                        tracing::warn!(account = name, mailbox, error = %e, "sync_interrupted");
                         true
                     }
                     Err(e) => {
@@ -101,14 +126,34 @@ pub async fn sync_all(config: &Config, cancel: CancellationToken) -> bool {
         }
     }
     let mut all_ok = true;
-    while let Some(joined) = tasks.join_next().await {
-        // A panic in one mailbox's task is that mailbox's failure, not the others'.
-        all_ok &= joined.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "mailbox_task_panicked");
-            false
-        });
+    // armed by the first signal; until then far away
+    let deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));
+    tokio::pin!(deadline);
+    let mut deadline_armed = false;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                // A panic in one mailbox's task is that mailbox's failure, not the others'.
+                Some(joined) => all_ok &= joined.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "mailbox_task_panicked");
+                    false
+                }),
+            },
+            _ = cancel.cancelled(), if !deadline_armed => {
+                deadline_armed = true;
+                deadline.as_mut().reset(tokio::time::Instant::now() + SYNC_GRACE);
+                tracing::info!(mailboxes = tasks.len(), grace_ms = SYNC_GRACE.as_millis() as u64, "stopping");
+            }
+            _ = &mut deadline, if deadline_armed => {
+                tracing::warn!(still_running = tasks.len(), "shutdown_deadline");
+                tasks.abort_all();
+                all_ok = false;
+                break;
+            }
+        }
     }
-    store.shutdown().await;
+    store.shutdown(STORE_SHUTDOWN).await;
     all_ok
 }
 
@@ -121,7 +166,7 @@ pub async fn check_all(config: &Config) -> bool {
                 "ok    store  database {:?} reachable, indexes in place",
                 config.store.database
             );
-            store.shutdown().await;
+            store.shutdown(STORE_SHUTDOWN).await;
         }
         Err(e) => {
             println!("FAIL  store  {e}");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::NaiveDate;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
@@ -89,6 +89,28 @@ struct RawConfig {
     accounts: BTreeMap<String, RawAccount>,
     metrics: Option<RawMetrics>,
     log: Option<RawLog>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_inflight_bytes: Option<i64>,
+}
+
+/// `write_concern = "majority"` (journaled), or `{ w = "majority" | N, j = true|false }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawWriteConcern {
+    Short(RawW),
+    Full { w: Option<RawW>, j: Option<bool> },
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawW {
+    Nodes(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -99,6 +121,7 @@ struct RawStore {
     connect_timeout: Option<String>,
     op_timeout: Option<String>,
     max_inline_body: Option<i64>,
+    write_concern: Option<RawWriteConcern>,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +152,9 @@ struct RawSettings {
     connect_timeout: Option<String>,
     command_timeout: Option<String>,
     silence_timeout: Option<String>,
+    quarantine_after: Option<i64>,
+    quarantine_min_age: Option<String>,
+    quarantine_retry: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +184,9 @@ struct RawAccount {
     connect_timeout: Option<String>,
     command_timeout: Option<String>,
     silence_timeout: Option<String>,
+    quarantine_after: Option<i64>,
+    quarantine_min_age: Option<String>,
+    quarantine_retry: Option<String>,
 }
 
 /// A username may arrive from env as a number (`MAILPUMP_ACCOUNTS__QQ__USERNAME=123456`).
@@ -177,6 +206,9 @@ impl RawAccount {
             connect_timeout: self.connect_timeout.clone(),
             command_timeout: self.command_timeout.clone(),
             silence_timeout: self.silence_timeout.clone(),
+            quarantine_after: self.quarantine_after,
+            quarantine_min_age: self.quarantine_min_age.clone(),
+            quarantine_retry: self.quarantine_retry.clone(),
         }
     }
 }
@@ -202,6 +234,13 @@ impl RawSettings {
             silence_timeout: self
                 .silence_timeout
                 .or_else(|| base.silence_timeout.clone()),
+            quarantine_after: self.quarantine_after.or(base.quarantine_after),
+            quarantine_min_age: self
+                .quarantine_min_age
+                .or_else(|| base.quarantine_min_age.clone()),
+            quarantine_retry: self
+                .quarantine_retry
+                .or_else(|| base.quarantine_retry.clone()),
         }
     }
 }
@@ -216,6 +255,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub accounts: Vec<Account>,
     pub metrics: Option<MetricsConfig>,
+    pub limits: LimitsConfig,
     /// Log filter directives from `[log] level` (RUST_LOG wins when set).
     pub log_level: Option<String>,
 }
@@ -228,6 +268,48 @@ pub struct StoreConfig {
     pub op_timeout: Duration,
     /// Text or HTML bodies larger than this many bytes go to the `blobs` bucket.
     pub max_inline_body: usize,
+    /// What MongoDB must have done before a write counts as acknowledged.
+    pub write_concern: WriteConcern,
+}
+
+/// `[store] write_concern`. The default, majority and journaled, is what makes "acknowledged"
+/// mean "survives a crash of the database" (POP3 `delete_after_store` relies on it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteConcern {
+    pub w: WriteAck,
+    pub journal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteAck {
+    Majority,
+    Nodes(u32),
+    Tag(String),
+}
+
+impl Default for WriteConcern {
+    fn default() -> Self {
+        WriteConcern {
+            w: WriteAck::Majority,
+            journal: true,
+        }
+    }
+}
+
+/// `[limits]`: process-wide bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Bytes of mail that every fetch together may hold in memory (fetched, parsed, being
+    /// stored), over all mailboxes.
+    pub max_inflight_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_inflight_bytes: 512 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -272,7 +354,16 @@ pub struct Settings {
     pub mark_seen: bool,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// While idling: no byte at all for this long means a dead connection. Always longer than
+    /// `idle_refresh`, so that a quiet, healthy server (RFC 2177 asks for no keepalives) is
+    /// never taken for a dead one.
     pub silence_timeout: Duration,
+    /// A UID is quarantined only after failing in this many sessions ...
+    pub quarantine_after: u32,
+    /// ... spread over at least this long (the first failure to the latest).
+    pub quarantine_min_age: Duration,
+    /// Quarantined UIDs are tried again on their own this often.
+    pub quarantine_retry: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -296,34 +387,145 @@ pub struct Account {
 
 /// Top-level sections that `MAILPUMP_*` env variables may address. Others (MAILPUMP_CONFIG,
 /// MAILPUMP_TEST_*) are not configuration keys and are left alone.
-const ENV_SECTIONS: &[&str] = &["store", "defaults", "accounts", "metrics", "log"];
+const ENV_SECTIONS: &[&str] = &["store", "defaults", "accounts", "metrics", "log", "limits"];
 
-/// Loads `path` (which must exist), then `MAILPUMP_*` env over it, and validates.
+/// Keys whose env values stay byte-for-byte strings (figment's own Env provider reads values as
+/// TOML: `0123` would become 123, `true` a boolean, `1e5` a float).
+const STRING_KEYS: &[&str] = &[
+    "uri",
+    "database",
+    "host",
+    "username",
+    "password",
+    "password_file",
+    "password_env",
+    "ca_file",
+    "protocol",
+    "security",
+    "since",
+    "listen",
+    "level",
+    "idle_refresh",
+    "poll_interval",
+    "connect_timeout",
+    "command_timeout",
+    "silence_timeout",
+    "op_timeout",
+    "unhealthy_after",
+    "quarantine_min_age",
+    "quarantine_retry",
+];
+
+/// Puts `value` at `path` in `dict`, making the tables on the way.
+fn insert_path(dict: &mut figment::value::Dict, path: &[&str], value: figment::value::Value) {
+    use figment::value::{Dict, Value};
+    match path {
+        [] => {}
+        [leaf] => {
+            dict.insert(leaf.to_string(), value);
+        }
+        [head, rest @ ..] => {
+            let entry = dict
+                .entry(head.to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            } else {
+                let mut inner = Dict::new();
+                insert_path(&mut inner, rest, value);
+                *entry = Value::from(inner);
+            }
+        }
+    }
+}
+
+/// Whether the commands that will run need the account passwords. `export` and
+/// `check --config-only` never log in: a password source they cannot read is no error for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    Required,
+    Skipped,
+}
+
+/// `MAILPUMP_*` variables as a figment provider: `__` between levels, keys lowercased, values of
+/// [`STRING_KEYS`] kept exactly as set, other values read as TOML scalars (numbers, booleans,
+/// arrays). Variables outside [`ENV_SECTIONS`] (MAILPUMP_CONFIG, MAILPUMP_TEST_*) are ignored.
+struct EnvProvider;
+
+impl figment::Provider for EnvProvider {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("MAILPUMP_* environment variables")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        let mut root = Dict::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name
+                .get(..9)
+                .filter(|p| p.eq_ignore_ascii_case("MAILPUMP_"))
+                .map(|_| &name[9..])
+            else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase();
+            let path: Vec<&str> = key.split("__").collect();
+            if path.len() < 2
+                || !ENV_SECTIONS.contains(&path[0])
+                || path.iter().any(|p| p.is_empty())
+            {
+                continue;
+            }
+            let Some(value) = value.to_str() else {
+                return Err(figment::Error::from(format!(
+                    "{}: the value of {name} is not valid UTF-8",
+                    path.join(".")
+                )));
+            };
+            let leaf = path[path.len() - 1];
+            let value = if STRING_KEYS.contains(&leaf) {
+                Value::from(value.to_string())
+            } else {
+                value
+                    .parse::<Value>()
+                    .unwrap_or_else(|_| Value::from(value.to_string()))
+            };
+            insert_path(&mut root, &path, value);
+        }
+        Ok(figment::Profile::Default.collect(root))
+    }
+}
+
+/// Loads `path` (which must exist), then `MAILPUMP_*` env over it, and validates, reading
+/// every password source.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, Secrets::Required)
+}
+
+/// [`load`], reading password sources only when `secrets` is [`Secrets::Required`].
+pub fn load_with(path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
     if !path.is_file() {
         return Err(ConfigError::MissingFile {
             path: path.to_path_buf(),
         });
     }
-    let env = Env::prefixed("MAILPUMP_")
-        .filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            ENV_SECTIONS
-                .iter()
-                .any(|section| key.starts_with(&format!("{section}__")))
-        })
-        .split("__");
-    from_figment(Figment::new().merge(Toml::file(path)).merge(env))
+    from_figment(
+        Figment::new().merge(Toml::file(path)).merge(EnvProvider),
+        secrets,
+    )
 }
 
 /// Parses a TOML string (no env): for tests and the example-config check.
 pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-    from_figment(Figment::new().merge(Toml::string(text)))
+    from_figment(Figment::new().merge(Toml::string(text)), Secrets::Required)
 }
 
-fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+fn from_figment(figment: Figment, secrets: Secrets) -> Result<Config, ConfigError> {
     let raw: RawConfig = figment.extract().map_err(figment_error)?;
-    validate(raw)
+    validate(raw, secrets)
 }
 
 fn figment_error(err: figment::Error) -> ConfigError {
@@ -342,7 +544,7 @@ fn figment_error(err: figment::Error) -> ConfigError {
     }
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+fn validate(raw: RawConfig, secrets: Secrets) -> Result<Config, ConfigError> {
     let store = raw
         .store
         .ok_or_else(|| invalid("store", "missing section [store] (uri, database)"))?;
@@ -360,14 +562,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         op_timeout: duration_or("store.op_timeout", store.op_timeout, "60s")?,
         max_inline_body: match store.max_inline_body {
             None => 1024 * 1024,
-            Some(n) if (1024..=8 * 1024 * 1024).contains(&n) => n as usize,
+            // Text and HTML together stay under 8 MiB, far from the 16 MiB document limit.
+            Some(n) if (1024..=4 * 1024 * 1024).contains(&n) => n as usize,
             Some(n) => {
                 return Err(invalid(
                     "store.max_inline_body",
-                    format!("{n} is outside 1024..=8388608 bytes"),
+                    format!("{n} is outside 1024..=4194304 bytes"),
                 ))
             }
         },
+        write_concern: write_concern(store.write_concern)?,
     };
     if !store.uri.expose().starts_with("mongodb://")
         && !store.uri.expose().starts_with("mongodb+srv://")
@@ -380,7 +584,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let mut accounts = Vec::new();
     for (name, account) in raw.accounts {
-        accounts.push(validate_account(&name, account, &raw.defaults)?);
+        accounts.push(validate_account(&name, account, &raw.defaults, secrets)?);
     }
     if accounts.is_empty() {
         return Err(invalid(
@@ -412,11 +616,60 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         },
     };
 
+    let limits = match raw.limits.and_then(|l| l.max_inflight_bytes) {
+        None => LimitsConfig::default(),
+        Some(n) if (16 * 1024 * 1024..=1 << 40).contains(&n) => LimitsConfig {
+            max_inflight_bytes: n as u64,
+        },
+        Some(n) => {
+            return Err(invalid(
+                "limits.max_inflight_bytes",
+                format!("{n} is outside 16 MiB..=1 TiB"),
+            ))
+        }
+    };
+
     Ok(Config {
         store,
         accounts,
         metrics,
+        limits,
         log_level: raw.log.and_then(|l| l.level),
+    })
+}
+
+fn write_concern(raw: Option<RawWriteConcern>) -> Result<WriteConcern, ConfigError> {
+    let key = "store.write_concern";
+    let (w, j) = match raw {
+        None => return Ok(WriteConcern::default()),
+        Some(RawWriteConcern::Short(w)) => (Some(w), None),
+        Some(RawWriteConcern::Full { w, j }) => (w, j),
+    };
+    let w = match w {
+        None => WriteAck::Majority,
+        Some(RawW::Nodes(n)) if (0..=50).contains(&n) => WriteAck::Nodes(n as u32),
+        Some(RawW::Nodes(n)) => return Err(invalid(key, format!("w = {n} is outside 0..=50"))),
+        Some(RawW::Text(t)) if t == "majority" => WriteAck::Majority,
+        Some(RawW::Text(t)) => match t.parse::<u32>() {
+            Ok(n) if n <= 50 => WriteAck::Nodes(n),
+            _ if !t.trim().is_empty() => WriteAck::Tag(t),
+            _ => {
+                return Err(invalid(
+                    key,
+                    "w must be \"majority\", a number or a tag name",
+                ))
+            }
+        },
+    };
+    if w == WriteAck::Nodes(0) {
+        return Err(invalid(
+            key,
+            "w = 0 (unacknowledged) would let the checkpoint move past writes nobody confirmed",
+        ));
+    }
+    Ok(WriteConcern {
+        w,
+        journal: j.unwrap_or(true),
     })
 }
 
@@ -424,6 +677,7 @@ fn validate_account(
     name: &str,
     raw: RawAccount,
     defaults: &RawSettings,
+    secrets: Secrets,
 ) -> Result<Account, ConfigError> {
     let key = |field: &str| format!("accounts.{name}.{field}");
     let overrides = raw.overrides();
@@ -488,9 +742,37 @@ fn validate_account(
     };
 
     let password = match (raw.password, raw.password_file, raw.password_env) {
-        (Some(p), None, None) => Secret::from(p),
+        (None, None, None) => {
+            return Err(invalid(
+                key("password"),
+                "missing: set one of password, password_file or password_env",
+            ))
+        }
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err(invalid(
+                key("password"),
+                "set only one of password, password_file or password_env",
+            ))
+        }
+        _ if secrets == Secrets::Skipped => Secret::new(""),
+        (Some(p), None, None) => {
+            let p = Secret::from(p);
+            if p.expose().is_empty() {
+                return Err(invalid(key("password"), "empty"));
+            }
+            p
+        }
         (None, Some(file), None) => match std::fs::read_to_string(&file) {
-            Ok(text) => Secret(text.trim_end_matches(['\r', '\n']).to_string()),
+            Ok(text) => {
+                let text = text.trim_end_matches(['\r', '\n']);
+                if text.is_empty() {
+                    return Err(invalid(
+                        key("password_file"),
+                        format!("{} is empty", file.display()),
+                    ));
+                }
+                Secret(text.to_string())
+            }
             Err(e) => {
                 return Err(invalid(
                     key("password_file"),
@@ -499,7 +781,13 @@ fn validate_account(
             }
         },
         (None, None, Some(var)) => match std::env::var(&var) {
-            Ok(value) => Secret(value),
+            Ok(value) if !value.is_empty() => Secret(value),
+            Ok(_) => {
+                return Err(invalid(
+                    key("password_env"),
+                    format!("environment variable {var} is empty"),
+                ))
+            }
             Err(_) => {
                 return Err(invalid(
                     key("password_env"),
@@ -507,18 +795,6 @@ fn validate_account(
                 ))
             }
         },
-        (None, None, None) => {
-            return Err(invalid(
-                key("password"),
-                "missing: set one of password, password_file or password_env",
-            ))
-        }
-        _ => {
-            return Err(invalid(
-                key("password"),
-                "set only one of password, password_file or password_env",
-            ))
-        }
     };
 
     let mailboxes = match (protocol, raw.mailboxes) {
@@ -611,6 +887,45 @@ fn validate_settings(prefix: &str, raw: RawSettings) -> Result<Settings, ConfigE
                 invalid(key("since"), format!("{s:?} is not a date like 2015-06-14"))
             })?),
         };
+    // Silence must outlast the refresh: a server that sends nothing while idling (RFC 2177 asks
+    // for no keepalives) is healthy until the refresh's DONE goes unanswered.
+    let silence_timeout = match raw.silence_timeout {
+        None => idle_refresh + Duration::from_secs(60),
+        Some(text) => {
+            let d = duration_or(&key("silence_timeout"), Some(text), "")?;
+            if d <= idle_refresh {
+                return Err(invalid(
+                    key("silence_timeout"),
+                    format!(
+                        "{} must be longer than {} ({}s): a quiet, healthy IDLE would be taken for a dead connection",
+                        key("silence_timeout"),
+                        key("idle_refresh"),
+                        idle_refresh.as_secs()
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    let quarantine_after = match raw.quarantine_after {
+        None => 3,
+        Some(n) if (1..=1000).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(invalid(
+                key("quarantine_after"),
+                format!("{n} is outside 1..=1000"),
+            ))
+        }
+    };
+    let quarantine_min_age = match raw.quarantine_min_age.as_deref() {
+        None => Duration::from_secs(3600),
+        Some(text) => parse_duration(text).ok_or_else(|| {
+            invalid(
+                key("quarantine_min_age"),
+                format!("{text:?} is not a duration like \"0s\", \"30m\", \"1h\""),
+            )
+        })?,
+    };
     Ok(Settings {
         idle: raw.idle.unwrap_or(true),
         idle_refresh,
@@ -622,7 +937,10 @@ fn validate_settings(prefix: &str, raw: RawSettings) -> Result<Settings, ConfigE
         mark_seen: raw.mark_seen.unwrap_or(false),
         connect_timeout: duration_or(&key("connect_timeout"), raw.connect_timeout, "30s")?,
         command_timeout: duration_or(&key("command_timeout"), raw.command_timeout, "120s")?,
-        silence_timeout: duration_or(&key("silence_timeout"), raw.silence_timeout, "5m")?,
+        silence_timeout,
+        quarantine_after,
+        quarantine_min_age,
+        quarantine_retry: duration_or(&key("quarantine_retry"), raw.quarantine_retry, "1d")?,
     })
 }
 

@@ -13,6 +13,7 @@
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing).
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
 //! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
+//! - [`budget`]: the process-wide budget of mail bytes in flight.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`metrics`]: counters, `/metrics` and `/healthz`.
 //! - [`notify`]: systemd's sd_notify (READY, STOPPING, WATCHDOG).
@@ -22,6 +23,7 @@
 //! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
 
 pub mod backoff;
+pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod error;

@@ -13,9 +13,7 @@ use crate::config::Account;
 use crate::error::ErrorClass;
 use crate::imap::{IdleEnd, ImapError, Session};
 use crate::metrics::Metrics;
-use crate::parse::Limits;
-use crate::store::Store;
-use crate::sync::{self, SyncError};
+use crate::sync::{self, Context, SyncError};
 
 /// How long LOGOUT may take when a session ends on purpose.
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -33,9 +31,9 @@ pub enum Exit {
 pub struct MailboxTask {
     pub account: Account,
     pub mailbox: String,
-    pub store: Store,
+    /// This mailbox's own store scope ([`crate::store::Store::scoped`]), limits and budget.
+    pub ctx: Context,
     pub metrics: Arc<Metrics>,
-    pub limits: Limits,
     pub policy: BackoffPolicy,
 }
 
@@ -48,7 +46,7 @@ impl MailboxTask {
     /// database may be the thing that is down).
     fn record_state(&self, state: &'static str, error: Option<String>) {
         let (store, account, mailbox) = (
-            self.store.clone(),
+            self.ctx.store.clone(),
             self.account.name.clone(),
             self.mailbox.clone(),
         );
@@ -67,6 +65,12 @@ impl MailboxTask {
         loop {
             if cancel.is_cancelled() {
                 return Exit::Cancelled;
+            }
+            // A write of the last session that timed out may still be running: let it end
+            // before anything of the next one is read or written.
+            tokio::select! {
+                _ = cancel.cancelled() => return Exit::Cancelled,
+                _ = self.ctx.store.settle() => {}
             }
             let mut healthy_since = None;
             let error = match self.session(&cancel, &mut healthy_since).await {
@@ -115,8 +119,7 @@ impl MailboxTask {
         let account = self.name();
         loop {
             self.metrics.state(account, "INBOX", "syncing");
-            let report =
-                crate::pop3::pass::poll(&self.account, &self.store, self.limits, cancel).await?;
+            let report = crate::pop3::pass::poll(&self.account, &self.ctx, cancel).await?;
             if report.stored + report.replaced > 0 {
                 tracing::info!(
                     account,
@@ -169,13 +172,15 @@ impl MailboxTask {
             self.metrics.state(account, mailbox, "syncing");
             let report = sync::catch_up(
                 &mut session,
-                &self.store,
+                &self.ctx,
                 &self.account,
                 mailbox,
-                self.limits,
+                sync::Options::default(),
                 cancel,
             )
             .await?;
+            self.metrics
+                .quarantined(account, mailbox, report.quarantined_total as u64);
             if report.stored + report.replaced > 0 {
                 tracing::info!(
                     account,
@@ -209,6 +214,12 @@ impl MailboxTask {
                     last_uid = report.last_uid,
                     "watching"
                 );
+            }
+            // News announced inside the responses of the pass (Cyrus, Gmail) is not announced
+            // again when IDLE starts: catch up again at once.
+            if session.take_changed() {
+                tracing::debug!(account, mailbox, "changed_during_catch_up");
+                continue;
             }
             if use_idle {
                 self.metrics.state(account, mailbox, "idle");

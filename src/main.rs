@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
+/// How long the runtime waits for blocking tasks at exit.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +36,11 @@ enum Command {
     /// The daemon: keep every mailbox live until SIGTERM/SIGINT (SIGHUP reloads the config)
     Run,
     /// One catch-up pass over every configured mailbox, then exit
-    Sync,
+    Sync {
+        /// Also try every quarantined message again now (otherwise: once per quarantine_retry)
+        #[arg(long)]
+        retry_quarantined: bool,
+    },
     /// Write stored messages to DIR/ACCOUNT/MAILBOX/<uid>.eml, with bodies and attachments
     Export {
         /// The account to export
@@ -101,7 +107,12 @@ fn main() -> ExitCode {
         .config
         .or_else(|| std::env::var_os("MAILPUMP_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/etc/mailpump/mailpump.toml"));
-    let config = match config::load(&path) {
+    // export and check --config-only never log in: they need no password source.
+    let secrets = match &cli.command {
+        Command::Export { .. } | Command::Check { config_only: true } => config::Secrets::Skipped,
+        _ => config::Secrets::Required,
+    };
+    let config = match config::load_with(&path, secrets) {
         Ok(c) => c,
         Err(e) => {
             telemetry::init(cli.log_format, None);
@@ -145,8 +156,8 @@ fn main() -> ExitCode {
                         return false;
                     }
                 };
-                let limits = commands::limits(&config);
-                supervisor::run(&path, config, limits, shutdown, signals).await
+                let (limits, budget) = (commands::limits(&config), commands::budget(&config));
+                supervisor::run(&path, config, limits, budget, shutdown, signals).await
             }
             Command::Export {
                 account,
@@ -168,7 +179,7 @@ fn main() -> ExitCode {
                     dir,
                 };
                 let result = mailpump::export::export(&store, &options).await;
-                store.shutdown().await;
+                store.shutdown(commands::STORE_SHUTDOWN).await;
                 match result {
                     Ok(_) => true,
                     Err(e) => {
@@ -177,16 +188,20 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Sync => {
+            Command::Sync { retry_quarantined } => {
                 let shutdown = CancellationToken::new();
                 if let Err(e) = signals::listen(shutdown.clone()) {
                     tracing::error!(error = %e, "signal_setup_failed");
                     return false;
                 }
-                commands::sync_all(&config, shutdown).await
+                let options = mailpump::sync::Options { retry_quarantined };
+                commands::sync_all(&config, options, shutdown).await
             }
         }
     });
+    // Blocking work still running (a parse of a pathological message) must not hold the exit
+    // past the 10 s promise: the runtime waits for it at most this long.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     if ok {
         ExitCode::SUCCESS
     } else {

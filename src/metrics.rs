@@ -26,6 +26,7 @@ struct MailboxHealth {
     last_success: Option<SystemTime>,
     failing_since: Option<SystemTime>,
     last_error: Option<String>,
+    quarantined: u64,
 }
 
 #[derive(Default)]
@@ -34,7 +35,6 @@ pub struct Metrics {
     bytes_fetched: AtomicU64,
     reconnects: AtomicU64,
     idle_cycles: AtomicU64,
-    quarantined: AtomicU64,
     latency: Mutex<(Vec<u64>, f64, u64)>,
     mailboxes: Mutex<BTreeMap<(String, String), MailboxHealth>>,
 }
@@ -114,8 +114,9 @@ impl Metrics {
         });
     }
 
-    pub fn quarantined(&self, n: u64) {
-        self.quarantined.fetch_add(n, Ordering::Relaxed);
+    /// UIDs in the mailbox's quarantine after its latest pass.
+    pub fn quarantined(&self, account: &str, mailbox: &str, n: u64) {
+        self.with_mailbox(account, mailbox, |m| m.quarantined = n);
     }
 
     pub fn idle_cycle(&self) {
@@ -199,6 +200,16 @@ impl Metrics {
             if let Some(t) = h.last_success {
                 let _ = writeln!(out, "mailpump_mailbox_last_success_timestamp_seconds{{account=\"{}\",mailbox=\"{}\"}} {:.3}", esc(a), esc(m), unix(t));
             }
+        }
+        let _ = writeln!(out, "# HELP mailpump_quarantined UIDs in the mailbox's quarantine (failed again and again; retried on their own).\n# TYPE mailpump_quarantined gauge");
+        for ((a, m), h) in map.iter() {
+            let _ = writeln!(
+                out,
+                "mailpump_quarantined{{account=\"{}\",mailbox=\"{}\"}} {}",
+                esc(a),
+                esc(m),
+                h.quarantined
+            );
         }
         drop(map);
         let h = lock(&self.latency);

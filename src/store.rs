@@ -42,6 +42,8 @@ pub enum StoreError {
     Aborted(String),
     #[error("missing from the database: {0}")]
     Missing(String),
+    #[error("the database answered nonsense: {0}")]
+    Protocol(String),
 }
 
 impl StoreError {
@@ -49,6 +51,39 @@ impl StoreError {
         ErrorClass::Retry
     }
 }
+
+/// Server error codes that say "not now" rather than "not this document".
+const TRANSIENT_CODES: &[i32] = &[
+    6, 7, 50, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
+
+/// Whether `err` is about the documents sent (too large, invalid) rather than the database
+/// being unreachable or busy: such an error is never retried as if the database were down.
+fn is_document_error(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    match err.kind.as_ref() {
+        ErrorKind::BsonSerialization(_) | ErrorKind::InvalidArgument { .. } => true,
+        ErrorKind::Command(c) => {
+            !TRANSIENT_CODES.contains(&c.code) && DOCUMENT_CODES.contains(&c.code)
+        }
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
+            !TRANSIENT_CODES.contains(&w.code)
+        }
+        _ => false,
+    }
+}
+
+/// Command-level codes that are about the document (BSONObjectTooLarge, BadValue, InvalidBSON,
+/// DocumentValidationFailure, field-name problems, KeyTooLong).
+const DOCUMENT_CODES: &[i32] = &[2, 14, 22, 52, 55, 56, 57, 121, 10334, 17280, 17419];
+
+/// A document's encoded size (0 if it cannot be encoded; the write will say why).
+pub fn encoded_size(d: &Document) -> usize {
+    bson::to_vec(d).map(|v| v.len()).unwrap_or(0)
+}
+
+/// MongoDB refuses documents above 16 MiB; a message document stays under this.
+pub const MAX_DOCUMENT_BYTES: usize = 15 * 1024 * 1024;
 
 /// What `export` needs of one stored message.
 #[derive(Debug, Clone)]
@@ -148,8 +183,30 @@ pub struct Pop3Entry {
     pub stored: bool,
 }
 
+/// What `mailboxes` remembers of one mailbox besides the checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct MailboxRecord {
+    pub checkpoint: Option<Checkpoint>,
+    /// (uidvalidity, uid) of UIDs with failed fetches counted against them.
+    pub failing: HashSet<(u32, u32)>,
+    /// The quarantine: (uidvalidity, uid, reason).
+    pub quarantined: Vec<(u32, u32, String)>,
+    /// When the quarantined UIDs were last tried again.
+    pub quarantine_retried_at: Option<DateTime<Utc>>,
+}
+
+/// One counted failure of a UID: how many sessions it failed in, and since when.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureCount {
+    pub sessions: u32,
+    pub since: DateTime<Utc>,
+}
+
 #[derive(Clone)]
 pub struct Store {
+    /// Held (shared) by every driver operation of this scope while it runs, even after its
+    /// caller gave up waiting: [`Store::settle`] takes it exclusively to wait for them.
+    inflight: std::sync::Arc<tokio::sync::RwLock<()>>,
     client: Client,
     messages: Collection<Document>,
     mailboxes: Collection<Document>,
@@ -166,6 +223,21 @@ impl Store {
         options.server_selection_timeout = Some(cfg.connect_timeout);
         options.connect_timeout = Some(cfg.connect_timeout);
         options.app_name = Some("mailpump".into());
+        options.write_concern = Some(
+            mongodb::options::WriteConcern::builder()
+                .w(match &cfg.write_concern.w {
+                    crate::config::WriteAck::Majority => mongodb::options::Acknowledgment::Majority,
+                    crate::config::WriteAck::Nodes(n) => {
+                        mongodb::options::Acknowledgment::Nodes(*n)
+                    }
+                    crate::config::WriteAck::Tag(t) => {
+                        mongodb::options::Acknowledgment::Custom(t.clone())
+                    }
+                })
+                .journal(cfg.write_concern.journal)
+                .w_timeout(cfg.op_timeout)
+                .build(),
+        );
         let client = Client::with_options(options)?;
         let db = client.database(&cfg.database);
         let store = Store {
@@ -174,6 +246,7 @@ impl Store {
             pop3_uidl: db.collection("pop3_uidl"),
             files: db.collection("blobs.files"),
             chunks: db.collection("blobs.chunks"),
+            inflight: Default::default(),
             client,
             op_timeout: cfg.op_timeout.max(cfg.connect_timeout),
         };
@@ -187,13 +260,44 @@ impl Store {
         Ok(store)
     }
 
-    /// Runs `op` in its own task and waits at most `op_timeout` for it.
+    /// A handle on the same database whose operations [`Store::settle`] waits for apart from
+    /// every other scope's: one per mailbox task.
+    pub fn scoped(&self) -> Store {
+        Store {
+            inflight: Default::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Waits until no operation of this scope is running any more, including operations whose
+    /// caller timed out (the driver's futures are never cancelled, so a write that timed out
+    /// may still land). A mailbox calls this before each session, so that a late write of the
+    /// last session can never land after the next one started.
+    pub async fn settle(&self) {
+        if self.inflight.try_write().is_ok() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        tracing::warn!("waiting_for_earlier_writes");
+        let _ = self.inflight.write().await;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "earlier_writes_ended"
+        );
+    }
+
+    /// Runs `op` in its own task and waits at most `op_timeout` for it. The task holds this
+    /// scope's in-flight lock until the operation really ended.
     async fn guarded<T, F>(&self, what: &str, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, mongodb::error::Error>> + Send + 'static,
     {
-        let handle = tokio::spawn(op);
+        let running = self.inflight.clone().read_owned().await;
+        let handle = tokio::spawn(async move {
+            let _running = running;
+            op.await
+        });
         match tokio::time::timeout(self.op_timeout, handle).await {
             Err(_) => Err(StoreError::Timeout {
                 what: what.to_string(),
@@ -256,9 +360,10 @@ impl Store {
         .await
     }
 
-    /// Ends the client. Drop every cursor first (nothing here keeps one open).
-    pub async fn shutdown(self) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
+    /// Ends the client, waiting at most `within`. Drop every cursor first (nothing here keeps
+    /// one open).
+    pub async fn shutdown(self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.client.shutdown()).await;
     }
 
     fn mailbox_id(account: &str, mailbox: &str) -> String {
@@ -271,6 +376,15 @@ impl Store {
         account: &str,
         mailbox: &str,
     ) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(self.mailbox_record(account, mailbox).await?.checkpoint)
+    }
+
+    /// The checkpoint, the UIDs with counted failures and the quarantine of a mailbox.
+    pub async fn mailbox_record(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<MailboxRecord, StoreError> {
         let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
         let found = self
@@ -278,14 +392,46 @@ impl Store {
                 coll.find_one(doc! {"_id": id}).await
             })
             .await?;
-        Ok(found.and_then(|d| {
-            let uidvalidity = d.get_i64("uidvalidity").ok()?;
-            let last_uid = d.get_i64("last_uid").ok()?;
+        let Some(d) = found else {
+            return Ok(MailboxRecord::default());
+        };
+        let checkpoint = (|| {
             Some(Checkpoint {
-                uidvalidity: uidvalidity as u32,
-                last_uid: last_uid as u32,
+                uidvalidity: d.get_i64("uidvalidity").ok()? as u32,
+                last_uid: d.get_i64("last_uid").ok()? as u32,
             })
-        }))
+        })();
+        let failing = d
+            .get_document("failures")
+            .map(|f| f.keys().filter_map(|k| parse_failure_key(k)).collect())
+            .unwrap_or_default();
+        let quarantined = d
+            .get_array("quarantined")
+            .map(|list| {
+                list.iter()
+                    .filter_map(|e| {
+                        let e = e.as_document()?;
+                        Some((
+                            // entries written before uidvalidity was recorded: the current one
+                            e.get_i64("uidvalidity")
+                                .map(|v| v as u32)
+                                .unwrap_or(checkpoint.map(|c| c.uidvalidity).unwrap_or(0)),
+                            e.get_i64("uid").ok()? as u32,
+                            e.get_str("reason").unwrap_or("").to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(MailboxRecord {
+            checkpoint,
+            failing,
+            quarantined,
+            quarantine_retried_at: d
+                .get_datetime("quarantine_retried_at")
+                .ok()
+                .map(|t| t.to_chrono()),
+        })
     }
 
     /// Starts a mailbox over under a new UIDVALIDITY (promise 6): `last_uid` back to 0. The
@@ -349,60 +495,158 @@ impl Store {
         .await
     }
 
-    /// Counts one more failed attempt at `uid`; returns the count.
+    /// Counts one more session in which `uid` (under `uidvalidity`) failed; returns how many
+    /// sessions it has failed in and since when.
     pub async fn record_failure(
         &self,
         account: &str,
         mailbox: &str,
+        uidvalidity: u32,
         uid: u32,
         reason: &str,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<FailureCount, StoreError> {
         let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
-        let field = format!("failures.{uid}");
+        let key = failure_key(uidvalidity, uid);
+        let field = format!("failures.{key}");
         let reason = reason.to_string();
+        let now = bson::DateTime::now();
         let updated = self
             .guarded("failure count", async move {
                 coll.find_one_and_update(
                     doc! {"_id": id},
-                    doc! {"$inc": {&field: 1i64}, "$set": {"last_error": reason}},
+                    doc! {
+                        "$inc": {format!("{field}.sessions"): 1i64},
+                        "$min": {format!("{field}.first_at"): now},
+                        "$set": {format!("{field}.last_at"): now, format!("{field}.reason"): &reason, "last_error": &reason},
+                    },
                 )
                 .upsert(true)
                 .return_document(mongodb::options::ReturnDocument::After)
                 .await
             })
             .await?;
-        Ok(updated
-            .and_then(|d| {
-                d.get_document("failures").ok().and_then(|f| {
-                    f.get(uid.to_string())
-                        .and_then(Bson::as_i64)
-                        .or_else(|| f.get_i32(uid.to_string()).ok().map(i64::from))
-                })
-            })
-            .unwrap_or(1))
+        let entry = updated
+            .as_ref()
+            .and_then(|d| d.get_document("failures").ok())
+            .and_then(|f| f.get_document(&key).ok());
+        Ok(FailureCount {
+            sessions: entry
+                .and_then(|e| e.get("sessions"))
+                .and_then(|v| v.as_i64().or_else(|| v.as_i32().map(i64::from)))
+                .unwrap_or(1)
+                .clamp(0, u32::MAX as i64) as u32,
+            since: entry
+                .and_then(|e| e.get_datetime("first_at").ok())
+                .map(|d| d.to_chrono())
+                .unwrap_or_else(Utc::now),
+        })
     }
 
-    /// Records `uid` as quarantined (skipped for good) with its reason.
+    /// Forgets the failures counted against `uids`: they were fetched after all.
+    pub async fn clear_failures(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<(), StoreError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let mut unset = Document::new();
+        for uid in uids {
+            unset.insert(format!("failures.{}", failure_key(uidvalidity, *uid)), "");
+        }
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        self.guarded("failure reset", async move {
+            coll.update_one(doc! {"_id": id}, doc! {"$unset": unset})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Records `uid` (under `uidvalidity`) as quarantined (skipped by catch-ups, retried on its
+    /// own) with its reason, and forgets its failure count.
     pub async fn quarantine(
         &self,
         account: &str,
         mailbox: &str,
+        uidvalidity: u32,
         uid: u32,
         reason: &str,
     ) -> Result<(), StoreError> {
         let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, mailbox);
-        let entry = doc! {"uid": uid as i64, "reason": reason, "at": bson::DateTime::now()};
+        let entry = doc! {"uidvalidity": uidvalidity as i64, "uid": uid as i64, "reason": reason, "at": bson::DateTime::now()};
+        let failure = format!("failures.{}", failure_key(uidvalidity, uid));
         self.guarded("quarantine", async move {
             coll.update_one(
-                doc! {"_id": id, "quarantined.uid": {"$ne": entry.get_i64("uid").unwrap_or(0)}},
-                doc! {"$push": {"quarantined": entry}},
+                doc! {"_id": &id, "quarantined": {"$not": {"$elemMatch": {"uidvalidity": uidvalidity as i64, "uid": uid as i64}}}},
+                doc! {"$push": {"quarantined": entry}, "$unset": {&failure: ""}},
+            )
+            .upsert(false)
+            .await?;
+            coll.update_one(doc! {"_id": &id}, doc! {"$unset": {failure: ""}})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Notes that the quarantine was just tried again.
+    pub async fn mark_quarantine_retried(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<(), StoreError> {
+        let set = doc! {"quarantine_retried_at": bson::DateTime::now()};
+        self.upsert_mailbox(
+            Self::mailbox_id(account, mailbox),
+            set,
+            "quarantine retry mark",
+        )
+        .await
+    }
+
+    /// Takes `uids` out of the quarantine (stored after all, or gone from the server).
+    pub async fn release_quarantined(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<(), StoreError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let uids: Vec<i64> = uids.iter().map(|u| *u as i64).collect();
+        self.guarded("quarantine release", async move {
+            // entries from before uidvalidity was recorded carry none: they are the current one's
+            coll.update_one(
+                doc! {"_id": id},
+                doc! {"$pull": {"quarantined": {"uid": {"$in": uids}, "$or": [{"uidvalidity": uidvalidity as i64}, {"uidvalidity": {"$exists": false}}]}}},
             )
             .await
             .map(|_| ())
         })
         .await
+    }
+
+    /// Writes messages that sit at or below the checkpoint (quarantined UIDs that could be
+    /// fetched after all). Moves no checkpoint: they are below it already.
+    pub async fn commit_below_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        batch: &[ReadyMessage],
+    ) -> Result<CommitReport, StoreError> {
+        self.write_batch(account, mailbox, uidvalidity, batch).await
     }
 
     /// Records the mailbox's state for readers and /healthz (`syncing`, `idle`, `error`, ...).
@@ -647,15 +891,18 @@ impl Store {
             out.insert(uidl.clone(), (first + i as i64) as u32);
         }
         for i in dups {
+            let uidl = uidls.get(i).ok_or_else(|| {
+                StoreError::Protocol(format!("a write error for UIDL {i} of {}", uidls.len()))
+            })?;
             let coll = self.pop3_uidl.clone();
-            let id = Self::uidl_id(account, &uidls[i]);
+            let id = Self::uidl_id(account, uidl);
             let existing = self
                 .guarded("UIDL map read", async move {
                     coll.find_one(doc! {"_id": id}).await
                 })
                 .await?;
             if let Some(uid) = existing.and_then(|d| d.get_i64("uid").ok()) {
-                out.insert(uidls[i].clone(), uid as u32);
+                out.insert(uidl.clone(), uid as u32);
             }
         }
         Ok(out)
@@ -791,29 +1038,196 @@ impl Store {
         Ok(result)
     }
 
+    /// Inserts message documents; a replayed batch rewrites the ones already there. A document
+    /// the database refuses for what it is (too large, invalid) is replaced by its minimal form
+    /// (identity, raw, the error), so that one message never blocks its mailbox.
     async fn write_messages(&self, docs: Vec<Document>) -> Result<(usize, usize), StoreError> {
         let total = docs.len();
+        // Never send what MongoDB must refuse: parse keeps documents far below the limit, but the
+        // server supplies the flags.
+        let docs: Vec<Document> = docs
+            .into_iter()
+            .map(|d| {
+                let size = encoded_size(&d);
+                if size > MAX_DOCUMENT_BYTES {
+                    minimal_document(&d, &format!("the parsed document ({size} bytes) exceeds MongoDB's limit: stored raw only"))
+                } else {
+                    d
+                }
+            })
+            .collect();
         let keep = docs.clone();
-        let dups = self
-            .insert_ignoring_duplicates(&self.messages, docs, "message insert")
-            .await?;
-        // A replayed batch: rewrite the documents that were already there.
-        for i in &dups {
-            let mut doc = keep[*i].clone();
-            doc.remove("_id");
-            let filter = doc! {
-                "account": doc.get("account").cloned().unwrap_or(Bson::Null),
-                "mailbox": doc.get("mailbox").cloned().unwrap_or(Bson::Null),
-                "uidvalidity": doc.get("uidvalidity").cloned().unwrap_or(Bson::Null),
-                "uid": doc.get("uid").cloned().unwrap_or(Bson::Null),
-            };
-            let coll = self.messages.clone();
-            self.guarded("message replace", async move {
-                coll.replace_one(filter, doc).upsert(true).await.map(|_| ())
+        let coll = self.messages.clone();
+        let outcome = self
+            .guarded("message insert", async move {
+                match coll.insert_many(docs).ordered(false).await {
+                    Ok(_) => Ok(Ok((Vec::new(), Vec::new()))),
+                    Err(e) => match classify_insert_many(&e) {
+                        Some(split) => Ok(Ok(split)),
+                        None if is_document_error(&e) => Ok(Err(e.to_string())),
+                        None => Err(e),
+                    },
+                }
             })
             .await?;
+        let (dups, refused) = match outcome {
+            Ok(split) => split,
+            // The whole batch was refused for a document in it: find which, one by one.
+            Err(why) => {
+                tracing::warn!(count = keep.len(), error = %why, "batch_refused_per_document");
+                let mut replaced = 0;
+                for d in &keep {
+                    replaced += self.write_one(d.clone()).await? as usize;
+                }
+                return Ok((total - replaced, replaced));
+            }
+        };
+        let mut replaced = 0;
+        for i in &dups {
+            let doc = keep.get(*i).ok_or_else(|| {
+                StoreError::Protocol(format!("a write error for document {i} of {}", keep.len()))
+            })?;
+            self.write_one(doc.clone()).await?;
+            replaced += 1;
         }
-        Ok((total - dups.len(), dups.len()))
+        for (i, why) in &refused {
+            let doc = keep.get(*i).ok_or_else(|| {
+                StoreError::Protocol(format!("a write error for document {i} of {}", keep.len()))
+            })?;
+            tracing::warn!(id = doc.get_str("_id").unwrap_or(""), error = %why, "document_refused");
+            self.write_one(minimal_document(
+                doc,
+                &format!("MongoDB refused the parsed document ({why}): stored raw only"),
+            ))
+            .await?;
+        }
+        Ok((total - replaced, replaced))
+    }
+
+    /// Writes (inserts or replaces, by `_id`) one message document, falling back to its minimal
+    /// form when the database refuses the document itself. Returns whether it was there before.
+    async fn write_one(&self, doc: Document) -> Result<bool, StoreError> {
+        let mut current = doc;
+        for attempt in 0..2 {
+            let id = current.get("_id").cloned().unwrap_or(Bson::Null);
+            let coll = self.messages.clone();
+            let d = current.clone();
+            let result = self
+                .guarded("message replace", async move {
+                    match coll.replace_one(doc! {"_id": id}, d).upsert(true).await {
+                        Ok(r) => Ok(Ok(r.matched_count > 0)),
+                        Err(e) if is_document_error(&e) => Ok(Err(e.to_string())),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await?;
+            match result {
+                Ok(existed) => return Ok(existed),
+                Err(why) if attempt == 0 => {
+                    tracing::warn!(id = current.get_str("_id").unwrap_or(""), error = %why, "document_refused");
+                    current = minimal_document(
+                        &current,
+                        &format!("MongoDB refused the parsed document ({why}): stored raw only"),
+                    );
+                }
+                Err(why) => {
+                    return Err(StoreError::Protocol(format!(
+                        "even the minimal document was refused: {why}"
+                    )))
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The key of one UID's failure count inside `mailboxes.failures`.
+fn failure_key(uidvalidity: u32, uid: u32) -> String {
+    format!("{uidvalidity}-{uid}")
+}
+
+fn parse_failure_key(key: &str) -> Option<(u32, u32)> {
+    let (v, u) = key.split_once('-')?;
+    Some((v.parse().ok()?, u.parse().ok()?))
+}
+
+/// The document a message gets when its parsed form cannot be stored: its identity, the raw
+/// bytes' reference and the reason; every parsed field empty. Its raw blob is already written.
+pub fn minimal_document(full: &Document, reason: &str) -> Document {
+    let mut d = Document::new();
+    for key in [
+        "_id",
+        "account",
+        "mailbox",
+        "uidvalidity",
+        "uid",
+        "internal_date",
+        "size",
+        "raw",
+    ] {
+        d.insert(key, full.get(key).cloned().unwrap_or(Bson::Null));
+    }
+    let flags = full.get_array("flags").ok().filter(|f| {
+        f.iter()
+            .map(|v| v.as_str().map_or(0, str::len) + 16)
+            .sum::<usize>()
+            < 64 * 1024
+    });
+    d.insert("flags", flags.cloned().unwrap_or_default());
+    for key in ["message_id", "subject", "date", "text", "html"] {
+        d.insert(key, Bson::Null);
+    }
+    for key in [
+        "in_reply_to",
+        "references",
+        "from",
+        "sender",
+        "reply_to",
+        "to",
+        "cc",
+        "bcc",
+        "headers",
+        "attachments",
+    ] {
+        d.insert(key, Bson::Array(Vec::new()));
+    }
+    d.insert("parse_errors", vec![reason.to_string()]);
+    d.insert(
+        "stored_at",
+        full.get("stored_at")
+            .cloned()
+            .unwrap_or_else(|| Bson::DateTime(bson::DateTime::now())),
+    );
+    d
+}
+
+/// The documents an insert_many could not write, by index: duplicates, and documents refused for
+/// what they are (with the reason).
+type Split = (Vec<usize>, Vec<(usize, String)>);
+
+/// For an insert_many that failed on some documents only, which ones and why. None when the
+/// failure is the database's.
+fn classify_insert_many(err: &mongodb::error::Error) -> Option<Split> {
+    use mongodb::error::ErrorKind;
+    match err.kind.as_ref() {
+        ErrorKind::InsertMany(e) if e.write_concern_error.is_none() => {
+            let errors = e.write_errors.as_ref()?;
+            if errors.iter().any(|w| TRANSIENT_CODES.contains(&w.code)) {
+                return None;
+            }
+            let dups = errors
+                .iter()
+                .filter(|w| w.code == DUPLICATE_KEY)
+                .map(|w| w.index)
+                .collect();
+            let refused = errors
+                .iter()
+                .filter(|w| w.code != DUPLICATE_KEY)
+                .map(|w| (w.index, format!("code {}: {}", w.code, w.message)))
+                .collect();
+            Some((dups, refused))
+        }
+        _ => None,
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, BackoffPolicy};
+use crate::budget::Budget;
 use crate::config::{self, Account, Config};
 use crate::error::ErrorClass;
 use crate::mailbox::{Exit, MailboxTask};
@@ -23,10 +24,11 @@ use crate::notify;
 use crate::parse::Limits;
 use crate::signals::Signal;
 use crate::store::Store;
+use crate::sync::Context;
 
 /// How long running batches may take to finish after SIGTERM (PRODUCT.md promises exit
 /// within 10 s; systemd's TimeoutStopSec sits above it).
-pub const GRACE_PERIOD: Duration = Duration::from_secs(8);
+pub const GRACE_PERIOD: Duration = Duration::from_secs(7);
 
 type Key = (String, String);
 
@@ -40,9 +42,14 @@ struct Supervisor {
     store: Store,
     metrics: Arc<Metrics>,
     limits: Limits,
+    budget: Budget,
     policy: BackoffPolicy,
     shutdown: CancellationToken,
     running: HashMap<Key, Running>,
+    /// Mailboxes whose old task was asked to stop and has not ended yet (its generation).
+    stopping: HashMap<Key, u64>,
+    /// What to start once that old task has ended: never two sessions on one mailbox.
+    waiting: HashMap<Key, Account>,
     tasks: JoinSet<(Key, u64, Exit)>,
     generation: u64,
 }
@@ -90,14 +97,22 @@ fn desired(config: &Config) -> HashMap<Key, Account> {
 
 impl Supervisor {
     fn start(&mut self, key: Key, account: Account) {
+        if self.stopping.contains_key(&key) {
+            // the old task is still finishing its batch: start when it has ended
+            self.waiting.insert(key, account);
+            return;
+        }
         self.generation += 1;
         let cancel = self.shutdown.child_token();
         let task = MailboxTask {
             account: account.clone(),
             mailbox: key.1.clone(),
-            store: self.store.clone(),
+            ctx: Context {
+                store: self.store.scoped(),
+                limits: self.limits,
+                budget: self.budget.clone(),
+            },
             metrics: self.metrics.clone(),
-            limits: self.limits,
             policy: self.policy,
         };
         let generation = self.generation;
@@ -124,8 +139,10 @@ impl Supervisor {
     }
 
     fn stop(&mut self, key: &Key) {
+        self.waiting.remove(key);
         if let Some(r) = self.running.remove(key) {
             r.cancel.cancel();
+            self.stopping.insert(key.clone(), r.generation);
             self.metrics.forget(&key.0, &key.1);
             tracing::info!(account = %key.0, mailbox = %key.1, "mailbox_stopping");
         }
@@ -163,7 +180,7 @@ impl Supervisor {
             }
         }
         for (key, account) in want {
-            if !self.running.contains_key(&key) {
+            if !self.running.contains_key(&key) && !self.waiting.contains_key(&key) {
                 self.start(key, account);
                 added += 1;
             }
@@ -201,6 +218,7 @@ pub async fn run(
     path: &Path,
     mut config: Config,
     limits: Limits,
+    budget: Budget,
     shutdown: CancellationToken,
     mut signals: UnboundedReceiver<Signal>,
 ) -> bool {
@@ -231,7 +249,10 @@ pub async fn run(
         store: store.clone(),
         metrics,
         limits,
+        budget,
         policy,
+        stopping: HashMap::new(),
+        waiting: HashMap::new(),
         shutdown: shutdown.clone(),
         running: HashMap::new(),
         tasks: JoinSet::new(),
@@ -255,6 +276,12 @@ pub async fn run(
             }
             Some(joined) = sup.tasks.join_next(), if !sup.tasks.is_empty() => {
                 if let Ok((key, generation, exit)) = joined {
+                    if sup.stopping.get(&key) == Some(&generation) {
+                        sup.stopping.remove(&key);
+                        if let Some(account) = sup.waiting.remove(&key) {
+                            sup.start(key.clone(), account);
+                        }
+                    }
                     let current = sup.running.get(&key).map(|r| r.generation) == Some(generation);
                     if current {
                         sup.running.remove(&key);
@@ -286,7 +313,7 @@ pub async fn run(
             }
         }
     }
-    store.shutdown().await;
+    store.shutdown(crate::commands::STORE_SHUTDOWN).await;
     tracing::info!("stopped");
     true
 }

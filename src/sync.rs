@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
+use crate::budget::{Budget, Reservation};
 use crate::config::Account;
 use crate::error::ErrorClass;
 use crate::imap::{FetchedMessage, ImapError, MailboxInfo, Session};
@@ -31,6 +33,8 @@ pub enum SyncError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Pop3(#[from] crate::pop3::Pop3Error),
+    #[error("the server refused all {count} messages of a batch and a probe: {reason} (an outage: nothing is counted against them)")]
+    Outage { count: usize, reason: String },
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -41,6 +45,7 @@ impl SyncError {
             SyncError::Imap(e) => e.class(),
             SyncError::Store(e) => e.class(),
             SyncError::Pop3(e) => e.class(),
+            SyncError::Outage { .. } => ErrorClass::Retry,
             SyncError::Internal(_) => ErrorClass::Retry,
         }
     }
@@ -59,6 +64,10 @@ pub struct SyncReport {
     pub skipped: usize,
     /// UIDs quarantined during this pass.
     pub quarantined: usize,
+    /// UIDs in the quarantine (this uidvalidity) after the pass.
+    pub quarantined_total: usize,
+    /// A UID that failed and is not quarantined yet, holding the checkpoint below itself.
+    pub held: Option<u32>,
     /// Raw bytes fetched.
     pub bytes: u64,
     pub elapsed: Duration,
@@ -71,18 +80,24 @@ pub struct SyncReport {
 
 struct PlannedBatch {
     uids: Vec<u32>,
+    /// RFC822.SIZE of them all.
+    bytes: u64,
     /// The checkpoint once this batch is stored (its highest UID).
     last_uid: u32,
 }
 
 struct FetchedBatch {
     messages: Vec<FetchedMessage>,
+    /// The checkpoint once this batch is stored.
     last_uid: u32,
+    /// Its share of the memory budget, given back once it is acknowledged.
+    room: Reservation,
 }
 
 struct ParsedBatch {
     messages: Vec<ReadyMessage>,
     last_uid: u32,
+    room: Reservation,
 }
 
 /// Cuts `sizes` (sorted by UID) into batches of at most `count` messages and `bytes` bytes
@@ -92,6 +107,7 @@ fn plan_batches(sizes: &[(u32, u64)], count: usize, bytes: u64) -> Vec<PlannedBa
         .into_iter()
         .map(|batch| PlannedBatch {
             last_uid: batch.last().map(|(uid, _)| *uid).unwrap_or(0),
+            bytes: batch.iter().map(|(_, size)| *size).sum(),
             uids: batch.into_iter().map(|(uid, _)| uid).collect(),
         })
         .collect()
@@ -162,27 +178,68 @@ pub(crate) async fn parse_batch(
     Ok(out)
 }
 
-/// How many sessions in a row a UID may fail before it is quarantined.
-pub const QUARANTINE_AFTER: i64 = 3;
+/// Where a catch-up pass runs: its store scope, parse limits and the process-wide budget.
+#[derive(Clone)]
+pub struct Context {
+    pub store: Store,
+    pub limits: Limits,
+    pub budget: Budget,
+}
 
-/// UID FETCH of one batch. When the server refuses the batch (tagged NO/BAD: Gmail's
-/// "NO System Error" for one message) or leaves out UIDs that still exist, each UID is fetched
-/// on its own to find the culprits. A culprit's failure is counted in the store; at
-/// QUARANTINE_AFTER it is quarantined (recorded with its reason, logged, skipped) so that it
-/// cannot block its mailbox forever; before that, the batch fails and is retried next session.
-/// Returns (messages, UIDs gone, UIDs quarantined).
+/// What a catch-up pass does besides catching up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Try every quarantined UID again now, whenever it was last tried.
+    pub retry_quarantined: bool,
+}
+
+/// Who the quarantine rules are applied for.
+struct Quarantine<'a> {
+    account: &'a str,
+    mailbox: &'a str,
+    uidvalidity: u32,
+    settings: &'a crate::config::Settings,
+}
+
+/// What one batch's fetch gave.
+struct BatchOutcome {
+    messages: Vec<FetchedMessage>,
+    /// UIDs that no longer exist.
+    gone: usize,
+    /// UIDs quarantined now.
+    quarantined: usize,
+    /// The lowest UID that failed but is not quarantined yet: the checkpoint stays below it.
+    held: Option<u32>,
+}
+
+fn refusal(status: &str, text: &str) -> String {
+    format!("UID FETCH answered {status} {text}")
+}
+
+/// Fetches one batch. A refusal of the whole batch (tagged NO/BAD) or UIDs left out although
+/// they exist are examined UID by UID:
+///
+/// - When no UID of the batch could be fetched and the server does not serve a probe (the next
+///   UID to fetch, else the last stored one) either, the server is refusing everything: an
+///   outage (Exchange's "Server Unavailable", `[UNAVAILABLE]`, `[LIMIT]`, Gmail's bandwidth
+///   `[ALERT]`). The session ends with a retryable error and nothing is counted against any UID.
+/// - Otherwise each UID that failed while others succeeded has the failure counted (once per
+///   pass, keyed by uidvalidity and UID). It is quarantined once it failed in
+///   `quarantine_after` passes spread over `quarantine_min_age`; until then it only holds the
+///   checkpoint below itself while every other message is stored.
 async fn fetch_batch(
     session: &mut Session,
     store: &Store,
-    account: &str,
-    mailbox: &str,
+    q: &Quarantine<'_>,
+    failing: &HashSet<u32>,
     uids: &[u32],
-) -> Result<(Vec<FetchedMessage>, usize, usize), SyncError> {
+    probe: Option<u32>,
+) -> Result<BatchOutcome, SyncError> {
     let mut failed: Vec<(u32, String)> = Vec::new();
     let mut messages = match session.fetch_bodies(uids).await {
         Ok(m) => m,
         Err(ImapError::Rejected { status, text, .. }) if uids.len() == 1 => {
-            failed.push((uids[0], format!("UID FETCH answered {status} {text}")));
+            failed.push((uids[0], refusal(status, &text)));
             Vec::new()
         }
         Err(ImapError::Rejected { .. }) => {
@@ -191,7 +248,7 @@ async fn fetch_batch(
                 match session.fetch_bodies(&[*uid]).await {
                     Ok(m) => out.extend(m),
                     Err(ImapError::Rejected { status, text, .. }) => {
-                        failed.push((*uid, format!("UID FETCH answered {status} {text}")))
+                        failed.push((*uid, refusal(status, &text)))
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -217,38 +274,148 @@ async fn fetch_batch(
             ));
         }
     }
-    let mut quarantined = HashSet::new();
-    let mut retry = Vec::new();
-    for (uid, reason) in &failed {
-        let attempts = store.record_failure(account, mailbox, *uid, reason).await?;
-        if attempts >= QUARANTINE_AFTER {
-            store.quarantine(account, mailbox, *uid, reason).await?;
-            tracing::error!(account, mailbox, uid, attempts, error = %reason, "quarantined");
-            quarantined.insert(*uid);
-        } else {
-            retry.push(format!(
-                "UID {uid}: {reason} (attempt {attempts} of {QUARANTINE_AFTER})"
-            ));
+    let fetched_failing: Vec<u32> = messages
+        .iter()
+        .map(|m| m.uid)
+        .filter(|u| failing.contains(u))
+        .collect();
+    store
+        .clear_failures(q.account, q.mailbox, q.uidvalidity, &fetched_failing)
+        .await?;
+    if failed.is_empty() {
+        return Ok(BatchOutcome {
+            messages,
+            gone,
+            quarantined: 0,
+            held: None,
+        });
+    }
+    failed.sort_unstable_by_key(|(u, _)| *u);
+    if messages.is_empty() {
+        let serves_others = match probe {
+            Some(uid) => session.probe(uid).await?,
+            None => false,
+        };
+        if !serves_others {
+            let (uid, reason) = &failed[0];
+            tracing::warn!(account = q.account, mailbox = q.mailbox, uid, count = failed.len(), error = %reason, "server_refusing");
+            return Err(SyncError::Outage {
+                count: failed.len(),
+                reason: reason.clone(),
+            });
         }
     }
-    if !retry.is_empty() {
-        return Err(SyncError::Imap(ImapError::Protocol(retry.join("; "))));
+    let mut quarantined = HashSet::new();
+    let mut held = None;
+    let now = chrono::Utc::now();
+    for (uid, reason) in &failed {
+        let count = store
+            .record_failure(q.account, q.mailbox, q.uidvalidity, *uid, reason)
+            .await?;
+        let age = (now - count.since).to_std().unwrap_or_default();
+        if count.sessions >= q.settings.quarantine_after && age >= q.settings.quarantine_min_age {
+            store
+                .quarantine(q.account, q.mailbox, q.uidvalidity, *uid, reason)
+                .await?;
+            tracing::error!(account = q.account, mailbox = q.mailbox, uid, attempts = count.sessions, error = %reason, "quarantined");
+            quarantined.insert(*uid);
+        } else {
+            tracing::warn!(
+                account = q.account,
+                mailbox = q.mailbox,
+                uid,
+                attempts = count.sessions,
+                quarantine_after = q.settings.quarantine_after,
+                failing_for_s = age.as_secs(),
+                error = %reason,
+                "fetch_failed_checkpoint_held"
+            );
+            held = Some(held.map_or(*uid, |h: u32| h.min(*uid)));
+        }
     }
     messages.retain(|m| !quarantined.contains(&m.uid));
-    Ok((messages, gone, quarantined.len()))
+    Ok(BatchOutcome {
+        messages,
+        gone,
+        quarantined: quarantined.len(),
+        held,
+    })
+}
+
+/// Tries every quarantined UID of the current uidvalidity again, one at a time: one that is
+/// fetched now is stored (below the checkpoint) and leaves the quarantine, one that is gone
+/// leaves it too, one still refused stays.
+async fn retry_quarantined(
+    session: &mut Session,
+    ctx: &Context,
+    q: &Quarantine<'_>,
+    uids: &[u32],
+) -> Result<(usize, usize), SyncError> {
+    let (mut released, mut stored) = (0usize, 0usize);
+    for uid in uids {
+        let size = session.fetch_sizes(&[*uid]).await?;
+        let Some((_, size)) = size.first().copied() else {
+            if session.existing(&[*uid]).await?.is_empty() {
+                ctx.store
+                    .release_quarantined(q.account, q.mailbox, q.uidvalidity, &[*uid])
+                    .await?;
+                tracing::info!(
+                    account = q.account,
+                    mailbox = q.mailbox,
+                    uid,
+                    "quarantine_released_gone"
+                );
+                released += 1;
+            }
+            continue;
+        };
+        if size > MAX_FETCHABLE {
+            continue; // still too large; nothing has changed
+        }
+        let _room = ctx.budget.reserve(size).await;
+        let messages = match session.fetch_bodies(&[*uid]).await {
+            Ok(m) => m,
+            Err(ImapError::Rejected { status, text, .. }) => {
+                tracing::info!(account = q.account, mailbox = q.mailbox, uid, error = %refusal(status, &text), "quarantine_retry_refused");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if messages.is_empty() {
+            continue;
+        }
+        let ready = parse_batch(messages, ctx.limits).await?;
+        ctx.store
+            .commit_below_checkpoint(q.account, q.mailbox, q.uidvalidity, &ready)
+            .await?;
+        ctx.store
+            .release_quarantined(q.account, q.mailbox, q.uidvalidity, &[*uid])
+            .await?;
+        tracing::info!(
+            account = q.account,
+            mailbox = q.mailbox,
+            uid,
+            "quarantine_released_stored"
+        );
+        released += 1;
+        stored += 1;
+    }
+    Ok((released, stored))
 }
 
 /// One catch-up pass over `mailbox`. Stops between batches when `cancel` fires (what was
 /// stored stays stored, and the checkpoint says so).
 pub async fn catch_up(
     session: &mut Session,
-    store: &Store,
+    ctx: &Context,
     account: &Account,
     mailbox: &str,
-    limits: Limits,
+    options: Options,
     cancel: &CancellationToken,
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
+    let store = &ctx.store;
+    let limits = ctx.limits;
     let settings = &account.settings;
     let info: MailboxInfo = session.open_mailbox(mailbox, settings.mark_seen).await?;
     let status = MailboxStatus {
@@ -257,7 +424,8 @@ pub async fn catch_up(
     };
     let name = account.name.as_str();
 
-    let last_uid = match store.checkpoint(name, mailbox).await? {
+    let record = store.mailbox_record(name, mailbox).await?;
+    let last_uid = match record.checkpoint {
         Some(cp) if cp.uidvalidity == info.uidvalidity => cp.last_uid,
         Some(cp) => {
             tracing::warn!(
@@ -279,15 +447,65 @@ pub async fn catch_up(
             0
         }
     };
+    let q = Quarantine {
+        account: name,
+        mailbox,
+        uidvalidity: info.uidvalidity,
+        settings,
+    };
+    let failing: HashSet<u32> = record
+        .failing
+        .iter()
+        .filter(|(v, _)| *v == info.uidvalidity)
+        .map(|(_, u)| *u)
+        .collect();
+    let mut quarantined_now: Vec<u32> = record
+        .quarantined
+        .iter()
+        .filter(|(v, _, _)| *v == info.uidvalidity)
+        .map(|(_, u, _)| *u)
+        .collect();
     let mut report = SyncReport {
         uidvalidity: info.uidvalidity,
         last_uid,
         ..Default::default()
     };
 
+    let retry_due = !quarantined_now.is_empty()
+        && (options.retry_quarantined
+            || record.quarantine_retried_at.is_none_or(|at| {
+                (chrono::Utc::now() - at).to_std().unwrap_or_default() >= settings.quarantine_retry
+            }));
+    if retry_due {
+        let (released, stored) = retry_quarantined(session, ctx, &q, &quarantined_now).await?;
+        store.mark_quarantine_retried(name, mailbox).await?;
+        tracing::info!(
+            account = name,
+            mailbox,
+            tried = quarantined_now.len(),
+            released,
+            stored,
+            "quarantine_retried"
+        );
+        report.stored += stored;
+        let record = store.mailbox_record(name, mailbox).await?;
+        quarantined_now = record
+            .quarantined
+            .iter()
+            .filter(|(v, _, _)| *v == info.uidvalidity)
+            .map(|(_, u, _)| *u)
+            .collect();
+    }
+
     let uids = session
         .search_after(last_uid, settings.since, settings.unseen_only)
         .await?;
+    let quarantined_set: HashSet<u32> = quarantined_now.iter().copied().collect();
+    let uids: Vec<u32> = uids
+        .into_iter()
+        .filter(|u| !quarantined_set.contains(u))
+        .collect();
+    report.quarantined_total = quarantined_now.len();
     if uids.is_empty() {
         report.elapsed = started.elapsed();
         return Ok(report);
@@ -303,10 +521,13 @@ pub async fn catch_up(
     for (uid, size) in &too_large {
         let reason =
             format!("{size} bytes: larger than the {MAX_FETCHABLE} bytes a FETCH may carry");
-        store.quarantine(name, mailbox, *uid, &reason).await?;
+        store
+            .quarantine(name, mailbox, info.uidvalidity, *uid, &reason)
+            .await?;
         tracing::error!(account = name, mailbox, uid, size, error = %reason, "quarantined");
     }
     report.skipped += too_large.len();
+    report.quarantined += too_large.len();
     let plan = plan_batches(&fetchable, settings.batch_size, settings.batch_bytes);
     tracing::info!(
         account = name,
@@ -317,16 +538,18 @@ pub async fn catch_up(
         "catch_up_started"
     );
 
-    // Stage 2: parse.
+    // Stage 2: parse. Stage tasks are aborted if this pass is dropped (a panic in stage 1):
+    // nothing of a dead pass keeps running beside the next one.
     let (fetched_tx, mut fetched_rx) = mpsc::channel::<FetchedBatch>(1);
     let (parsed_tx, mut parsed_rx) = mpsc::channel::<ParsedBatch>(1);
-    let parser = tokio::spawn(async move {
+    let parser = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(batch) = fetched_rx.recv().await {
             let messages = parse_batch(batch.messages, limits).await?;
             if parsed_tx
                 .send(ParsedBatch {
                     messages,
                     last_uid: batch.last_uid,
+                    room: batch.room,
                 })
                 .await
                 .is_err()
@@ -335,14 +558,14 @@ pub async fn catch_up(
             }
         }
         Ok::<(), SyncError>(())
-    });
+    }));
 
     // Stage 3: store. Acknowledged UIDs flow back for `mark_seen`.
     let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<Vec<u32>>();
     let store2 = store.clone();
     let (name2, mailbox2) = (name.to_string(), mailbox.to_string());
     let uidvalidity = info.uidvalidity;
-    let storer = tokio::spawn(async move {
+    let storer = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut totals = (0usize, 0usize, report.last_uid, Vec::new());
         while let Some(batch) = parsed_rx.recv().await {
             let t = Instant::now();
@@ -356,6 +579,7 @@ pub async fn catch_up(
                     batch.last_uid,
                 )
                 .await?;
+            drop(batch.room);
             totals.0 += r.inserted;
             totals.1 += r.replaced;
             totals.2 = batch.last_uid;
@@ -372,13 +596,20 @@ pub async fn catch_up(
             let _ = acked_tx.send(batch.messages.iter().map(|m| m.uid).collect());
         }
         Ok::<_, SyncError>(totals)
-    });
+    }));
 
     // Stage 1: fetch (this task owns the session).
+    let probe_after = |i: usize| plan_probe(&fetchable, &plan, i, last_uid);
     let fetch_result = async {
-        for batch in plan {
+        let mut held: Option<u32> = None;
+        for (i, batch) in plan.iter().enumerate() {
             if cancel.is_cancelled() {
-                tracing::info!(account = name, mailbox, "catch_up_interrupted");
+                tracing::info!(
+                    account = name,
+                    mailbox,
+                    last_uid = report.last_uid,
+                    "catch_up_interrupted"
+                );
                 break;
             }
             if settings.mark_seen {
@@ -386,16 +617,31 @@ pub async fn catch_up(
                     session.mark_seen(&uids).await?;
                 }
             }
-            let (messages, gone, quarantined) =
-                fetch_batch(session, store, name, mailbox, &batch.uids).await?;
-            report.skipped += gone + quarantined;
-            report.quarantined += quarantined;
-            report.fetched += messages.len();
-            report.bytes += messages.iter().map(|m| m.body.len() as u64).sum::<u64>();
+            let room = ctx.budget.reserve(batch.bytes).await;
+            let outcome =
+                fetch_batch(session, store, &q, &failing, &batch.uids, probe_after(i)).await?;
+            report.skipped += outcome.gone + outcome.quarantined;
+            report.quarantined += outcome.quarantined;
+            report.fetched += outcome.messages.len();
+            report.bytes += outcome
+                .messages
+                .iter()
+                .map(|m| m.body.len() as u64)
+                .sum::<u64>();
+            if let Some(h) = outcome.held {
+                held = Some(held.map_or(h, |x| x.min(h)));
+            }
+            // The checkpoint never passes a UID that failed and is not quarantined yet.
+            let checkpoint = match held {
+                Some(h) => batch.last_uid.min(h.saturating_sub(1)).max(last_uid),
+                None => batch.last_uid,
+            };
+            report.held = held;
             if fetched_tx
                 .send(FetchedBatch {
-                    messages,
-                    last_uid: batch.last_uid,
+                    messages: outcome.messages,
+                    last_uid: checkpoint,
+                    room,
                 })
                 .await
                 .is_err()
@@ -422,12 +668,29 @@ pub async fn catch_up(
     let (stored, replaced, last, latencies) = store_result?;
     parse_result?;
     fetch_result?;
-    report.stored = stored;
+    report.stored += stored;
     report.replaced = replaced;
     report.last_uid = last;
     report.latencies = latencies;
+    report.quarantined_total = quarantined_now.len() + report.quarantined;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// The UID to probe when every UID of batch `i` failed: the first UID of a later batch, else
+/// the last one stored before this pass (a server that serves it is not in an outage).
+fn plan_probe(
+    fetchable: &[(u32, u64)],
+    plan: &[PlannedBatch],
+    i: usize,
+    last_uid: u32,
+) -> Option<u32> {
+    let after = plan.get(i).map(|b| b.last_uid).unwrap_or(0);
+    fetchable
+        .iter()
+        .map(|(u, _)| *u)
+        .find(|u| *u > after)
+        .or((last_uid > 0).then_some(last_uid))
 }
 
 /// `uidvalidity` and `exists` of a mailbox the way `check` reports them.

@@ -50,6 +50,12 @@ pub struct Session {
     inner: async_imap::Session<Stream>,
     capabilities: HashSet<String>,
     timeout: Duration,
+    /// The server announced a change (EXISTS, RECENT, EXPUNGE, VANISHED, or a FETCH nobody asked
+    /// for) inside the response to some command since the mailbox was last opened. Cyrus, Gmail
+    /// and most servers announce new mail there, at the start of whatever response comes next,
+    /// and not again when IDLE starts: forgetting it would leave the mail waiting until the
+    /// next event or the IDLE refresh.
+    changed: bool,
 }
 
 /// Hints added to errors for providers with known requirements (notes/providers.md).
@@ -270,6 +276,7 @@ impl Session {
             inner,
             capabilities: HashSet::new(),
             timeout,
+            changed: false,
         };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
@@ -286,6 +293,11 @@ impl Session {
             }
         }
         Ok(session)
+    }
+
+    /// Whether the server announced a change since the mailbox was opened, and forget it.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     pub fn has_capability(&self, cap: &str) -> bool {
@@ -387,6 +399,10 @@ impl Session {
                     tracing::warn!(command = %verb, text = outcome.information.as_deref().unwrap_or(""), "server_warning");
                 }
                 other => {
+                    let fetch_expected = verb.ends_with("FETCH") || verb.ends_with("STORE");
+                    if announces_change(other, fetch_expected) {
+                        self.changed = true;
+                    }
                     if pending_error.is_none() {
                         if let Err(e) = on_untagged(other) {
                             // keep reading until the tagged reply so the stream stays in step
@@ -419,6 +435,8 @@ impl Session {
             Ok(())
         })
         .await?;
+        // What the mailbox held until now is what the SEARCH that follows sees.
+        self.changed = false;
         let uidvalidity = uidvalidity
             .ok_or_else(|| ImapError::Protocol(format!("{verb} {mailbox} gave no UIDVALIDITY")))?;
         Ok(MailboxInfo {
@@ -545,6 +563,27 @@ impl Session {
         out.sort_by_key(|m| m.uid);
         out.dedup_by_key(|m| m.uid);
         Ok(out)
+    }
+
+    /// Whether the server serves `uid` at all now (`UID FETCH uid (UID BODY.PEEK[HEADER])`):
+    /// false when it refuses (tagged NO/BAD) or sends nothing for it.
+    pub async fn probe(&mut self, uid: u32) -> Result<bool, ImapError> {
+        let mut served = false;
+        let result = self
+            .command(&format!("UID FETCH {uid} (UID BODY.PEEK[HEADER])"), |r| {
+                if let Response::Fetch(_, attrs) = r {
+                    served |= attrs
+                        .iter()
+                        .any(|a| matches!(a, AttributeValue::Uid(u) if *u == uid));
+                }
+                Ok(())
+            })
+            .await;
+        match result {
+            Ok(()) => Ok(served),
+            Err(ImapError::Rejected { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// `UID STORE set +FLAGS.SILENT (\Seen)` (only with `mark_seen = true`).
@@ -691,6 +730,18 @@ impl Session {
     pub async fn logout(mut self, timeout: Duration) {
         self.timeout = timeout;
         let _ = tokio::time::timeout(timeout, self.command("LOGOUT", |_| Ok(()))).await;
+    }
+}
+
+/// Whether an untagged response announces a change of the mailbox. FETCH responses count only
+/// where the command did not ask for them.
+fn announces_change(r: &Response<'_>, fetch_expected: bool) -> bool {
+    match r {
+        Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_))
+        | Response::Expunge(_)
+        | Response::Vanished { .. } => true,
+        Response::Fetch(..) => !fetch_expected,
+        _ => false,
     }
 }
 

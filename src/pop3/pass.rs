@@ -9,25 +9,26 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Listing, Pop3Session};
+use crate::budget::Reservation;
 use crate::config::Account;
 use crate::imap::FetchedMessage;
-use crate::parse::Limits;
-use crate::store::Store;
-use crate::sync::{cut_batches, parse_batch, SyncError, SyncReport};
+use crate::sync::{cut_batches, parse_batch, Context, SyncError, SyncReport};
 
 struct Batch {
     messages: Vec<FetchedMessage>,
     /// (number in this session, UIDL) of each message, in the same order.
     ids: Vec<(u32, String)>,
+    /// Its share of the memory budget, given back once it is acknowledged.
+    room: Reservation,
 }
 
 /// One poll of a POP3 mailbox (always `INBOX`, uidvalidity 0).
 pub async fn poll(
     account: &Account,
-    store: &Store,
-    limits: Limits,
+    ctx: &Context,
     cancel: &CancellationToken,
 ) -> Result<SyncReport, SyncError> {
+    let (store, limits) = (&ctx.store, ctx.limits);
     let started = Instant::now();
     let name = account.name.as_str();
     let mut session = Pop3Session::connect(account).await?;
@@ -86,7 +87,7 @@ pub async fn poll(
     let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<Vec<(u32, String)>>();
     let store2 = store.clone();
     let account_name = name.to_string();
-    let storer = tokio::spawn(async move {
+    let storer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         let (mut stored, mut replaced, mut last) = (0usize, 0usize, 0u32);
         while let Some(batch) = rx.recv().await {
             let t = Instant::now();
@@ -98,11 +99,12 @@ pub async fn poll(
             stored += r.inserted;
             replaced += r.replaced;
             last = last.max(ready.iter().map(|m| m.uid).max().unwrap_or(0));
+            drop(batch.room);
             tracing::debug!(account = %account_name, mailbox = "INBOX", count = ready.len(), elapsed_ms = t.elapsed().as_millis() as u64, "batch_stored");
             let _ = acked_tx.send(batch.ids);
         }
         Ok::<_, SyncError>((stored, replaced, last))
-    });
+    }));
 
     let fetched = async {
         for batch in batches {
@@ -114,6 +116,10 @@ pub async fn poll(
                     to_delete.extend(acked);
                 }
             }
+            let room = ctx
+                .budget
+                .reserve(batch.iter().map(|(l, _)| l.size).sum())
+                .await;
             let mut messages = Vec::with_capacity(batch.len());
             let mut ids = Vec::with_capacity(batch.len());
             for (l, uid) in batch {
@@ -129,7 +135,15 @@ pub async fn poll(
                 ids.push((l.number, l.uidl));
             }
             report.fetched += messages.len();
-            if tx.send(Batch { messages, ids }).await.is_err() {
+            if tx
+                .send(Batch {
+                    messages,
+                    ids,
+                    room,
+                })
+                .await
+                .is_err()
+            {
                 break;
             }
         }

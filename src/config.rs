@@ -1121,6 +1121,131 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
+    fn env_strings_stay_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MAILPUMP_ACCOUNTS__WORK__PASSWORD", "0123");
+            jail.set_env("MAILPUMP_ACCOUNTS__WORK__USERNAME", "007");
+            jail.set_env("MAILPUMP_ACCOUNTS__WORK__HOST", "1e5");
+            jail.set_env("MAILPUMP_ACCOUNTS__WORK__PORT", "1143");
+            jail.set_env("MAILPUMP_DEFAULTS__IDLE", "false");
+            let c = load(&path).map_err(|e| e.to_string())?;
+            let a = &c.accounts[0];
+            assert_eq!(a.password.expose(), "0123");
+            assert_eq!(a.username, "007");
+            assert_eq!(a.host, "1e5");
+            assert_eq!(a.port, 1143);
+            assert!(!a.settings.idle);
+            jail.set_env("MAILPUMP_ACCOUNTS__WORK__PASSWORD", "true");
+            assert_eq!(
+                load(&path).map_err(|e| e.to_string())?.accounts[0]
+                    .password
+                    .expose(),
+                "true"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn silence_must_outlast_the_idle_refresh() {
+        let c = from_toml_str(MINIMAL).unwrap();
+        assert!(c.accounts[0].settings.silence_timeout > c.accounts[0].settings.idle_refresh);
+        let e = err(&MINIMAL.replace(
+            "[accounts.work]",
+            "[defaults]\nidle_refresh = \"10m\"\nsilence_timeout = \"5m\"\n[accounts.work]",
+        ));
+        assert!(
+            e.contains("accounts.work.silence_timeout") && e.contains("accounts.work.idle_refresh"),
+            "{e}"
+        );
+        // a shorter refresh moves the default silence with it
+        let c = from_toml_str(&format!("{MINIMAL}\nidle_refresh = \"2m\"\n")).unwrap();
+        assert_eq!(
+            c.accounts[0].settings.silence_timeout,
+            Duration::from_secs(180)
+        );
+    }
+
+    #[test]
+    fn empty_passwords_are_refused_and_skipped_secrets_are_not_read() {
+        let e = err(&MINIMAL.replace("password = \"pw\"", "password = \"\""));
+        assert!(
+            e.contains("accounts.work.password") && e.contains("empty"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("pw");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = err(&MINIMAL.replace(
+            "password = \"pw\"",
+            &format!("password_file = \"{}\"", empty.display()),
+        ));
+        assert!(
+            e.contains("accounts.work.password_file") && e.contains("empty"),
+            "{e}"
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            MINIMAL.replace(
+                "password = \"pw\"",
+                "password_env = \"MAILPUMP_TEST_NEVER_SET\"",
+            ),
+        )
+        .unwrap();
+        assert!(load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("MAILPUMP_TEST_NEVER_SET"));
+        let c = load_with(&path, Secrets::Skipped).unwrap();
+        assert_eq!(c.accounts[0].password.expose(), "");
+    }
+
+    #[test]
+    fn write_concern_and_limits() {
+        let c = from_toml_str(MINIMAL).unwrap();
+        assert_eq!(c.store.write_concern, WriteConcern::default());
+        assert_eq!(c.store.write_concern.w, WriteAck::Majority);
+        assert!(c.store.write_concern.journal);
+        assert_eq!(c.limits.max_inflight_bytes, 512 * 1024 * 1024);
+        let with =
+            |extra: &str| MINIMAL.replace("[accounts.work]", &format!("{extra}\n[accounts.work]"));
+        let c = from_toml_str(&with("write_concern = { w = 1, j = false }")).unwrap();
+        assert_eq!(
+            c.store.write_concern,
+            WriteConcern {
+                w: WriteAck::Nodes(1),
+                journal: false
+            }
+        );
+        let e = err(&with("write_concern = { w = 0 }"));
+        assert!(e.contains("store.write_concern"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[limits]\nmax_inflight_bytes = 1000\n"));
+        assert!(e.contains("limits.max_inflight_bytes"), "{e}");
+    }
+
+    #[test]
+    fn quarantine_settings_have_defaults_and_allow_zero_age() {
+        let s = &from_toml_str(MINIMAL).unwrap().accounts[0].settings;
+        assert_eq!(
+            (s.quarantine_after, s.quarantine_min_age),
+            (3, Duration::from_secs(3600))
+        );
+        assert_eq!(s.quarantine_retry, Duration::from_secs(86400));
+        let c = from_toml_str(&format!(
+            "{MINIMAL}\nquarantine_min_age = \"0s\"\nquarantine_after = 1\n"
+        ))
+        .unwrap();
+        assert_eq!(c.accounts[0].settings.quarantine_min_age, Duration::ZERO);
+        let e = err(&format!("{MINIMAL}\nquarantine_after = 0\n"));
+        assert!(e.contains("accounts.work.quarantine_after"), "{e}");
+    }
+
+    #[test]
     fn missing_file_is_reported() {
         let e = load(Path::new("/nonexistent/mailpump.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/mailpump.toml"));

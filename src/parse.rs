@@ -111,6 +111,8 @@ pub struct Limits {
     pub max_inline_body: usize,
     /// Header values beyond this total are dropped from `headers` (they stay in `raw`).
     pub max_headers_bytes: usize,
+    /// The parsed part of a document stays under this many bytes of BSON ([`DOCUMENT_BUDGET`]).
+    pub document_budget: usize,
 }
 
 impl Default for Limits {
@@ -118,6 +120,7 @@ impl Default for Limits {
         Limits {
             max_inline_body: 1024 * 1024,
             max_headers_bytes: 4 * 1024 * 1024,
+            document_budget: DOCUMENT_BUDGET,
         }
     }
 }
@@ -148,7 +151,180 @@ pub fn parse(raw: Vec<u8>, limits: Limits) -> ParsedMessage {
     };
     parsed.raw = raw_blob.reference();
     parsed.blobs.insert(0, raw_blob);
+    if parsed.raw.size > (limits.document_budget / MAX_EXPANSION) as u64 {
+        fit(&mut parsed, limits.document_budget, limits);
+    }
     parsed
+}
+
+/// The parsed part of a message document stays under this many bytes of BSON: well under
+/// MongoDB's 16 MiB, with room for the identity and the server's flags.
+pub const DOCUMENT_BUDGET: usize = 12 * 1024 * 1024;
+/// No parsed document is more than this many times larger than its raw message (the worst
+/// measured, a message of nothing but tiny MIME parts, is about 20x): below budget/this, the
+/// size is not computed at all.
+const MAX_EXPANSION: usize = 48;
+/// Single strings (subject, Message-ID) longer than this are cut.
+const MAX_FIELD_TEXT: usize = 64 * 1024;
+
+/// The BSON size of `value` as a document field.
+fn field_size<T: Serialize>(value: &T) -> usize {
+    bson::to_bson(value)
+        .ok()
+        .and_then(|b| bson::to_vec(&bson::doc! {"x": b}).ok())
+        .map_or(0, |v| v.len())
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn cut_text(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    true
+}
+
+/// The BSON sizes of the lists [`fit`] may cut, in the order of its `NAMES`.
+fn list_sizes(p: &ParsedMessage) -> [usize; 11] {
+    [
+        field_size(&p.headers),
+        field_size(&p.from),
+        field_size(&p.sender),
+        field_size(&p.reply_to),
+        field_size(&p.to),
+        field_size(&p.cc),
+        field_size(&p.bcc),
+        field_size(&p.references),
+        field_size(&p.in_reply_to),
+        field_size(&p.attachments),
+        field_size(&p.parse_errors),
+    ]
+}
+
+/// The lengths of the lists [`fit`] may cut, in the order of its `NAMES`.
+fn list_lens(p: &ParsedMessage) -> [usize; 11] {
+    [
+        p.headers.len(),
+        p.from.len(),
+        p.sender.len(),
+        p.reply_to.len(),
+        p.to.len(),
+        p.cc.len(),
+        p.bcc.len(),
+        p.references.len(),
+        p.in_reply_to.len(),
+        p.attachments.len(),
+        p.parse_errors.len(),
+    ]
+}
+
+/// Makes the parsed document fit `budget` bytes of BSON, deterministically: long single strings
+/// are cut, then the largest list (headers, an address list, references, attachments, parse
+/// errors) is halved until it fits, then bodies move to blobs. Each cut is named in
+/// `parse_errors`; every byte stays in `raw`.
+fn fit(p: &mut ParsedMessage, budget: usize, limits: Limits) {
+    let size = |p: &ParsedMessage| bson::to_vec(p).map_or(usize::MAX, |v| v.len());
+    if size(p) <= budget {
+        return;
+    }
+    let mut notes = Vec::new();
+    if p.subject
+        .as_mut()
+        .is_some_and(|t| cut_text(t, MAX_FIELD_TEXT))
+    {
+        notes.push(format!("subject: cut to {MAX_FIELD_TEXT} bytes"));
+    }
+    if p.message_id
+        .as_mut()
+        .is_some_and(|t| cut_text(t, MAX_FIELD_TEXT))
+    {
+        notes.push(format!("message_id: cut to {MAX_FIELD_TEXT} bytes"));
+    }
+    let totals = list_lens(p);
+    const NAMES: [&str; 11] = [
+        "headers",
+        "from",
+        "sender",
+        "reply_to",
+        "to",
+        "cc",
+        "bcc",
+        "references",
+        "in_reply_to",
+        "attachments",
+        "parse_errors",
+    ];
+    let mut current = size(p);
+    // Each round cuts the largest list by what the excess asks (elements are about the same
+    // size within one list), so a handful of rounds suffice even for a million entries.
+    for _ in 0..64 {
+        if current <= budget {
+            break;
+        }
+        let sizes = list_sizes(p);
+        let lens = list_lens(p);
+        // the largest list that still has something to cut (ties: the first in NAMES)
+        let Some(i) = (0..NAMES.len())
+            .filter(|i| lens[*i] > 0)
+            .max_by_key(|i| (sizes[*i], std::cmp::Reverse(*i)))
+        else {
+            break;
+        };
+        let excess = current - budget + budget / 64;
+        let per_item = (sizes[i] / lens[i]).max(1);
+        let keep = lens[i]
+            .saturating_sub(excess.div_ceil(per_item))
+            .min(lens[i] - 1);
+        match i {
+            0 => p.headers.truncate(keep),
+            1 => p.from.truncate(keep),
+            2 => p.sender.truncate(keep),
+            3 => p.reply_to.truncate(keep),
+            4 => p.to.truncate(keep),
+            5 => p.cc.truncate(keep),
+            6 => p.bcc.truncate(keep),
+            7 => p.references.truncate(keep),
+            8 => p.in_reply_to.truncate(keep),
+            9 => p.attachments.truncate(keep),
+            _ => p.parse_errors.truncate(keep),
+        }
+        current = size(p);
+    }
+    let after = list_lens(p);
+    for i in 0..NAMES.len() {
+        if after[i] < totals[i] {
+            notes.push(format!("{}: {} of {} kept", NAMES[i], after[i], totals[i]));
+        }
+    }
+    if current > budget {
+        let blob_limits = Limits {
+            max_inline_body: 0,
+            ..limits
+        };
+        if p.text.is_some() {
+            (p.text, p.text_blob) = inline_or_blob(p.text.take(), blob_limits, &mut p.blobs);
+            notes.push("text: moved to the blobs bucket".into());
+        }
+        if size(p) > budget && p.html.is_some() {
+            (p.html, p.html_blob) = inline_or_blob(p.html.take(), blob_limits, &mut p.blobs);
+            notes.push("html: moved to the blobs bucket".into());
+        }
+    }
+    // Attachments that were cut need no blob.
+    let wanted: std::collections::HashSet<String> = std::iter::once(p.raw.sha256.clone())
+        .chain(p.attachments.iter().map(|a| a.sha256.clone()))
+        .chain(p.text_blob.iter().map(|b| b.sha256.clone()))
+        .chain(p.html_blob.iter().map(|b| b.sha256.clone()))
+        .collect();
+    p.blobs.retain(|b| wanted.contains(&b.sha256));
+    p.parse_errors.push(format!(
+        "the parsed document would have exceeded {budget} bytes: {} (everything stays in raw)",
+        notes.join("; ")
+    ));
 }
 
 fn empty(raw: BlobRef) -> ParsedMessage {
@@ -557,6 +733,7 @@ mod tests {
             Limits {
                 max_inline_body: 1024,
                 max_headers_bytes: 1 << 20,
+                ..Limits::default()
             },
         );
         assert!(p.text.is_none());
@@ -573,6 +750,118 @@ mod tests {
         assert_eq!(p.attachments.len(), 2);
         assert_eq!(p.attachments[0].sha256, p.attachments[1].sha256);
         assert_eq!(p.blobs.len(), 2, "raw + one attachment blob");
+    }
+
+    /// A budget small enough for debug-build tests; `fit` does not depend on its value.
+    const SMALL_BUDGET: usize = 400 * 1024;
+
+    /// The BSON size of the whole `messages` document of `raw`.
+    fn document_size(raw: Vec<u8>, budget: usize) -> (usize, ParsedMessage) {
+        let limits = Limits {
+            document_budget: budget,
+            ..Limits::default()
+        };
+        let ready = crate::store::ReadyMessage {
+            uid: 1,
+            flags: vec!["\\Seen".into()],
+            internal_date: None,
+            size: raw.len() as u64,
+            parsed: parse(raw, limits),
+        };
+        let d = crate::store::message_document("a", "INBOX", 1, &ready, bson::DateTime::now());
+        (crate::store::encoded_size(&d), ready.parsed)
+    }
+
+    /// Messages of a few MB whose parsed form explodes: one per list that can grow.
+    fn exploding(kind: u8, count: usize) -> Vec<u8> {
+        let mut m = String::from("Subject: many\r\nMessage-ID: <many@x>\r\n");
+        match kind {
+            0 => {
+                m.push_str("To: ");
+                for i in 0..count {
+                    m.push_str(&format!("a{i}@b.c, "));
+                }
+                m.push_str("z@b.c\r\n\r\nbody\r\n");
+            }
+            1 => {
+                for i in 0..count {
+                    m.push_str(&format!("X-{i}: v\r\n"));
+                }
+                m.push_str("\r\nbody\r\n");
+            }
+            2 => {
+                m.push_str("Content-Type: multipart/mixed; boundary=b\r\n\r\n");
+                for i in 0..count {
+                    m.push_str(&format!(
+                        "--b\r\nContent-Disposition: attachment\r\n\r\n{i}\r\n"
+                    ));
+                }
+                m.push_str("--b--\r\n");
+            }
+            _ => {
+                m.push_str("References:");
+                for i in 0..count {
+                    m.push_str(&format!(" <{i}@x>"));
+                }
+                m.push_str("\r\n\r\nbody\r\n");
+            }
+        }
+        m.into_bytes()
+    }
+
+    #[test]
+    fn hundreds_of_thousands_of_recipients_fit_in_one_document() {
+        // the same code path as 400,000 recipients under the real 12 MiB budget, at a 30th
+        let raw = exploding(0, 15_000);
+        let raw_len = raw.len();
+        let (size, p) = document_size(raw, SMALL_BUDGET);
+        assert!(size < SMALL_BUDGET + 4096, "{size}");
+        assert!(
+            p.parse_errors
+                .iter()
+                .any(|e| e.contains("to: ") && e.contains("of 15001 kept")),
+            "{:?}",
+            p.parse_errors
+        );
+        assert_eq!(p.raw.size, raw_len as u64, "raw keeps everything");
+    }
+
+    #[test]
+    fn tiny_attachments_by_the_ten_thousand_fit_and_keep_only_listed_blobs() {
+        let (size, p) = document_size(exploding(2, 4_000), SMALL_BUDGET);
+        assert!(size < SMALL_BUDGET + 4096, "{size}");
+        assert!(p.attachments.len() < 4_000);
+        // raw + one blob per distinct listed attachment, nothing for the cut ones
+        let listed: std::collections::HashSet<&str> =
+            p.attachments.iter().map(|a| a.sha256.as_str()).collect();
+        assert_eq!(p.blobs.len(), 1 + listed.len());
+    }
+
+    #[test]
+    fn fitting_is_deterministic() {
+        let limits = Limits {
+            document_budget: SMALL_BUDGET,
+            ..Limits::default()
+        };
+        let a = parse(exploding(1, 30_000), limits);
+        let b = parse(exploding(1, 30_000), limits);
+        assert_eq!(a, b);
+        assert!(
+            a.parse_errors.iter().any(|e| e.contains("headers: ")),
+            "{:?}",
+            a.parse_errors
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        /// Whatever list explodes and however much, the document encodes under 16 MiB.
+        #[test]
+        fn every_generated_document_encodes_under_its_budget(kind in 0u8..4, count in 1usize..40_000) {
+            let (size, _) = document_size(exploding(kind, count), SMALL_BUDGET);
+            // the budget covers the parsed part; identity and flags add a few hundred bytes
+            proptest::prop_assert!(size > 0 && size < SMALL_BUDGET + 4096, "kind {} count {}: {} bytes", kind, count, size);
+        }
     }
 
     // Fuzzing the parse-to-document path. 256 cases per property in the suite; longer on

@@ -1308,3 +1308,94 @@ pub fn message_document(
     }
     d
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{parse, Limits};
+
+    fn ready(uid: u32, flags: Vec<String>) -> ReadyMessage {
+        let raw = format!("Subject: m{uid}\r\nMessage-ID: <m{uid}@x>\r\n\r\nhi\r\n").into_bytes();
+        ReadyMessage {
+            uid,
+            flags,
+            internal_date: None,
+            size: raw.len() as u64,
+            parsed: parse(raw, Limits::default()),
+        }
+    }
+
+    #[test]
+    fn the_minimal_document_keeps_identity_and_raw_and_drops_a_flood_of_flags() {
+        let flags: Vec<String> = (0..2_000_000).map(|i| format!("$flag{i}")).collect();
+        let m = ready(7, flags);
+        let full = message_document("a", "INBOX", 3, &m, bson::DateTime::now());
+        assert!(encoded_size(&full) > MAX_DOCUMENT_BYTES);
+        let min = minimal_document(&full, "too large");
+        assert!(encoded_size(&min) < 64 * 1024);
+        assert_eq!(min.get_str("_id").unwrap(), "a/INBOX/3/7");
+        assert_eq!(
+            min.get_document("raw").unwrap(),
+            full.get_document("raw").unwrap()
+        );
+        assert_eq!(min.get_array("parse_errors").unwrap().len(), 1);
+        assert!(min.get_array("flags").unwrap().is_empty());
+    }
+
+    /// Against the MongoDB-protocol server of the test run: a document MongoDB must refuse
+    /// (the server sent two million flags) is stored in its minimal form beside its neighbours,
+    /// instead of failing the batch for ever.
+    #[tokio::test]
+    async fn a_document_the_database_must_refuse_is_stored_minimal_and_the_batch_goes_on() {
+        let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI").expect(
+            "MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)",
+        );
+        let cfg = crate::config::StoreConfig {
+            uri: crate::config::Secret::new(uri),
+            database: format!("mp_unit_{}", std::process::id()),
+            connect_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(60),
+            max_inline_body: 1024 * 1024,
+            write_concern: Default::default(),
+        };
+        let store = Store::connect(&cfg).await.unwrap();
+        let flood: Vec<String> = (0..2_000_000).map(|i| format!("$flag{i}")).collect();
+        let batch = vec![
+            ready(1, vec![]),
+            ready(2, flood),
+            ready(3, vec!["\\Seen".into()]),
+        ];
+        let r = store
+            .commit_batch("a", "INBOX", 1, MailboxStatus::default(), &batch, 3)
+            .await
+            .unwrap();
+        assert_eq!(r.inserted, 3);
+        let coll = store.messages.clone();
+        let two = coll
+            .find_one(doc! {"uid": 2i64, "account": "a"})
+            .await
+            .unwrap()
+            .unwrap();
+        let errors = two.get_array("parse_errors").unwrap();
+        assert!(
+            errors[0].as_str().unwrap().contains("stored raw only"),
+            "{errors:?}"
+        );
+        assert_eq!(
+            store
+                .checkpoint("a", "INBOX")
+                .await
+                .unwrap()
+                .unwrap()
+                .last_uid,
+            3
+        );
+        // replaying the batch rewrites, never duplicates
+        let r = store
+            .commit_batch("a", "INBOX", 1, MailboxStatus::default(), &batch, 3)
+            .await
+            .unwrap();
+        assert_eq!((r.inserted, r.replaced), (0, 3));
+        let _ = store.client.database(&cfg.database).drop().await;
+    }
+}

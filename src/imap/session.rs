@@ -925,6 +925,30 @@ mod tests {
         );
     }
 
+    /// A server that sends nothing at all while idling (RFC 2177 asks for no keepalives) is
+    /// healthy: with the default settings its connection is refreshed, never declared dead.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_healthy_idle_connection_is_never_replaced_with_the_defaults() {
+        let (mut session, server) = session_against(AfterIdle::Silence).await;
+        let config = crate::config::from_toml_str(
+            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let s = &config.accounts[0].settings;
+        let started = tokio::time::Instant::now();
+        for _ in 0..12 {
+            let end = session
+                .idle(s.idle_refresh, s.silence_timeout, &CancellationToken::new())
+                .await
+                .unwrap();
+            assert_eq!(end, IdleEnd::Refresh);
+        }
+        assert!(started.elapsed() >= Duration::from_secs(2 * 3600));
+        session.logout(Duration::from_secs(5)).await;
+        let seen = server.await.unwrap();
+        assert_eq!(seen.iter().filter(|l| l.as_str() == "DONE").count(), 12);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn exists_ends_idle_at_once() {
         let (mut session, _server) =

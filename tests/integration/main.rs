@@ -12,5 +12,6 @@ mod golden;
 mod hostile;
 mod packaging;
 mod pop3;
+mod promises;
 mod sync;
 mod transport;

@@ -154,7 +154,26 @@ pub async fn sync_all(config: &Config, options: sync::Options, cancel: Cancellat
         }
     }
     store.shutdown(STORE_SHUTDOWN).await;
+    tracing::info!(
+        ok = all_ok,
+        peak_rss_kb = peak_rss_kb(),
+        max_inflight_bytes = config.limits.max_inflight_bytes,
+        "sync_finished"
+    );
     all_ok
+}
+
+/// The process's peak resident set size so far, in KiB (Linux `ru_maxrss`).
+pub fn peak_rss_kb() -> u64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) == 0 {
+            usage.ru_maxrss.max(0) as u64
+        } else {
+            0
+        }
+    }
 }
 
 /// `mailpump check`: prints one line per check to stdout; true when all pass.

@@ -344,13 +344,18 @@ async fn the_database_stopping_mid_run_loses_nothing_and_duplicates_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_silent_connection_is_replaced_within_the_silence_timeout() {
+async fn a_frozen_connection_is_replaced_at_the_next_idle_refresh() {
     // Dovecot says "* OK Still here" every second while idling: a live connection is never silent.
     let mut dc = Dovecot::start_with("imap_idle_notify_interval = 1 secs\n");
     let user = dc.add_user("silent", "pw-silent");
     let proxy = crate::harness::proxy::Proxy::start(dc.imap_port).await;
     let db = TestDb::new().await;
-    let mut spec = AccountSpec::plain("silent", &dc, &user).with("silence_timeout = \"3s\"");
+    // silence must outlast the refresh (a quiet server is healthy): a frozen connection is found
+    // when the refresh's DONE goes unanswered within command_timeout
+    let mut spec = AccountSpec::plain("silent", &dc, &user)
+        .with("idle_refresh = \"2s\"")
+        .with("silence_timeout = \"3s\"")
+        .with("command_timeout = \"2s\"");
     spec.port = proxy.port;
     let mp = Mailpump::new(&db, &[spec]);
     let daemon = Daemon::start(&mp);
@@ -370,12 +375,10 @@ async fn a_silent_connection_is_replaced_within_the_silence_timeout() {
     proxy.freeze_existing();
     dc.deliver(&user, &message("after the freeze", "x"));
     daemon
-        .wait_for_log(SOON, "a silence timeout", |l| {
+        .wait_for_log(SOON, "an unanswered DONE", |l| {
             l.iter().any(|e| {
                 e["message"] == "disconnected"
-                    && e["error"]
-                        .as_str()
-                        .is_some_and(|s| s.contains("silence timeout"))
+                    && e["error"].as_str().is_some_and(|s| s.contains("DONE"))
             })
         })
         .await;

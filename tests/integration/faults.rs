@@ -210,6 +210,7 @@ async fn through_proxy(name: &str, n: u64) -> (Dovecot, Proxy, TestDb, Mailpump)
     let mut spec = AccountSpec::plain(name, &dc, &user)
         .with("batch_size = 20")
         .with("command_timeout = \"3s\"")
+        .with("idle_refresh = \"2s\"")
         .with("silence_timeout = \"3s\"");
     spec.port = proxy.port;
     let mp = Mailpump::new(&db, &[spec]);
@@ -332,7 +333,7 @@ async fn a_stall_longer_than_the_timeouts_and_a_refusal_for_a_while() {
     let (stored, duplicated) = compare(&db, n + 2).await;
     assert_eq!(duplicated, 0);
     record(Row {
-        fault: "stall longer than the silence timeout, then connections refused for a while",
+        fault: "stall longer than the timeouts (found at the next IDLE refresh), then connections refused for a while",
         tries: 1,
         expected: n + 2,
         stored,

@@ -10,6 +10,7 @@ mod export;
 mod faults;
 mod golden;
 mod hostile;
+mod limits;
 mod packaging;
 mod pop3;
 mod promises;

@@ -115,8 +115,13 @@ fn the_compose_file_has_health_checks_and_file_secrets() {
         config.contains("password_file = \"/run/secrets/demo_password\"")
             && !config.contains("password =")
     );
-    mailpump::config::from_toml_str(&config.replace("/run/secrets/demo_password", "/dev/null"))
-        .expect("the compose config is valid");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("demo_password");
+    std::fs::write(&secret, "demo\n").unwrap();
+    mailpump::config::from_toml_str(
+        &config.replace("/run/secrets/demo_password", secret.to_str().unwrap()),
+    )
+    .expect("the compose config is valid");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,9 +4,10 @@
 //! the batch is acknowledged. Fifty mailboxes backfilling at once then hold at most the budget,
 //! not fifty times a few batches.
 //!
-//! A batch reserves [`PARSED_FACTOR`] times its raw size: the raw bytes plus what parsing makes
-//! of them (decoded bodies and attachments, the BSON document) live together until the store
-//! acknowledged them. A batch larger than the whole budget reserves the whole budget: it goes
+//! A batch reserves [`PARSED_FACTOR`] times its raw size: the raw bytes, what parsing makes of
+//! them (decoded bodies and attachments, bodies moved to blobs), the GridFS chunk documents and
+//! the driver's encoded command all live together until the store acknowledged them (measured:
+//! about 4-5x the raw size at the peak of a write). A batch larger than the whole budget reserves the whole budget: it goes
 //! alone, but it goes.
 
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Permits count units of this many bytes (a semaphore counts in u32).
 const UNIT: u64 = 1024;
-/// Raw bytes plus their parsed forms.
-pub const PARSED_FACTOR: u64 = 2;
+/// Raw bytes plus their parsed and encoded forms.
+pub const PARSED_FACTOR: u64 = 4;
 
 #[derive(Clone, Debug)]
 pub struct Budget {
@@ -66,10 +67,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reservations_wait_for_room_and_give_it_back() {
         let budget = Budget::new(10 * 1024 * 1024);
-        let a = budget.reserve(4 * 1024 * 1024).await; // 8 MiB of 10
+        let a = budget.reserve(2 * 1024 * 1024).await; // 8 MiB of 10
         assert_eq!(budget.in_use(), 8 * 1024 * 1024);
         let b2 = budget.clone();
-        let waiting = tokio::spawn(async move { b2.reserve(2 * 1024 * 1024).await });
+        let waiting = tokio::spawn(async move { b2.reserve(1024 * 1024).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(
             !waiting.is_finished(),

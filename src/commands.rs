@@ -113,10 +113,6 @@ pub async fn sync_all(config: &Config, options: sync::Options, cancel: Cancellat
                         );
                         r.held.is_none()
                     }
-                    Err(e) if cancel.is_cancelled() => {
-                        tracing::warn!(account = name, mailbox, error = %e, "sync_interrupted");
-                        true
-                    }
                     Err(e) => {
                         tracing::error!(account = name, mailbox, error = %e, "mailbox_sync_failed");
                         false

@@ -15,6 +15,10 @@ use crate::imap::{IdleEnd, ImapError, Session};
 use crate::metrics::Metrics;
 use crate::sync::{self, Context, SyncError};
 
+/// Catch-ups run back to back because the server announced news during the previous one,
+/// before the session idles anyway.
+const MAX_IMMEDIATE_PASSES: u32 = 3;
+
 /// How long LOGOUT may take when a session ends on purpose.
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -168,6 +172,7 @@ impl MailboxTask {
         *healthy_since = Some(Instant::now());
         let mut watching = false;
         let mut live = false;
+        let mut immediate = 0;
         loop {
             self.metrics.state(account, mailbox, "syncing");
             let report = sync::catch_up(
@@ -217,10 +222,14 @@ impl MailboxTask {
             }
             // News announced inside the responses of the pass (Cyrus, Gmail) is not announced
             // again when IDLE starts: catch up again at once.
-            if session.take_changed() {
+            // (at most a few times in a row: a server that repeats EXISTS in every response
+            // must not keep the session from idling)
+            if session.take_changed() && immediate < MAX_IMMEDIATE_PASSES {
+                immediate += 1;
                 tracing::debug!(account, mailbox, "changed_during_catch_up");
                 continue;
             }
+            immediate = 0;
             if use_idle {
                 self.metrics.state(account, mailbox, "idle");
                 match session

@@ -67,7 +67,7 @@ fn is_document_error(err: &mongodb::error::Error) -> bool {
             !TRANSIENT_CODES.contains(&c.code) && DOCUMENT_CODES.contains(&c.code)
         }
         ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
-            !TRANSIENT_CODES.contains(&w.code)
+            DOCUMENT_CODES.contains(&w.code)
         }
         _ => false,
     }
@@ -1042,6 +1042,9 @@ impl Store {
     /// the database refuses for what it is (too large, invalid) is replaced by its minimal form
     /// (identity, raw, the error), so that one message never blocks its mailbox.
     async fn write_messages(&self, docs: Vec<Document>) -> Result<(usize, usize), StoreError> {
+        if docs.is_empty() {
+            return Ok((0, 0));
+        }
         let total = docs.len();
         // Never send what MongoDB must refuse: parse keeps documents far below the limit, but the
         // server supplies the flags.
@@ -1212,7 +1215,12 @@ fn classify_insert_many(err: &mongodb::error::Error) -> Option<Split> {
     match err.kind.as_ref() {
         ErrorKind::InsertMany(e) if e.write_concern_error.is_none() => {
             let errors = e.write_errors.as_ref()?;
-            if errors.iter().any(|w| TRANSIENT_CODES.contains(&w.code)) {
+            // Only codes known to be about the document itself are taken as such; anything else
+            // (WriteConflict, LockTimeout, disk full, ...) is the database's and retried.
+            if errors
+                .iter()
+                .any(|w| w.code != DUPLICATE_KEY && !DOCUMENT_CODES.contains(&w.code))
+            {
                 return None;
             }
             let dups = errors

@@ -50,6 +50,9 @@ struct Supervisor {
     stopping: HashMap<Key, u64>,
     /// What to start once that old task has ended: never two sessions on one mailbox.
     waiting: HashMap<Key, Account>,
+    /// One store scope per mailbox for the whole run, so that a restarted task settles the
+    /// writes its predecessor left running.
+    scopes: HashMap<Key, Store>,
     tasks: JoinSet<(Key, u64, Exit)>,
     generation: u64,
 }
@@ -108,7 +111,11 @@ impl Supervisor {
             account: account.clone(),
             mailbox: key.1.clone(),
             ctx: Context {
-                store: self.store.scoped(),
+                store: self
+                    .scopes
+                    .entry(key.clone())
+                    .or_insert_with(|| self.store.scoped())
+                    .clone(),
                 limits: self.limits,
                 budget: self.budget.clone(),
             },
@@ -163,6 +170,14 @@ impl Supervisor {
             );
         }
         let want = desired(&new);
+        // a start that waits for its old task follows the newest config, or is dropped
+        self.waiting.retain(|key, account| match want.get(key) {
+            Some(a) => {
+                *account = a.clone();
+                true
+            }
+            None => false,
+        });
         let (mut added, mut removed, mut restarted) = (0, 0, 0);
         let keys: Vec<Key> = self.running.keys().cloned().collect();
         for key in keys {
@@ -253,6 +268,7 @@ pub async fn run(
         policy,
         stopping: HashMap::new(),
         waiting: HashMap::new(),
+        scopes: HashMap::new(),
         shutdown: shutdown.clone(),
         running: HashMap::new(),
         tasks: JoinSet::new(),

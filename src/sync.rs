@@ -233,7 +233,7 @@ async fn fetch_batch(
     q: &Quarantine<'_>,
     failing: &HashSet<u32>,
     uids: &[u32],
-    probe: Option<u32>,
+    probes: &[u32],
 ) -> Result<BatchOutcome, SyncError> {
     let mut failed: Vec<(u32, String)> = Vec::new();
     let mut messages = match session.fetch_bodies(uids).await {
@@ -292,10 +292,13 @@ async fn fetch_batch(
     }
     failed.sort_unstable_by_key(|(u, _)| *u);
     if messages.is_empty() {
-        let serves_others = match probe {
-            Some(uid) => session.probe(uid).await?,
-            None => false,
-        };
+        let mut serves_others = false;
+        for uid in probes {
+            if session.probe(*uid).await? {
+                serves_others = true;
+                break;
+            }
+        }
         if !serves_others {
             let (uid, reason) = &failed[0];
             tracing::warn!(account = q.account, mailbox = q.mailbox, uid, count = failed.len(), error = %reason, "server_refusing");
@@ -599,9 +602,10 @@ pub async fn catch_up(
     }));
 
     // Stage 1: fetch (this task owns the session).
-    let probe_after = |i: usize| plan_probe(&fetchable, &plan, i, last_uid);
     let fetch_result = async {
         let mut held: Option<u32> = None;
+        // the last UID the server served in this pass: the best probe there is
+        let mut last_good: Option<u32> = None;
         for (i, batch) in plan.iter().enumerate() {
             if cancel.is_cancelled() {
                 tracing::info!(
@@ -618,8 +622,11 @@ pub async fn catch_up(
                 }
             }
             let room = ctx.budget.reserve(batch.bytes).await;
-            let outcome =
-                fetch_batch(session, store, &q, &failing, &batch.uids, probe_after(i)).await?;
+            let probes = plan_probes(&fetchable, &plan, i, last_good, last_uid, &failing);
+            let outcome = fetch_batch(session, store, &q, &failing, &batch.uids, &probes).await?;
+            if let Some(m) = outcome.messages.last() {
+                last_good = Some(m.uid);
+            }
             report.skipped += outcome.gone + outcome.quarantined;
             report.quarantined += outcome.quarantined;
             report.fetched += outcome.messages.len();
@@ -677,20 +684,29 @@ pub async fn catch_up(
     Ok(report)
 }
 
-/// The UID to probe when every UID of batch `i` failed: the first UID of a later batch, else
-/// the last one stored before this pass (a server that serves it is not in an outage).
-fn plan_probe(
+/// UIDs to probe when every UID of batch `i` failed, best first: the last one served in this
+/// pass, then up to three later ones not known to fail, then the last one stored before this
+/// pass (a server that serves any of them is not in an outage).
+fn plan_probes(
     fetchable: &[(u32, u64)],
     plan: &[PlannedBatch],
     i: usize,
+    last_good: Option<u32>,
     last_uid: u32,
-) -> Option<u32> {
+    failing: &HashSet<u32>,
+) -> Vec<u32> {
     let after = plan.get(i).map(|b| b.last_uid).unwrap_or(0);
-    fetchable
-        .iter()
-        .map(|(u, _)| *u)
-        .find(|u| *u > after)
-        .or((last_uid > 0).then_some(last_uid))
+    last_good
+        .into_iter()
+        .chain(
+            fetchable
+                .iter()
+                .map(|(u, _)| *u)
+                .filter(|u| *u > after && !failing.contains(u))
+                .take(3),
+        )
+        .chain((last_uid > 0).then_some(last_uid))
+        .collect()
 }
 
 /// `uidvalidity` and `exists` of a mailbox the way `check` reports them.

@@ -565,12 +565,13 @@ impl Session {
         Ok(out)
     }
 
-    /// Whether the server serves `uid` at all now (`UID FETCH uid (UID BODY.PEEK[HEADER])`):
-    /// false when it refuses (tagged NO/BAD) or sends nothing for it.
+    /// Whether the server serves `uid` now, asked exactly as a batch asks (`BODY.PEEK[]`, so
+    /// that a limit on bytes refuses the probe too): false when it refuses (tagged NO/BAD) or
+    /// sends nothing for it.
     pub async fn probe(&mut self, uid: u32) -> Result<bool, ImapError> {
         let mut served = false;
         let result = self
-            .command(&format!("UID FETCH {uid} (UID BODY.PEEK[HEADER])"), |r| {
+            .command(&format!("UID FETCH {uid} (UID BODY.PEEK[])"), |r| {
                 if let Response::Fetch(_, attrs) = r {
                     served |= attrs
                         .iter()

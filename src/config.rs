@@ -1171,6 +1171,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
     fn empty_passwords_are_refused_and_skipped_secrets_are_not_read() {
         let e = err(&MINIMAL.replace("password = \"pw\"", "password = \"\""));
         assert!(
@@ -1197,12 +1198,14 @@ mod tests {
             ),
         )
         .unwrap();
-        assert!(load(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("MAILPUMP_TEST_NEVER_SET"));
-        let c = load_with(&path, Secrets::Skipped).unwrap();
-        assert_eq!(c.accounts[0].password.expose(), "");
+        // inside a Jail: other tests set MAILPUMP_* variables of their own meanwhile
+        figment::Jail::expect_with(|_jail| {
+            let e = load(&path).unwrap_err().to_string();
+            assert!(e.contains("MAILPUMP_TEST_NEVER_SET"), "{e}");
+            let c = load_with(&path, Secrets::Skipped).map_err(|e| e.to_string())?;
+            assert_eq!(c.accounts[0].password.expose(), "");
+            Ok(())
+        });
     }
 
     #[test]

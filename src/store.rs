@@ -52,20 +52,13 @@ impl StoreError {
     }
 }
 
-/// Server error codes that say "not now" rather than "not this document".
-const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 50, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
-];
-
 /// Whether `err` is about the documents sent (too large, invalid) rather than the database
 /// being unreachable or busy: such an error is never retried as if the database were down.
 fn is_document_error(err: &mongodb::error::Error) -> bool {
     use mongodb::error::ErrorKind;
     match err.kind.as_ref() {
         ErrorKind::BsonSerialization(_) | ErrorKind::InvalidArgument { .. } => true,
-        ErrorKind::Command(c) => {
-            !TRANSIENT_CODES.contains(&c.code) && DOCUMENT_CODES.contains(&c.code)
-        }
+        ErrorKind::Command(c) => DOCUMENT_CODES.contains(&c.code),
         ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => {
             DOCUMENT_CODES.contains(&w.code)
         }
@@ -193,6 +186,17 @@ pub struct MailboxRecord {
     pub quarantined: Vec<(u32, u32, String)>,
     /// When the quarantined UIDs were last tried again.
     pub quarantine_retried_at: Option<DateTime<Utc>>,
+}
+
+impl MailboxRecord {
+    /// The quarantined UIDs under `uidvalidity`.
+    pub fn quarantined_uids(&self, uidvalidity: u32) -> Vec<u32> {
+        self.quarantined
+            .iter()
+            .filter(|(v, _, _)| *v == uidvalidity)
+            .map(|(_, u, _)| *u)
+            .collect()
+    }
 }
 
 /// One counted failure of a UID: how many sessions it failed in, and since when.
@@ -585,7 +589,7 @@ impl Store {
         self.guarded("quarantine", async move {
             coll.update_one(
                 doc! {"_id": &id, "quarantined": {"$not": {"$elemMatch": {"uidvalidity": uidvalidity as i64, "uid": uid as i64}}}},
-                doc! {"$push": {"quarantined": entry}, "$unset": {&failure: ""}},
+                doc! {"$push": {"quarantined": entry}},
             )
             .upsert(false)
             .await?;
@@ -1241,18 +1245,9 @@ fn classify_insert_many(err: &mongodb::error::Error) -> Option<Split> {
 
 /// For an insert_many that failed only on duplicate keys: the indexes of the duplicates.
 fn duplicate_indexes(err: &mongodb::error::Error) -> Option<Vec<usize>> {
-    use mongodb::error::ErrorKind;
-    match err.kind.as_ref() {
-        ErrorKind::InsertMany(e) if e.write_concern_error.is_none() => {
-            let errors = e.write_errors.as_ref()?;
-            if errors.iter().all(|w| w.code == DUPLICATE_KEY) {
-                Some(errors.iter().map(|w| w.index).collect())
-            } else {
-                None
-            }
-        }
-        _ => None,
-    }
+    classify_insert_many(err)
+        .filter(|(_, refused)| refused.is_empty())
+        .map(|(dups, _)| dups)
 }
 
 fn to_bson<T: serde::Serialize>(value: &T) -> Bson {

@@ -359,15 +359,7 @@ async fn retry_quarantined(
         let size = session.fetch_sizes(&[*uid]).await?;
         let Some((_, size)) = size.first().copied() else {
             if session.existing(&[*uid]).await?.is_empty() {
-                ctx.store
-                    .release_quarantined(q.account, q.mailbox, q.uidvalidity, &[*uid])
-                    .await?;
-                tracing::info!(
-                    account = q.account,
-                    mailbox = q.mailbox,
-                    uid,
-                    "quarantine_released_gone"
-                );
+                release(ctx, q, *uid, "quarantine_released_gone").await?;
                 released += 1;
             }
             continue;
@@ -391,19 +383,25 @@ async fn retry_quarantined(
         ctx.store
             .commit_below_checkpoint(q.account, q.mailbox, q.uidvalidity, &ready)
             .await?;
-        ctx.store
-            .release_quarantined(q.account, q.mailbox, q.uidvalidity, &[*uid])
-            .await?;
-        tracing::info!(
-            account = q.account,
-            mailbox = q.mailbox,
-            uid,
-            "quarantine_released_stored"
-        );
+        release(ctx, q, *uid, "quarantine_released_stored").await?;
         released += 1;
         stored += 1;
     }
     Ok((released, stored))
+}
+
+/// Takes `uid` out of the quarantine and logs `event` (why).
+async fn release(
+    ctx: &Context,
+    q: &Quarantine<'_>,
+    uid: u32,
+    event: &'static str,
+) -> Result<(), SyncError> {
+    ctx.store
+        .release_quarantined(q.account, q.mailbox, q.uidvalidity, &[uid])
+        .await?;
+    tracing::info!(account = q.account, mailbox = q.mailbox, uid, "{event}");
+    Ok(())
 }
 
 /// One catch-up pass over `mailbox`. Stops between batches when `cancel` fires (what was
@@ -462,12 +460,7 @@ pub async fn catch_up(
         .filter(|(v, _)| *v == info.uidvalidity)
         .map(|(_, u)| *u)
         .collect();
-    let mut quarantined_now: Vec<u32> = record
-        .quarantined
-        .iter()
-        .filter(|(v, _, _)| *v == info.uidvalidity)
-        .map(|(_, u, _)| *u)
-        .collect();
+    let mut quarantined_now = record.quarantined_uids(info.uidvalidity);
     let mut report = SyncReport {
         uidvalidity: info.uidvalidity,
         last_uid,
@@ -492,12 +485,7 @@ pub async fn catch_up(
         );
         report.stored += stored;
         let record = store.mailbox_record(name, mailbox).await?;
-        quarantined_now = record
-            .quarantined
-            .iter()
-            .filter(|(v, _, _)| *v == info.uidvalidity)
-            .map(|(_, u, _)| *u)
-            .collect();
+        quarantined_now = record.quarantined_uids(info.uidvalidity);
     }
 
     let uids = session

@@ -13,6 +13,7 @@
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing).
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
 //! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
+//! - [`progress`]: progress bars on a terminal, `progress` events elsewhere.
 //! - [`budget`]: the process-wide budget of mail bytes in flight.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`metrics`]: counters, `/metrics` and `/healthz`.
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod notify;
 pub mod parse;
 pub mod pop3;
+pub mod progress;
 pub mod signals;
 pub mod store;
 pub mod supervisor;

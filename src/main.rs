@@ -25,7 +25,7 @@ struct Cli {
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Log format
-    #[arg(long, global = true, value_enum, default_value = "json")]
+    #[arg(long, global = true, value_enum, default_value = "auto")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,

@@ -18,6 +18,7 @@ use crate::config::Account;
 use crate::error::ErrorClass;
 use crate::imap::{FetchedMessage, ImapError, MailboxInfo, Session};
 use crate::parse::{self, Limits};
+use crate::progress::Tracker;
 use crate::store::{MailboxStatus, ReadyMessage, Store, StoreError};
 
 /// async-imap holds each FETCH response whole and refuses literals above 512 MiB.
@@ -556,6 +557,7 @@ pub async fn catch_up(
     let store2 = store.clone();
     let (name2, mailbox2) = (name.to_string(), mailbox.to_string());
     let uidvalidity = info.uidvalidity;
+    let tracker = Tracker::start("sync", name, mailbox, fetchable.len() as u64);
     let storer = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut totals = (0usize, 0usize, report.last_uid, Vec::new());
         while let Some(batch) = parsed_rx.recv().await {
@@ -571,6 +573,10 @@ pub async fn catch_up(
                 )
                 .await?;
             drop(batch.room);
+            tracker.inc(
+                batch.messages.len() as u64,
+                batch.messages.iter().map(|m| m.size).sum(),
+            );
             totals.0 += r.inserted;
             totals.1 += r.replaced;
             totals.2 = batch.last_uid;

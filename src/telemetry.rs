@@ -1,5 +1,6 @@
 //! Telemetry: the tracing subscriber that writes one JSON object per line (or plain text for
-//! people) to stdout.
+//! people) to stdout. `--log-format auto` (the default) picks text when stdout is a terminal
+//! and JSON otherwise, so systemd, Docker and pipes get JSON unchanged.
 //!
 //! **Invariant:** async-imap and imap-proto are capped at WARN whatever `RUST_LOG` says: at
 //! TRACE they log the LOGIN command with its password and whole message bodies.
@@ -13,8 +14,23 @@ use tracing_subscriber::Layer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
     Json,
     Text,
+}
+
+impl LogFormat {
+    /// `Auto` settled by whether stdout is a terminal.
+    pub fn resolve(self) -> LogFormat {
+        match self {
+            LogFormat::Auto if std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
+                LogFormat::Text
+            }
+            LogFormat::Auto => LogFormat::Json,
+            f => f,
+        }
+    }
 }
 
 /// Targets that may log secrets or message bodies at debug/trace.
@@ -44,8 +60,8 @@ pub fn init(format: LogFormat, config_level: Option<&str>) {
     let filter = env_filter(config_level);
     let guard = filter_fn(leaky_target_allowed);
     let registry = tracing_subscriber::registry();
-    match format {
-        LogFormat::Json => {
+    match format.resolve() {
+        LogFormat::Json | LogFormat::Auto => {
             let layer = tracing_subscriber::fmt::layer()
                 .json()
                 .flatten_event(true)
@@ -61,7 +77,7 @@ pub fn init(format: LogFormat, config_level: Option<&str>) {
             let layer = tracing_subscriber::fmt::layer()
                 .with_target(false)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .with_writer(std::io::stdout)
+                .with_writer(crate::progress::LogWriter)
                 .with_filter(filter)
                 .with_filter(guard);
             let _ = registry.with(layer).try_init();

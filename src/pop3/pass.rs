@@ -76,6 +76,7 @@ pub async fn poll(
             "catch_up_started"
         );
     }
+    let tracker = crate::progress::Tracker::start("sync", name, "INBOX", new.len() as u64);
     let batches = cut_batches(
         new,
         account.settings.batch_size,
@@ -100,6 +101,7 @@ pub async fn poll(
             replaced += r.replaced;
             last = last.max(ready.iter().map(|m| m.uid).max().unwrap_or(0));
             drop(batch.room);
+            tracker.inc(ready.len() as u64, ready.iter().map(|m| m.size).sum());
             tracing::debug!(account = %account_name, mailbox = "INBOX", count = ready.len(), elapsed_ms = t.elapsed().as_millis() as u64, "batch_stored");
             let _ = acked_tx.send(batch.ids);
         }

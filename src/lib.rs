@@ -7,7 +7,7 @@
 //! - [`signals`]: SIGTERM/SIGINT -> shutdown token, SIGHUP -> reload.
 //! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
 //! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
-//! - [`commands`]: `sync` and `check`, one task per mailbox.
+//! - [`commands`]: one module per command (`run`, `sync`, `check`, `export`, ...).
 //! - [`sync`]: one mailbox's catch-up pass: fetch -> parse -> store pipeline.
 //! - [`imap`]: the only async-imap user: transport (TLS, STARTTLS), checked commands.
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing).
@@ -19,6 +19,7 @@
 //! - [`metrics`]: counters, `/metrics` and `/healthz`.
 //! - [`notify`]: systemd's sd_notify (READY, STOPPING, WATCHDOG).
 //! - [`export`]: `mailpump export`: stored messages back to files, names sanitized.
+//! - [`sys`]: the process-level system calls (open files limit, peak RSS).
 //! - [`error`]: error classes shared by the I/O boundaries.
 //!
 //! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
@@ -40,4 +41,5 @@ pub mod signals;
 pub mod store;
 pub mod supervisor;
 pub mod sync;
+pub mod sys;
 pub mod telemetry;

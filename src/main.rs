@@ -1,18 +1,22 @@
-//! The `mailpump` binary: parse the command line, load the config, start telemetry, run the
-//! command, map the outcome to an exit code (0 ok, 64 usage, 78 config, 1 anything else).
+//! The `mailpump` binary: parse the command line, load the config, start telemetry, hand over
+//! to the command's module in [`mailpump::commands`], map the outcome to an exit code (0 ok,
+//! 64 usage, 78 config, 1 anything else).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use mailpump::commands;
+use mailpump::config;
+use mailpump::progress;
 use mailpump::telemetry::{self, LogFormat};
-use mailpump::{commands, config, signals, supervisor};
 use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
 /// How long the runtime waits for blocking tasks at exit.
-const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(500);
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(500);
 
 #[derive(Parser)]
 #[command(
@@ -24,11 +28,20 @@ struct Cli {
     /// Config file [default: $MAILPUMP_CONFIG, else /etc/mailpump/mailpump.toml]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Log format
+    /// Log format: auto is text on a terminal, JSON otherwise
     #[arg(long, global = true, value_enum, default_value = "auto")]
     log_format: LogFormat,
+    /// How often long work logs a `progress` event when no progress bar is shown
+    #[arg(long, global = true, default_value = "10s", value_parser = duration)]
+    progress_interval: Duration,
     #[command(subcommand)]
     command: Command,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    config::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a duration such as 10s, 500ms or 1m"))
 }
 
 #[derive(Subcommand)]
@@ -56,38 +69,15 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Validate the config, reach the store, log in to every mailbox
+    /// Validate the config, reach the store, log in to every mailbox (all at once)
     Check {
         /// Only validate the configuration (no network): for systemd's ExecStartPre
         #[arg(long)]
         config_only: bool,
+        /// Give up on whatever has not answered after this long
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        deadline: Duration,
     },
-}
-
-/// One connection per mailbox: 1,000 mailboxes need more descriptors than the usual soft limit
-/// of 1,024. Raise the soft limit to the hard one (what systemd's LimitNOFILE or ulimit -Hn
-/// allows); returns the new soft limit.
-fn raise_open_files_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return None;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let wanted = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-                return Some(wanted.rlim_cur);
-            }
-        }
-    }
-    Some(limit.rlim_cur)
 }
 
 fn main() -> ExitCode {
@@ -109,21 +99,36 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| PathBuf::from("/etc/mailpump/mailpump.toml"));
     // export and check --config-only never log in: they need no password source.
     let secrets = match &cli.command {
-        Command::Export { .. } | Command::Check { config_only: true } => config::Secrets::Skipped,
+        Command::Export { .. }
+        | Command::Check {
+            config_only: true, ..
+        } => config::Secrets::Skipped,
         _ => config::Secrets::Required,
     };
+    let log_format = cli.log_format.resolve();
     let config = match config::load_with(&path, secrets) {
         Ok(c) => c,
         Err(e) => {
-            telemetry::init(cli.log_format, None);
+            telemetry::init(log_format, None);
             tracing::error!(error = %e, path = %path.display(), "config_invalid");
             eprintln!("mailpump: {e}");
             return ExitCode::from(EX_CONFIG);
         }
     };
-    telemetry::init(cli.log_format, config.log_level.as_deref());
+    // Bars only for a person watching a one-shot command; the daemon logs events.
+    let bars = log_format == LogFormat::Text
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !matches!(cli.command, Command::Run);
+    progress::init(if bars {
+        progress::Mode::Bars
+    } else {
+        progress::Mode::Events {
+            interval: cli.progress_interval,
+        }
+    });
+    telemetry::init(log_format, config.log_level.as_deref());
     let mailboxes: usize = config.accounts.iter().map(|a| a.mailboxes.len()).sum();
-    match raise_open_files_limit() {
+    match mailpump::sys::raise_open_files_limit() {
         Some(n) if (n as usize) < mailboxes + 64 => {
             tracing::warn!(open_files_limit = n, mailboxes, "open_files_limit_low")
         }
@@ -142,60 +147,36 @@ fn main() -> ExitCode {
     };
     let ok = runtime.block_on(async {
         match cli.command {
-            Command::Check { config_only: true } => {
-                println!("ok    config  {}", path.display());
+            Command::Check {
+                config_only: true, ..
+            } => {
+                println!("✓ config  {}", path.display());
                 true
             }
-            Command::Check { config_only: false } => commands::check_all(&config).await,
-            Command::Run => {
-                let shutdown = CancellationToken::new();
-                let signals = match signals::listen(shutdown.clone()) {
-                    Ok(rx) => rx,
-                    Err(e) => {
-                        tracing::error!(error = %e, "signal_setup_failed");
-                        return false;
-                    }
-                };
-                let (limits, budget) = (commands::limits(&config), commands::budget(&config));
-                supervisor::run(&path, config, limits, budget, shutdown, signals).await
-            }
+            Command::Check { deadline, .. } => commands::check::check(&config, deadline).await,
+            Command::Run => commands::run::run(&path, config).await,
             Command::Export {
                 account,
                 mailbox,
                 since,
                 dir,
             } => {
-                let store = match mailpump::store::Store::connect(&config.store).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "store_unreachable");
-                        return false;
-                    }
-                };
                 let options = mailpump::export::ExportOptions {
                     account,
                     mailbox,
                     since,
                     dir,
                 };
-                let result = mailpump::export::export(&store, &options).await;
-                store.shutdown(commands::STORE_SHUTDOWN).await;
-                match result {
-                    Ok(_) => true,
-                    Err(e) => {
-                        tracing::error!(error = %e, "export_failed");
-                        false
-                    }
-                }
+                commands::export::run(&config, options).await
             }
             Command::Sync { retry_quarantined } => {
                 let shutdown = CancellationToken::new();
-                if let Err(e) = signals::listen(shutdown.clone()) {
+                if let Err(e) = mailpump::signals::listen(shutdown.clone()) {
                     tracing::error!(error = %e, "signal_setup_failed");
                     return false;
                 }
                 let options = mailpump::sync::Options { retry_quarantined };
-                commands::sync_all(&config, options, shutdown).await
+                commands::sync::sync_all(&config, options, shutdown).await
             }
         }
     });

@@ -81,7 +81,8 @@ fn start_ticker(interval: Duration) {
     }
     TICKER.get_or_init(|| {
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -220,7 +221,8 @@ impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match REGISTRY.get() {
             Some(r) if r.mode == Mode::Bars => {
-                r.multi.suspend(|| std::io::stdout().lock().write_all(buf))?;
+                r.multi
+                    .suspend(|| std::io::stdout().lock().write_all(buf))?;
             }
             _ => std::io::stdout().lock().write_all(buf)?,
         }

@@ -748,6 +748,14 @@ fn announces_change(r: &Response<'_>, fetch_expected: bool) -> bool {
 
 /// Status texts come from the server: keep them to one short line.
 fn clean_status_text(text: &str) -> String {
+    // async-imap renders a login refusal as `code: None, info: Some("...")`: keep the text
+    let text = match text
+        .strip_prefix("code: ")
+        .and_then(|t| t.split_once("info: Some(\""))
+    {
+        Some((_, info)) => info.strip_suffix("\")").unwrap_or(info),
+        None => text,
+    };
     let one_line: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -764,6 +772,17 @@ fn clean_status_text(text: &str) -> String {
 mod tests {
     use super::*;
     use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn login_refusals_read_as_the_server_wrote_them() {
+        assert_eq!(
+            clean_status_text(
+                "code: None, info: Some(\"[AUTHENTICATIONFAILED] Authentication failed.\")"
+            ),
+            "[AUTHENTICATIONFAILED] Authentication failed."
+        );
+        assert_eq!(clean_status_text(" plain\r\n"), "plain");
+    }
 
     #[test]
     fn uid_sets_compress_runs() {

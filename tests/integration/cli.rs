@@ -46,7 +46,7 @@ fn store_credentials_never_reach_the_logs() {
         assert_eq!(run.code(), 1);
     }
     let run = mp.run(&["check"]);
-    assert!(run.stdout().contains("FAIL  store"), "{}", run.stdout());
+    assert!(run.stdout().contains("✗ store"), "{}", run.stdout());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -62,11 +62,11 @@ async fn check_prints_one_line_per_mailbox_and_fails_on_a_bad_login() {
     assert!(
         run.stdout()
             .lines()
-            .any(|l| l.starts_with("ok    kate/INBOX  1 messages")),
+            .any(|l| l.starts_with("✓ kate/INBOX  1 messages")),
         "{}",
         run.stdout()
     );
-    assert!(run.stdout().lines().any(|l| l.starts_with("ok    store")));
+    assert!(run.stdout().lines().any(|l| l.starts_with("✓ store")));
 
     let mut bad = AccountSpec::plain("kate", &dc, &user);
     bad.password = "nope".into();
@@ -75,7 +75,7 @@ async fn check_prints_one_line_per_mailbox_and_fails_on_a_bad_login() {
     assert!(
         run.stdout()
             .lines()
-            .any(|l| l.starts_with("FAIL  kate/INBOX  login rejected")),
+            .any(|l| l.starts_with("✗ kate/INBOX  login rejected")),
         "{}",
         run.stdout()
     );
@@ -86,4 +86,64 @@ async fn check_prints_one_line_per_mailbox_and_fails_on_a_bad_login() {
             .code(),
         0
     );
+}
+
+/// A port that accepts nothing: bound, then closed.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_runs_mailboxes_at_once_names_the_fix_and_keeps_its_deadline() {
+    let mut dc = Dovecot::start();
+    let user = dc.add_user("lena", "pw-lena");
+    dc.deliver(&user, &message("a", "b"));
+    let db = TestDb::new().await;
+    let mut bad_pw = AccountSpec::plain("badpw", &dc, &user);
+    bad_pw.password = "nope-pw-x".into();
+    let mut refused = AccountSpec::plain("refused", &dc, &user);
+    refused.port = closed_port();
+    // A server that accepts the connection and never says a word: only the deadline ends it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut mute = AccountSpec::plain("mute", &dc, &user)
+        .with("connect_timeout = \"120s\"")
+        .with("command_timeout = \"120s\"");
+    mute.port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            socks.push(s);
+        }
+    });
+    let good = AccountSpec::plain("good", &dc, &user);
+    let mp = Mailpump::new(&db, &[good, bad_pw, refused, mute]);
+    let run = mp.run_async(&["check", "--deadline", "12s"]).await;
+    held.abort();
+    let out = run.stdout();
+    assert_eq!(run.code(), 1, "{out}");
+    let line = |prefix: &str| {
+        out.lines()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{out}"))
+    };
+    line("✓ store");
+    line("✓ good/INBOX  1 messages");
+    let bad = line("✗ badpw/INBOX  login rejected");
+    assert!(
+        out.lines()
+            .nth(bad + 1)
+            .unwrap()
+            .contains("hint: the server refused the username or password"),
+        "{out}"
+    );
+    let refused = line("✗ refused/INBOX  connection refused by 127.0.0.1:");
+    assert!(
+        out.lines()
+            .nth(refused + 1)
+            .unwrap()
+            .contains("hint: nothing accepts connections"),
+        "{out}"
+    );
+    line("✗ mute/INBOX  no answer within the 12s deadline");
 }

@@ -13,6 +13,7 @@ mod hostile;
 mod limits;
 mod packaging;
 mod pop3;
+mod progress;
 mod promises;
 mod sync;
 mod transport;

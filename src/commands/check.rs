@@ -1,0 +1,281 @@
+//! `mailpump check`: reach the store and log in to every configured mailbox, all at once,
+//! within one overall deadline; print one line per mailbox (✓ or ✗, what failed) and, for the
+//! failures people meet most (wrong password, QQ and NetEase authorization codes, 163's
+//! "Unsafe Login", certificates, refused connections, timeouts, unknown hosts), a line saying
+//! how to fix it. True only when everything passed.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::{LOGOUT_TIMEOUT, STORE_SHUTDOWN};
+use crate::config::{Account, Config, Protocol};
+use crate::imap::Session;
+use crate::store::Store;
+
+/// How long `check` waits for all mailboxes together unless `--deadline` says otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The verdict on one mailbox (or the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub name: String,
+    pub result: Result<String, String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.result {
+            Ok(what) => write!(f, "✓ {}  {what}", self.name),
+            Err(why) => {
+                write!(f, "✗ {}  {why}", self.name)?;
+                if let Some(h) = &self.hint {
+                    write!(f, "\n    hint: {h}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// How to fix `error` (the text of a failed connect, login or EXAMINE on `account`), when it
+/// is a failure with a well-known cause.
+pub fn hint(account: &Account, error: &str) -> Option<String> {
+    let e = error.to_ascii_lowercase();
+    let host = account.host.to_ascii_lowercase();
+    let endpoint = format!("{}:{}", account.host, account.port);
+    let is = |suffixes: &[&str]| suffixes.iter().any(|s| host.ends_with(s));
+    if e.contains("unsafe login") {
+        return Some("NetEase (163/126/yeah.net) refuses SELECT from clients it does not know: switch IMAP on in the web settings (设置 → POP3/SMTP/IMAP), log in with the client authorization code (客户端授权码); mailpump sends the IMAP ID it asks for".into());
+    }
+    if e.contains("login rejected") || e.contains("authenticationfailed") {
+        return Some(if is(&["qq.com"]) {
+            "QQ Mail wants the authorization code (授权码) generated under 设置 → 账户 → POP3/IMAP/SMTP服务 (switch IMAP on there), not the QQ password".into()
+        } else if is(&["163.com", "126.com", "yeah.net"]) {
+            "NetEase wants the client authorization code (客户端授权码) from 设置 → POP3/SMTP/IMAP (switch IMAP on there), not the web password".into()
+        } else if is(&["gmail.com", "googlemail.com"]) {
+            "Gmail wants an app password (Google account → Security → 2-Step Verification → App passwords), with IMAP on in Gmail's settings".into()
+        } else {
+            format!("the server refused the username or password: check `username` and the password source of [accounts.{}]", account.name)
+        });
+    }
+    if e.contains("connection refused") {
+        return Some(format!("nothing accepts connections on {endpoint}: check `host` and `port` (993 for security = \"tls\", 143 for \"starttls\"/\"plain\"; POP3: 995/110) and that the server runs"));
+    }
+    if e.contains("certificate") || e.contains("self signed") || e.contains("self-signed") {
+        return Some(format!("the TLS certificate of {endpoint} is not trusted or not for this host name: use the host name the certificate names, or point `ca_file` at the CA that signed it"));
+    }
+    if e.contains("starttls") || e.contains("stls") {
+        return Some("the server offers no STARTTLS on this port: use security = \"tls\" (usually port 993/995), or \"plain\" only on a trusted network".into());
+    }
+    if e.contains("failed to lookup")
+        || e.contains("name or service not known")
+        || e.contains("no address")
+    {
+        return Some(format!(
+            "the host name {} does not resolve: check `host`",
+            account.host
+        ));
+    }
+    if e.contains("timed out") {
+        return Some(format!("{endpoint} did not answer in time: a firewall dropping the packets, the wrong port for the security mode (TLS on a plain port waits for ever), or a slow server (raise `connect_timeout`/`command_timeout`)"));
+    }
+    if e.contains("mailbox")
+        && (e.contains("nonexistent")
+            || e.contains("doesn't exist")
+            || e.contains("not exist")
+            || e.contains("unknown"))
+    {
+        return Some(format!("no such folder on the server: check `mailboxes` of [accounts.{}] (names are case-sensitive except INBOX)", account.name));
+    }
+    None
+}
+
+async fn check_mailbox(account: &Account, mailbox: &str) -> Result<String, String> {
+    let started = Instant::now();
+    if account.protocol == Protocol::Pop3 {
+        let result = async {
+            let mut s = crate::pop3::Pop3Session::connect(account).await?;
+            let (count, size) = s.stat().await?;
+            let uidl = s.listing().await.map(|_| ());
+            s.quit().await?;
+            uidl.map(|_| (count, size))
+        }
+        .await;
+        return result
+            .map(|(count, size)| {
+                format!(
+                    "{count} messages, {size} bytes (POP3, {} ms)",
+                    started.elapsed().as_millis()
+                )
+            })
+            .map_err(|e| e.to_string());
+    }
+    let mut session = Session::connect(account).await.map_err(|e| e.to_string())?;
+    let info = crate::sync::examine(&mut session, mailbox).await;
+    session
+        .logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout))
+        .await;
+    let info = info.map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{} messages, uidvalidity {} ({} ms)",
+        info.exists,
+        info.uidvalidity,
+        started.elapsed().as_millis()
+    ))
+}
+
+/// Every mailbox of `config` with its account, in config order (POP3 has only INBOX).
+fn mailboxes(config: &Config) -> Vec<(Account, String)> {
+    let mut out = Vec::new();
+    for account in &config.accounts {
+        if account.protocol == Protocol::Pop3 {
+            out.push((account.clone(), "INBOX".to_string()));
+        } else {
+            for mailbox in &account.mailboxes {
+                out.push((account.clone(), mailbox.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Runs every check at once; prints each line as it is known. True when all passed.
+pub async fn check(config: &Config, deadline: Duration) -> bool {
+    let all = mailboxes(config);
+    let mut tasks = JoinSet::new();
+    let store_config = config.store.clone();
+    tasks.spawn(async move {
+        let result = match Store::connect(&store_config).await {
+            Ok(store) => {
+                store.shutdown(STORE_SHUTDOWN).await;
+                Ok(format!(
+                    "database {:?} reachable, indexes in place",
+                    store_config.database
+                ))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        (usize::MAX, result)
+    });
+    for (i, (account, mailbox)) in all.iter().cloned().enumerate() {
+        tasks.spawn(async move { (i, check_mailbox(&account, &mailbox).await) });
+    }
+    let mut pending: Vec<bool> = vec![true; all.len()];
+    let mut store_pending = true;
+    let mut all_ok = true;
+    let timer = tokio::time::sleep(deadline);
+    tokio::pin!(timer);
+    loop {
+        let (i, result) = tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok(done)) => done,
+                Some(Err(e)) => {
+                    // a panic in one check is that check's failure; which one is unknown
+                    println!("✗ internal  a check panicked: {e}");
+                    all_ok = false;
+                    continue;
+                }
+            },
+            _ = &mut timer => {
+                tasks.abort_all();
+                let why = format!("no answer within the {}s deadline", deadline.as_secs());
+                if store_pending {
+                    println!("{}", Line { name: "store".into(), result: Err(why.clone()), hint: Some("the database did not answer: check [store] uri and that MongoDB runs".into()) });
+                }
+                for (i, (account, mailbox)) in all.iter().enumerate() {
+                    if pending[i] {
+                        println!("{}", Line { name: format!("{}/{mailbox}", account.name), result: Err(why.clone()), hint: hint(account, "timed out") });
+                    }
+                }
+                all_ok = false;
+                break;
+            }
+        };
+        all_ok &= result.is_ok();
+        let line = if i == usize::MAX {
+            store_pending = false;
+            Line {
+                name: "store".into(),
+                hint: result.is_err().then(|| "check [store] uri (host, port, credentials, authSource) and that MongoDB runs".to_string()),
+                result,
+            }
+        } else {
+            pending[i] = false;
+            let (account, mailbox) = &all[i];
+            Line {
+                name: format!("{}/{mailbox}", account.name),
+                hint: result.as_ref().err().and_then(|e| hint(account, e)),
+                result,
+            }
+        };
+        println!("{line}");
+    }
+    let failed = !all_ok;
+    tracing::info!(mailboxes = all.len(), ok = !failed, "check_finished");
+    all_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(host: &str) -> Account {
+        let text = format!("[store]\nuri = \"mongodb://127.0.0.1:1\"\n[accounts.work]\nhost = \"{host}\"\nusername = \"me\"\npassword = \"pw\"\n");
+        crate::config::from_toml_str(&text)
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    #[test]
+    fn common_failures_get_their_fix() {
+        let login = "login rejected for me: [AUTHENTICATIONFAILED] Authentication failed.";
+        assert!(hint(&account("imap.qq.com"), login)
+            .unwrap()
+            .contains("授权码"));
+        assert!(hint(&account("imap.163.com"), login)
+            .unwrap()
+            .contains("客户端授权码"));
+        assert!(hint(&account("imap.gmail.com"), login)
+            .unwrap()
+            .contains("app password"));
+        assert!(hint(&account("mail.example.com"), login)
+            .unwrap()
+            .contains("accounts.work"));
+        let unsafe_login =
+            "EXAMINE failed: server said NO Unsafe Login. Please contact kefu@188.com for help";
+        assert!(hint(&account("imap.163.com"), unsafe_login)
+            .unwrap()
+            .contains("IMAP ID"));
+        let refused = "connection refused by 127.0.0.1:1";
+        assert!(hint(&account("127.0.0.1"), refused)
+            .unwrap()
+            .contains("port"));
+        let cert = "TLS: error:0A000086:SSL routines::certificate verify failed";
+        assert!(hint(&account("h"), cert).unwrap().contains("ca_file"));
+        assert!(hint(&account("h"), "timed out after 5s waiting for greeting").is_some());
+        assert_eq!(hint(&account("h"), "protocol error: odd"), None);
+    }
+
+    #[test]
+    fn lines_read_well() {
+        let ok = Line {
+            name: "work/INBOX".into(),
+            result: Ok("3 messages".into()),
+            hint: None,
+        };
+        assert_eq!(ok.to_string(), "✓ work/INBOX  3 messages");
+        let bad = Line {
+            name: "work/INBOX".into(),
+            result: Err("connection refused by h:1".into()),
+            hint: Some("fix it".into()),
+        };
+        assert_eq!(
+            bad.to_string(),
+            "✗ work/INBOX  connection refused by h:1\n    hint: fix it"
+        );
+    }
+}

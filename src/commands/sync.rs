@@ -1,0 +1,143 @@
+//! `mailpump sync`: one catch-up pass over every configured mailbox, all at once, then exit.
+//! SIGTERM/SIGINT lets each mailbox finish the batch in flight within [`SYNC_GRACE`].
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{LOGOUT_TIMEOUT, STORE_SHUTDOWN};
+use crate::config::{Account, Config, Protocol};
+use crate::imap::Session;
+use crate::store::Store;
+use crate::sync::{self, Context, SyncError, SyncReport};
+
+/// After SIGTERM/SIGINT, how long `sync` lets each mailbox finish the batch in flight.
+pub const SYNC_GRACE: Duration = Duration::from_secs(7);
+
+/// Connects, runs one catch-up pass, logs out. Cancelled before the login, it returns an
+/// empty report.
+pub async fn sync_mailbox(
+    account: &Account,
+    mailbox: &str,
+    ctx: &Context,
+    options: sync::Options,
+    cancel: &CancellationToken,
+) -> Result<SyncReport, SyncError> {
+    if account.protocol == Protocol::Pop3 {
+        return crate::pop3::pass::poll(account, ctx, cancel).await;
+    }
+    let mut session = tokio::select! {
+        _ = cancel.cancelled() => return Ok(SyncReport::default()),
+        s = Session::connect(account) => s?,
+    };
+    tracing::info!(account = %account.name, mailbox, host = %account.host, port = account.port, "connected");
+    let report = sync::catch_up(&mut session, ctx, account, mailbox, options, cancel).await?;
+    session
+        .logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout))
+        .await;
+    Ok(report)
+}
+
+/// `mailpump sync`: true when every mailbox completed its pass, or stopped cleanly between
+/// batches because SIGTERM/SIGINT asked it to (what it had fetched is stored).
+pub async fn sync_all(config: &Config, options: sync::Options, cancel: CancellationToken) -> bool {
+    let store = tokio::select! {
+        _ = cancel.cancelled() => return true,
+        s = Store::connect(&config.store) => match s {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "store_unreachable");
+                return false;
+            }
+        },
+    };
+    let (limits, budget) = (super::limits(config), super::budget(config));
+    let mut tasks = JoinSet::new();
+    for account in &config.accounts {
+        for mailbox in &account.mailboxes {
+            let ctx = Context {
+                store: store.scoped(),
+                limits,
+                budget: budget.clone(),
+            };
+            let (account, mailbox, cancel) =
+                (account.clone(), mailbox.clone(), cancel.child_token());
+            tasks.spawn(async move {
+                let result = sync_mailbox(&account, &mailbox, &ctx, options, &cancel).await;
+                let name = account.name.as_str();
+                match result {
+                    Ok(r) if cancel.is_cancelled() => {
+                        tracing::warn!(
+                            account = name,
+                            mailbox,
+                            fetched = r.fetched,
+                            stored = r.stored,
+                            last_uid = r.last_uid,
+                            "sync_interrupted"
+                        );
+                        true
+                    }
+                    Ok(r) => {
+                        tracing::info!(
+                            account = name,
+                            mailbox,
+                            fetched = r.fetched,
+                            stored = r.stored,
+                            replaced = r.replaced,
+                            skipped = r.skipped,
+                            quarantined = r.quarantined_total,
+                            held = r.held,
+                            bytes = r.bytes,
+                            last_uid = r.last_uid,
+                            uidvalidity = r.uidvalidity,
+                            elapsed_ms = r.elapsed.as_millis() as u64,
+                            "mailbox_synced"
+                        );
+                        r.held.is_none()
+                    }
+                    Err(e) => {
+                        tracing::error!(account = name, mailbox, error = %e, "mailbox_sync_failed");
+                        false
+                    }
+                }
+            });
+        }
+    }
+    let mut all_ok = true;
+    // armed by the first signal; until then far away
+    let deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));
+    tokio::pin!(deadline);
+    let mut deadline_armed = false;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                // A panic in one mailbox's task is that mailbox's failure, not the others'.
+                Some(joined) => all_ok &= joined.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "mailbox_task_panicked");
+                    false
+                }),
+            },
+            _ = cancel.cancelled(), if !deadline_armed => {
+                deadline_armed = true;
+                deadline.as_mut().reset(tokio::time::Instant::now() + SYNC_GRACE);
+                tracing::info!(mailboxes = tasks.len(), grace_ms = SYNC_GRACE.as_millis() as u64, "stopping");
+            }
+            _ = &mut deadline, if deadline_armed => {
+                tracing::warn!(still_running = tasks.len(), "shutdown_deadline");
+                tasks.abort_all();
+                all_ok = false;
+                break;
+            }
+        }
+    }
+    store.shutdown(STORE_SHUTDOWN).await;
+    tracing::info!(
+        ok = all_ok,
+        peak_rss_kb = crate::sys::peak_rss_kb(),
+        max_inflight_bytes = config.limits.max_inflight_bytes,
+        "sync_finished"
+    );
+    all_ok
+}

@@ -148,9 +148,15 @@ impl Tracker {
                 let bar = r.multi.add(ProgressBar::new(total));
                 bar.set_style(
                     ProgressStyle::with_template(
-                        "{prefix:.bold} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+                        "{prefix:.bold} [{bar:30}] {pos}/{len} {rate} ETA {eta} {msg}",
                     )
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .with_key(
+                        "rate",
+                        |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                            let _ = write!(w, "{:.0}/s", s.per_sec());
+                        },
+                    )
                     .progress_chars("=> "),
                 );
                 bar.set_prefix(format!("{account}/{mailbox}"));

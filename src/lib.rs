@@ -32,6 +32,7 @@ pub mod export;
 pub mod imap;
 pub mod mailbox;
 pub mod metrics;
+pub mod net;
 pub mod notify;
 pub mod parse;
 pub mod pop3;

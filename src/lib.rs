@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod net;
 pub mod notify;
 pub mod parse;
+pub mod pipeline;
 pub mod pop3;
 pub mod progress;
 pub mod signals;

@@ -10,8 +10,9 @@ use crate::budget::Budget;
 use crate::config::{Account, Config, Protocol};
 use crate::imap::Session;
 use crate::parse::Limits;
+use crate::pipeline::{Context, SyncError, SyncReport};
 use crate::store::Store;
-use crate::sync::{self, Context, SyncError, SyncReport};
+use crate::sync;
 
 /// How long LOGOUT may take after a successful pass.
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);

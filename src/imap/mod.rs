@@ -12,7 +12,7 @@ pub mod session;
 pub mod starttls;
 pub mod utf7;
 
-pub use session::{FetchedMessage, IdleEnd, MailboxInfo, Session};
+pub use session::{IdleEnd, MailboxInfo, Session};
 
 use crate::error::ErrorClass;
 use crate::net::NetError;

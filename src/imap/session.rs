@@ -12,6 +12,7 @@ use super::sanitize::Sanitize;
 use super::{starttls, utf7, ImapError};
 use crate::config::{Account, Security};
 use crate::net::{self, NetError, Transport};
+use crate::pipeline::FetchedMessage;
 
 type Stream = BufWriter<Sanitize<Transport>>;
 
@@ -21,16 +22,6 @@ pub struct MailboxInfo {
     pub uidvalidity: u32,
     pub uidnext: Option<u32>,
     pub exists: u32,
-}
-
-/// One message as the server sent it.
-#[derive(Debug)]
-pub struct FetchedMessage {
-    pub uid: u32,
-    pub flags: Vec<String>,
-    pub internal_date: Option<DateTime<FixedOffset>>,
-    pub size: u64,
-    pub body: Vec<u8>,
 }
 
 /// Why an IDLE ended.

@@ -8,9 +8,11 @@
 //! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
 //! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
 //! - [`commands`]: `sync` and `check`, one task per mailbox.
-//! - [`sync`]: one mailbox's catch-up pass: fetch -> parse -> store pipeline.
-//! - [`imap`]: the only async-imap user: transport (TLS, STARTTLS), checked commands.
-//! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing).
+//! - [`sync`]: IMAP's catch-up pass: open, quarantine retry, plan, then the pipeline.
+//! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing) and its poll (`pop3::pass`).
+//! - [`pipeline`]: fetch -> parse -> store for both protocols, fed by a `Source` and a `Commit`.
+//! - [`imap`]: the only async-imap user: STARTTLS prologue, checked commands, IDLE.
+//! - [`net`]: TCP with keepalive, TLS, the STARTTLS/STLS upgrade, deadlines, `NetError`.
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
 //! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
 //! - [`progress`]: progress bars on a terminal, `progress` events elsewhere.
@@ -21,7 +23,9 @@
 //! - [`export`]: `mailpump export`: stored messages back to files, names sanitized.
 //! - [`error`]: error classes shared by the I/O boundaries.
 //!
-//! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
+//! ARCHITECTURE.md at the repository root tells the data's path and the invariants;
+//! docs/imap-servers.md and docs/crates.md the server and crate behaviours the code is built
+//! around.
 
 pub mod backoff;
 pub mod budget;

@@ -184,10 +184,12 @@ struct InFlight<M, T> {
 }
 
 /// Runs `source` through parse into `commit` until the source has nothing left, `cancel` fires
-/// (looked at before each batch), or a stage fails. Errors are reported store first, then
-/// parse, then fetch: a later stage's failure is what stopped the earlier ones.
+/// (looked at before each batch), or a stage fails. Each batch reserves its bytes from
+/// `budget` before it is fetched. Errors are reported store first, then parse, then fetch: a
+/// later stage's failure is what stopped the earlier ones.
 pub async fn run<S, C>(
-    ctx: &Context,
+    budget: &Budget,
+    limits: Limits,
     lane: Lane<'_>,
     source: &mut S,
     mut commit: C,
@@ -197,7 +199,6 @@ where
     S: Source,
     C: Commit<Tag = S::Tag>,
 {
-    let limits = ctx.limits;
     let (fetched_tx, mut fetched_rx) = mpsc::channel::<InFlight<FetchedMessage, S::Tag>>(1);
     let (parsed_tx, mut parsed_rx) = mpsc::channel::<InFlight<ReadyMessage, S::Tag>>(1);
     let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<Acked<S::Tag>>();
@@ -267,7 +268,7 @@ where
             while let Ok(acked) = acked_rx.try_recv() {
                 source.acknowledged(acked).await?;
             }
-            let room = ctx.budget.reserve(bytes).await;
+            let room = budget.reserve(bytes).await;
             let batch = source.fetch().await?;
             let fetched = InFlight {
                 messages: batch.messages,
@@ -368,6 +369,9 @@ pub async fn parse_batch(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     #[test]
@@ -376,5 +380,159 @@ mod tests {
         assert_eq!(cut.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 1]);
         let cut = cut_batches([10u64, 5000, 10], 100, 100, |s| *s);
         assert_eq!(cut, vec![vec![10], vec![5000], vec![10]]);
+    }
+
+    /// A source of scripted batches; each batch's tag is its highest uid.
+    struct Script {
+        batches: VecDeque<Vec<u32>>,
+        fetches: usize,
+        fail_fetch: Option<usize>,
+        cancel_on_fetch: Option<(usize, CancellationToken)>,
+        acked: Vec<u32>,
+    }
+
+    impl Script {
+        fn new(batches: &[&[u32]]) -> Script {
+            Script {
+                batches: batches.iter().map(|b| b.to_vec()).collect(),
+                fetches: 0,
+                fail_fetch: None,
+                cancel_on_fetch: None,
+                acked: Vec::new(),
+            }
+        }
+    }
+
+    impl Source for Script {
+        type Tag = u32;
+
+        fn next_bytes(&self) -> Option<u64> {
+            self.batches.front().map(|b| b.len() as u64 * 100)
+        }
+
+        async fn fetch(&mut self) -> Result<Fetched<u32>, SyncError> {
+            self.fetches += 1;
+            if self.fail_fetch == Some(self.fetches) {
+                return Err(SyncError::Internal("fetch failed".into()));
+            }
+            if let Some((n, cancel)) = &self.cancel_on_fetch {
+                if *n == self.fetches {
+                    cancel.cancel();
+                }
+            }
+            let uids = self.batches.pop_front().unwrap_or_default();
+            Ok(Fetched {
+                tag: uids.last().copied().unwrap_or(0),
+                messages: uids
+                    .into_iter()
+                    .map(|uid| FetchedMessage {
+                        uid,
+                        flags: Vec::new(),
+                        internal_date: None,
+                        size: 40,
+                        body: format!("Subject: m{uid}\r\n\r\nbody\r\n").into_bytes(),
+                    })
+                    .collect(),
+            })
+        }
+
+        async fn acknowledged(&mut self, batch: Acked<u32>) -> Result<(), SyncError> {
+            self.acked.push(batch.tag);
+            Ok(())
+        }
+    }
+
+    /// Records the tags it commits; fails on `fail_on`.
+    struct Recorder {
+        committed: Arc<Mutex<Vec<u32>>>,
+        fail_on: Option<u32>,
+    }
+
+    impl Commit for Recorder {
+        type Tag = u32;
+
+        async fn commit(
+            &mut self,
+            messages: &[ReadyMessage],
+            tag: &u32,
+        ) -> Result<Committed, SyncError> {
+            if self.fail_on == Some(*tag) {
+                return Err(SyncError::Internal(format!("commit {tag} failed")));
+            }
+            assert!(messages.iter().all(|m| m.parsed.parse_errors.is_empty()));
+            self.committed.lock().unwrap().push(*tag);
+            Ok(Committed {
+                written: CommitReport {
+                    inserted: messages.len(),
+                    replaced: 0,
+                    blobs_written: 0,
+                },
+                last_uid: *tag,
+            })
+        }
+    }
+
+    async fn run_script(
+        source: &mut Script,
+        fail_on: Option<u32>,
+        cancel: &CancellationToken,
+    ) -> (Result<Stored, SyncError>, Vec<u32>) {
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let commit = Recorder {
+            committed: committed.clone(),
+            fail_on,
+        };
+        let lane = Lane {
+            account: "a",
+            mailbox: "INBOX",
+            total: 5,
+        };
+        let budget = Budget::new(1 << 30);
+        let result = run(&budget, Limits::default(), lane, source, commit, cancel).await;
+        let committed = committed.lock().unwrap().clone();
+        (result, committed)
+    }
+
+    #[tokio::test]
+    async fn batches_are_committed_in_fetch_order_and_every_one_is_acknowledged_back() {
+        let mut source = Script::new(&[&[1, 2], &[3, 4], &[5]]);
+        let (result, committed) = run_script(&mut source, None, &CancellationToken::new()).await;
+        let stored = result.unwrap();
+        assert_eq!(committed, vec![2, 4, 5]);
+        assert_eq!(source.acked, vec![2, 4, 5]);
+        assert_eq!((stored.inserted, stored.last_uid), (5, Some(5)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_stops_the_pass_and_is_the_error_reported() {
+        let mut source = Script::new(&[&[1, 2], &[3, 4], &[5]]);
+        let (result, committed) = run_script(&mut source, Some(4), &CancellationToken::new()).await;
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("commit 4 failed"), "{err}");
+        assert_eq!(
+            committed,
+            vec![2],
+            "nothing after the failed batch is committed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_keeps_what_was_committed_before_it() {
+        let mut source = Script::new(&[&[1, 2], &[3, 4], &[5]]);
+        source.fail_fetch = Some(2);
+        let (result, committed) = run_script(&mut source, None, &CancellationToken::new()).await;
+        assert!(result.unwrap_err().to_string().contains("fetch failed"));
+        assert_eq!(committed, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn cancellation_stops_between_batches_and_the_fetched_batch_is_stored() {
+        let cancel = CancellationToken::new();
+        let mut source = Script::new(&[&[1, 2], &[3, 4], &[5]]);
+        source.cancel_on_fetch = Some((2, cancel.clone()));
+        let (result, committed) = run_script(&mut source, None, &cancel).await;
+        assert_eq!(result.unwrap().last_uid, Some(4));
+        assert_eq!(committed, vec![2, 4]);
+        assert_eq!(source.fetches, 2);
     }
 }

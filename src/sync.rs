@@ -340,7 +340,7 @@ pub async fn catch_up(
         mailbox,
         total: plan.fetchable.len() as u64,
     };
-    let stored = pipeline::run(ctx, lane, &mut source, commit, cancel).await?;
+    let stored = pipeline::run(&ctx.budget, ctx.limits, lane, &mut source, commit, cancel).await?;
     report.stored += stored.inserted;
     report.replaced = stored.replaced;
     report.last_uid = stored.last_uid.unwrap_or(report.last_uid);

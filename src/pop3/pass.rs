@@ -178,7 +178,7 @@ pub async fn poll(
         account: name.to_string(),
         last: 0,
     };
-    let stored = pipeline::run(ctx, lane, &mut source, commit, cancel).await?;
+    let stored = pipeline::run(&ctx.budget, ctx.limits, lane, &mut source, commit, cancel).await?;
     report.stored = stored.inserted;
     report.replaced = stored.replaced;
     report.last_uid = stored

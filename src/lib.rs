@@ -8,9 +8,11 @@
 //! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
 //! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
 //! - [`commands`]: one module per command (`run`, `sync`, `check`, `export`, ...).
-//! - [`sync`]: one mailbox's catch-up pass: fetch -> parse -> store pipeline.
-//! - [`imap`]: the only async-imap user: transport (TLS, STARTTLS), checked commands.
-//! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing).
+//! - [`sync`]: IMAP's catch-up pass: open, quarantine retry, plan, then the pipeline.
+//! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing) and its poll (`pop3::pass`).
+//! - [`pipeline`]: fetch -> parse -> store for both protocols, fed by a `Source` and a `Commit`.
+//! - [`imap`]: the only async-imap user: STARTTLS prologue, checked commands, IDLE.
+//! - [`net`]: TCP with keepalive, TLS, the STARTTLS/STLS upgrade, deadlines, `NetError`.
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
 //! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
 //! - [`progress`]: progress bars on a terminal, `progress` events elsewhere.
@@ -22,7 +24,9 @@
 //! - [`sys`]: the process-level system calls (open files limit, peak RSS).
 //! - [`error`]: error classes shared by the I/O boundaries.
 //!
-//! ARCHITECTURE.md at the repository root tells the data's path and the invariants.
+//! ARCHITECTURE.md at the repository root tells the data's path and the invariants;
+//! docs/imap-servers.md and docs/crates.md the server and crate behaviours the code is built
+//! around.
 
 pub mod backoff;
 pub mod budget;
@@ -33,8 +37,10 @@ pub mod export;
 pub mod imap;
 pub mod mailbox;
 pub mod metrics;
+pub mod net;
 pub mod notify;
 pub mod parse;
+pub mod pipeline;
 pub mod pop3;
 pub mod progress;
 pub mod signals;

@@ -13,7 +13,8 @@ use crate::config::Account;
 use crate::error::ErrorClass;
 use crate::imap::{IdleEnd, ImapError, Session};
 use crate::metrics::Metrics;
-use crate::sync::{self, Context, SyncError};
+use crate::pipeline::{Context, SyncError};
+use crate::sync;
 
 /// Catch-ups run back to back because the server announced news during the previous one,
 /// before the session idles anyway.

@@ -22,9 +22,9 @@ use crate::mailbox::{Exit, MailboxTask};
 use crate::metrics::{self, Metrics};
 use crate::notify;
 use crate::parse::Limits;
+use crate::pipeline::Context;
 use crate::signals::Signal;
 use crate::store::Store;
-use crate::sync::Context;
 
 /// How long running batches may take to finish after SIGTERM (PRODUCT.md promises exit
 /// within 10 s; systemd's TimeoutStopSec sits above it).

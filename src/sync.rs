@@ -1,83 +1,30 @@
-//! The catch-up pass over one mailbox: EXAMINE, compare UIDVALIDITY with the checkpoint, UID
-//! SEARCH above it, then a three-stage pipeline (fetch -> parse -> store) joined by bounded
-//! channels, so that fetching batch n+1 overlaps parsing n and storing n-1, and memory stays
-//! bounded by a few batches whatever the mailbox size.
+//! IMAP's catch-up pass over one mailbox, in named steps: `open` (EXAMINE, and the checkpoint
+//! compared with UIDVALIDITY), `retry_quarantine_if_due`, `plan` (UID SEARCH above the
+//! checkpoint, sizes, batches), then the batches through [`crate::pipeline`]: `ImapSource`
+//! fetches them (with the outage and quarantine rules of `fetch_batch`), `ImapCommit` stores
+//! each one with `Store::commit_batch`, which moves the checkpoint.
 //!
 //! **Invariant:** the checkpoint only moves through `Store::commit_batch`, batch by batch, in
-//! UID order: a failure anywhere leaves it at the last fully stored batch.
+//! UID order: a failure anywhere leaves it at the last fully stored batch, and it never passes
+//! a UID that failed and is not quarantined.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
-use crate::budget::{Budget, Reservation};
-use crate::config::Account;
-use crate::error::ErrorClass;
-use crate::imap::{FetchedMessage, ImapError, MailboxInfo, Session};
-use crate::parse::{self, Limits};
-use crate::progress::Tracker;
-use crate::store::{MailboxStatus, ReadyMessage, Store, StoreError};
+use crate::config::{Account, Settings};
+use crate::imap::{ImapError, MailboxInfo, Session};
+use crate::pipeline::{
+    self, parse_batch, Acked, Commit, Committed, Context, Fetched, FetchedMessage, Lane, Source,
+    SyncError, SyncReport,
+};
+use crate::store::{MailboxRecord, MailboxStatus, ReadyMessage, Store};
 
 /// async-imap holds each FETCH response whole and refuses literals above 512 MiB.
 const MAX_FETCHABLE: u64 = 500 * 1024 * 1024;
 /// UIDs per `UID FETCH (UID RFC822.SIZE)` while planning.
 const SIZE_QUERY_CHUNK: usize = 5000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Imap(#[from] ImapError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Pop3(#[from] crate::pop3::Pop3Error),
-    #[error("the server refused all {count} messages of a batch and a probe: {reason} (an outage: nothing is counted against them)")]
-    Outage { count: usize, reason: String },
-    #[error("internal: {0}")]
-    Internal(String),
-}
-
-impl SyncError {
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            SyncError::Imap(e) => e.class(),
-            SyncError::Store(e) => e.class(),
-            SyncError::Pop3(e) => e.class(),
-            SyncError::Outage { .. } => ErrorClass::Retry,
-            SyncError::Internal(_) => ErrorClass::Retry,
-        }
-    }
-}
-
-/// What one catch-up pass did.
-#[derive(Debug, Default, Clone)]
-pub struct SyncReport {
-    /// Messages fetched from the server.
-    pub fetched: usize,
-    /// Message documents newly inserted.
-    pub stored: usize,
-    /// Documents that were already there and were rewritten.
-    pub replaced: usize,
-    /// UIDs found by SEARCH but not stored: expunged meanwhile, quarantined, or too large.
-    pub skipped: usize,
-    /// UIDs quarantined during this pass.
-    pub quarantined: usize,
-    /// UIDs in the quarantine (this uidvalidity) after the pass.
-    pub quarantined_total: usize,
-    /// A UID that failed and is not quarantined yet, holding the checkpoint below itself.
-    pub held: Option<u32>,
-    /// Raw bytes fetched.
-    pub bytes: u64,
-    pub elapsed: Duration,
-    /// INTERNALDATE to acknowledged, per stored message (for the latency histogram).
-    pub latencies: Vec<Duration>,
-    /// The checkpoint after the pass.
-    pub last_uid: u32,
-    pub uidvalidity: u32,
-}
 
 struct PlannedBatch {
     uids: Vec<u32>,
@@ -87,24 +34,10 @@ struct PlannedBatch {
     last_uid: u32,
 }
 
-struct FetchedBatch {
-    messages: Vec<FetchedMessage>,
-    /// The checkpoint once this batch is stored.
-    last_uid: u32,
-    /// Its share of the memory budget, given back once it is acknowledged.
-    room: Reservation,
-}
-
-struct ParsedBatch {
-    messages: Vec<ReadyMessage>,
-    last_uid: u32,
-    room: Reservation,
-}
-
 /// Cuts `sizes` (sorted by UID) into batches of at most `count` messages and `bytes` bytes
 /// (a single larger message goes alone).
 fn plan_batches(sizes: &[(u32, u64)], count: usize, bytes: u64) -> Vec<PlannedBatch> {
-    cut_batches(sizes.iter().copied(), count, bytes, |(_, size)| *size)
+    pipeline::cut_batches(sizes.iter().copied(), count, bytes, |(_, size)| *size)
         .into_iter()
         .map(|batch| PlannedBatch {
             last_uid: batch.last().map(|(uid, _)| *uid).unwrap_or(0),
@@ -112,79 +45,6 @@ fn plan_batches(sizes: &[(u32, u64)], count: usize, bytes: u64) -> Vec<PlannedBa
             uids: batch.into_iter().map(|(uid, _)| uid).collect(),
         })
         .collect()
-}
-
-/// Cuts `items` into batches of at most `count` items and `bytes` bytes (by `size`); a single
-/// larger item goes alone. Shared by the IMAP and POP3 passes.
-pub(crate) fn cut_batches<T>(
-    items: impl IntoIterator<Item = T>,
-    count: usize,
-    bytes: u64,
-    size: impl Fn(&T) -> u64,
-) -> Vec<Vec<T>> {
-    let mut batches = Vec::new();
-    let mut current: Vec<T> = Vec::new();
-    let mut current_bytes = 0u64;
-    for item in items {
-        let item_size = size(&item);
-        if !current.is_empty() && (current.len() >= count || current_bytes + item_size > bytes) {
-            batches.push(std::mem::take(&mut current));
-            current_bytes = 0;
-        }
-        current.push(item);
-        current_bytes += item_size;
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    batches
-}
-
-/// Parses a batch on the blocking pool, split across the cores.
-pub(crate) async fn parse_batch(
-    messages: Vec<FetchedMessage>,
-    limits: Limits,
-) -> Result<Vec<ReadyMessage>, SyncError> {
-    let parallel = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .max(1);
-    let per_task = messages.len().div_ceil(parallel).max(1);
-    let mut tasks = Vec::new();
-    let mut rest = messages;
-    while !rest.is_empty() {
-        let tail = rest.split_off(per_task.min(rest.len()));
-        let chunk = std::mem::replace(&mut rest, tail);
-        tasks.push(tokio::task::spawn_blocking(move || {
-            chunk
-                .into_iter()
-                .map(|m| ReadyMessage {
-                    uid: m.uid,
-                    flags: m.flags,
-                    internal_date: m.internal_date,
-                    size: m.size,
-                    parsed: parse::parse(m.body, limits),
-                })
-                .collect::<Vec<_>>()
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        // parse::parse catches panics itself; a JoinError here would be a bug in mailpump.
-        out.extend(
-            t.await
-                .map_err(|e| SyncError::Internal(format!("parse task failed: {e}")))?,
-        );
-    }
-    Ok(out)
-}
-
-/// Where a catch-up pass runs: its store scope, parse limits and the process-wide budget.
-#[derive(Clone)]
-pub struct Context {
-    pub store: Store,
-    pub limits: Limits,
-    pub budget: Budget,
 }
 
 /// What a catch-up pass does besides catching up.
@@ -199,7 +59,7 @@ struct Quarantine<'a> {
     account: &'a str,
     mailbox: &'a str,
     uidvalidity: u32,
-    settings: &'a crate::config::Settings,
+    settings: &'a Settings,
 }
 
 /// What one batch's fetch gave.
@@ -416,91 +276,200 @@ pub async fn catch_up(
     cancel: &CancellationToken,
 ) -> Result<SyncReport, SyncError> {
     let started = Instant::now();
-    let store = &ctx.store;
-    let limits = ctx.limits;
+    let name = account.name.as_str();
     let settings = &account.settings;
-    let info: MailboxInfo = session.open_mailbox(mailbox, settings.mark_seen).await?;
+    let opened = open(session, &ctx.store, name, mailbox, settings.mark_seen).await?;
+    let q = Quarantine {
+        account: name,
+        mailbox,
+        uidvalidity: opened.info.uidvalidity,
+        settings,
+    };
+    let failing: HashSet<u32> = opened
+        .record
+        .failing
+        .iter()
+        .filter(|(v, _)| *v == q.uidvalidity)
+        .map(|(_, u)| *u)
+        .collect();
+    let mut report = SyncReport {
+        uidvalidity: q.uidvalidity,
+        last_uid: opened.last_uid,
+        ..Default::default()
+    };
+    let quarantined_now =
+        retry_quarantine_if_due(session, ctx, &q, &opened.record, options, &mut report).await?;
+
+    let plan = plan(
+        session,
+        &ctx.store,
+        &q,
+        opened.last_uid,
+        &quarantined_now,
+        &mut report,
+    )
+    .await?;
+    report.quarantined_total = quarantined_now.len();
+    let Some(plan) = plan else {
+        report.elapsed = started.elapsed();
+        return Ok(report);
+    };
+
+    let mut source = ImapSource {
+        session,
+        store: &ctx.store,
+        q: &q,
+        failing: &failing,
+        plan: &plan,
+        next: 0,
+        last_good: None,
+        held: None,
+        start_uid: opened.last_uid,
+        mark_seen: settings.mark_seen,
+        report: &mut report,
+    };
+    let commit = ImapCommit {
+        store: ctx.store.clone(),
+        account: name.to_string(),
+        mailbox: mailbox.to_string(),
+        uidvalidity: q.uidvalidity,
+        status: opened.status,
+    };
+    let lane = Lane {
+        account: name,
+        mailbox,
+        total: plan.fetchable.len() as u64,
+    };
+    let stored = pipeline::run(&ctx.budget, ctx.limits, lane, &mut source, commit, cancel).await?;
+    report.stored += stored.inserted;
+    report.replaced = stored.replaced;
+    report.last_uid = stored.last_uid.unwrap_or(report.last_uid);
+    report.latencies = stored.latencies;
+    report.quarantined_total = quarantined_now.len() + report.quarantined;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// The mailbox as opened, with its stored record and the checkpoint this pass starts from.
+struct Opened {
+    info: MailboxInfo,
+    status: MailboxStatus,
+    record: MailboxRecord,
+    /// 0 for a new mailbox or a changed UIDVALIDITY (whose checkpoint is reset here).
+    last_uid: u32,
+}
+
+/// Step 1: EXAMINE (SELECT with `mark_seen`) and the checkpoint. A UIDVALIDITY other than the
+/// stored one makes it a new mailbox: the checkpoint starts again from 0.
+async fn open(
+    session: &mut Session,
+    store: &Store,
+    account: &str,
+    mailbox: &str,
+    writable: bool,
+) -> Result<Opened, SyncError> {
+    let info = session.open_mailbox(mailbox, writable).await?;
     let status = MailboxStatus {
         uidnext: info.uidnext,
         exists: info.exists,
     };
-    let name = account.name.as_str();
-
-    let record = store.mailbox_record(name, mailbox).await?;
+    let record = store.mailbox_record(account, mailbox).await?;
     let last_uid = match record.checkpoint {
         Some(cp) if cp.uidvalidity == info.uidvalidity => cp.last_uid,
         Some(cp) => {
             tracing::warn!(
-                account = name,
+                account,
                 mailbox,
                 old = cp.uidvalidity,
                 new = info.uidvalidity,
                 "uidvalidity_changed"
             );
             store
-                .reset_checkpoint(name, mailbox, info.uidvalidity, status)
+                .reset_checkpoint(account, mailbox, info.uidvalidity, status)
                 .await?;
             0
         }
         None => {
             store
-                .reset_checkpoint(name, mailbox, info.uidvalidity, status)
+                .reset_checkpoint(account, mailbox, info.uidvalidity, status)
                 .await?;
             0
         }
     };
-    let q = Quarantine {
-        account: name,
-        mailbox,
-        uidvalidity: info.uidvalidity,
-        settings,
-    };
-    let failing: HashSet<u32> = record
-        .failing
-        .iter()
-        .filter(|(v, _)| *v == info.uidvalidity)
-        .map(|(_, u)| *u)
-        .collect();
-    let mut quarantined_now = record.quarantined_uids(info.uidvalidity);
-    let mut report = SyncReport {
-        uidvalidity: info.uidvalidity,
+    Ok(Opened {
+        info,
+        status,
+        record,
         last_uid,
-        ..Default::default()
-    };
+    })
+}
 
-    let retry_due = !quarantined_now.is_empty()
+/// Step 2: tries the quarantined UIDs again when asked to or when `quarantine_retry` has passed
+/// since the last try. Returns the UIDs quarantined now.
+async fn retry_quarantine_if_due(
+    session: &mut Session,
+    ctx: &Context,
+    q: &Quarantine<'_>,
+    record: &MailboxRecord,
+    options: Options,
+    report: &mut SyncReport,
+) -> Result<Vec<u32>, SyncError> {
+    let quarantined = record.quarantined_uids(q.uidvalidity);
+    let due = !quarantined.is_empty()
         && (options.retry_quarantined
             || record.quarantine_retried_at.is_none_or(|at| {
-                (chrono::Utc::now() - at).to_std().unwrap_or_default() >= settings.quarantine_retry
+                (chrono::Utc::now() - at).to_std().unwrap_or_default()
+                    >= q.settings.quarantine_retry
             }));
-    if retry_due {
-        let (released, stored) = retry_quarantined(session, ctx, &q, &quarantined_now).await?;
-        store.mark_quarantine_retried(name, mailbox).await?;
-        tracing::info!(
-            account = name,
-            mailbox,
-            tried = quarantined_now.len(),
-            released,
-            stored,
-            "quarantine_retried"
-        );
-        report.stored += stored;
-        let record = store.mailbox_record(name, mailbox).await?;
-        quarantined_now = record.quarantined_uids(info.uidvalidity);
+    if !due {
+        return Ok(quarantined);
     }
+    let (released, stored) = retry_quarantined(session, ctx, q, &quarantined).await?;
+    ctx.store
+        .mark_quarantine_retried(q.account, q.mailbox)
+        .await?;
+    tracing::info!(
+        account = q.account,
+        mailbox = q.mailbox,
+        tried = quarantined.len(),
+        released,
+        stored,
+        "quarantine_retried"
+    );
+    report.stored += stored;
+    let record = ctx.store.mailbox_record(q.account, q.mailbox).await?;
+    Ok(record.quarantined_uids(q.uidvalidity))
+}
 
+/// What a pass will fetch.
+struct Plan {
+    /// (UID, RFC822.SIZE) of every UID to fetch, in UID order.
+    fetchable: Vec<(u32, u64)>,
+    batches: Vec<PlannedBatch>,
+}
+
+/// Step 3: UID SEARCH above the checkpoint (quarantined UIDs left out), the sizes, and the
+/// batches; a message too large to FETCH is quarantined here. `None`: nothing to fetch.
+async fn plan(
+    session: &mut Session,
+    store: &Store,
+    q: &Quarantine<'_>,
+    last_uid: u32,
+    quarantined: &[u32],
+    report: &mut SyncReport,
+) -> Result<Option<Plan>, SyncError> {
+    let settings = q.settings;
+    let (name, mailbox) = (q.account, q.mailbox);
     let uids = session
         .search_after(last_uid, settings.since, settings.unseen_only)
         .await?;
-    let quarantined_set: HashSet<u32> = quarantined_now.iter().copied().collect();
+    let quarantined: HashSet<u32> = quarantined.iter().copied().collect();
     let uids: Vec<u32> = uids
         .into_iter()
-        .filter(|u| !quarantined_set.contains(u))
+        .filter(|u| !quarantined.contains(u))
         .collect();
-    report.quarantined_total = quarantined_now.len();
     if uids.is_empty() {
-        report.elapsed = started.elapsed();
-        return Ok(report);
+        return Ok(None);
     }
     let mut sizes = Vec::with_capacity(uids.len());
     for chunk in uids.chunks(SIZE_QUERY_CHUNK) {
@@ -514,168 +483,142 @@ pub async fn catch_up(
         let reason =
             format!("{size} bytes: larger than the {MAX_FETCHABLE} bytes a FETCH may carry");
         store
-            .quarantine(name, mailbox, info.uidvalidity, *uid, &reason)
+            .quarantine(name, mailbox, q.uidvalidity, *uid, &reason)
             .await?;
         tracing::error!(account = name, mailbox, uid, size, error = %reason, "quarantined");
     }
     report.skipped += too_large.len();
     report.quarantined += too_large.len();
-    let plan = plan_batches(&fetchable, settings.batch_size, settings.batch_bytes);
+    let batches = plan_batches(&fetchable, settings.batch_size, settings.batch_bytes);
     tracing::info!(
         account = name,
         mailbox,
         count = fetchable.len(),
-        batches = plan.len(),
+        batches = batches.len(),
         after_uid = last_uid,
         "catch_up_started"
     );
+    Ok(Some(Plan { fetchable, batches }))
+}
 
-    // Stage 2: parse. Stage tasks are aborted if this pass is dropped (a panic in stage 1):
-    // nothing of a dead pass keeps running beside the next one.
-    let (fetched_tx, mut fetched_rx) = mpsc::channel::<FetchedBatch>(1);
-    let (parsed_tx, mut parsed_rx) = mpsc::channel::<ParsedBatch>(1);
-    let parser = AbortOnDropHandle::new(tokio::spawn(async move {
-        while let Some(batch) = fetched_rx.recv().await {
-            let messages = parse_batch(batch.messages, limits).await?;
-            if parsed_tx
-                .send(ParsedBatch {
-                    messages,
-                    last_uid: batch.last_uid,
-                    room: batch.room,
-                })
-                .await
-                .is_err()
-            {
-                break; // the store stage stopped; it reports why
-            }
-        }
-        Ok::<(), SyncError>(())
-    }));
+/// Step 4's fetch side: the planned batches, one `fetch_batch` each, with the checkpoint each
+/// may move to as its tag; marks acknowledged messages `\Seen` with `mark_seen`.
+struct ImapSource<'a> {
+    session: &'a mut Session,
+    store: &'a Store,
+    q: &'a Quarantine<'a>,
+    failing: &'a HashSet<u32>,
+    plan: &'a Plan,
+    /// The index of the next batch to fetch.
+    next: usize,
+    /// The last UID the server served in this pass: the best probe there is.
+    last_good: Option<u32>,
+    /// The lowest UID that failed in this pass and is not quarantined yet.
+    held: Option<u32>,
+    /// The checkpoint this pass started from.
+    start_uid: u32,
+    mark_seen: bool,
+    report: &'a mut SyncReport,
+}
 
-    // Stage 3: store. Acknowledged UIDs flow back for `mark_seen`.
-    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<Vec<u32>>();
-    let store2 = store.clone();
-    let (name2, mailbox2) = (name.to_string(), mailbox.to_string());
-    let uidvalidity = info.uidvalidity;
-    let tracker = Tracker::start("sync", name, mailbox, fetchable.len() as u64);
-    let storer = AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut totals = (0usize, 0usize, report.last_uid, Vec::new());
-        while let Some(batch) = parsed_rx.recv().await {
-            let t = Instant::now();
-            let r = store2
-                .commit_batch(
-                    &name2,
-                    &mailbox2,
-                    uidvalidity,
-                    status,
-                    &batch.messages,
-                    batch.last_uid,
-                )
-                .await?;
-            drop(batch.room);
-            tracker.inc(
-                batch.messages.len() as u64,
-                batch.messages.iter().map(|m| m.size).sum(),
-            );
-            totals.0 += r.inserted;
-            totals.1 += r.replaced;
-            totals.2 = batch.last_uid;
-            let now = chrono::Utc::now();
-            totals.3.extend(batch.messages.iter().filter_map(|m| {
-                (now - m.internal_date?.with_timezone(&chrono::Utc))
-                    .to_std()
-                    .ok()
-            }));
-            tracing::debug!(
-                account = %name2, mailbox = %mailbox2, count = batch.messages.len(), last_uid = batch.last_uid,
-                blobs = r.blobs_written, elapsed_ms = t.elapsed().as_millis() as u64, "batch_stored"
-            );
-            let _ = acked_tx.send(batch.messages.iter().map(|m| m.uid).collect());
-        }
-        Ok::<_, SyncError>(totals)
-    }));
+impl Source for ImapSource<'_> {
+    /// The checkpoint once the batch is stored.
+    type Tag = u32;
 
-    // Stage 1: fetch (this task owns the session).
-    let fetch_result = async {
-        let mut held: Option<u32> = None;
-        // the last UID the server served in this pass: the best probe there is
-        let mut last_good: Option<u32> = None;
-        for (i, batch) in plan.iter().enumerate() {
-            if cancel.is_cancelled() {
-                tracing::info!(
-                    account = name,
-                    mailbox,
-                    last_uid = report.last_uid,
-                    "catch_up_interrupted"
-                );
-                break;
-            }
-            if settings.mark_seen {
-                while let Ok(uids) = acked_rx.try_recv() {
-                    session.mark_seen(&uids).await?;
-                }
-            }
-            let room = ctx.budget.reserve(batch.bytes).await;
-            let probes = plan_probes(&fetchable, &plan, i, last_good, last_uid, &failing);
-            let outcome = fetch_batch(session, store, &q, &failing, &batch.uids, &probes).await?;
-            if let Some(m) = outcome.messages.last() {
-                last_good = Some(m.uid);
-            }
-            report.skipped += outcome.gone + outcome.quarantined;
-            report.quarantined += outcome.quarantined;
-            report.fetched += outcome.messages.len();
-            report.bytes += outcome
-                .messages
-                .iter()
-                .map(|m| m.body.len() as u64)
-                .sum::<u64>();
-            if let Some(h) = outcome.held {
-                held = Some(held.map_or(h, |x| x.min(h)));
-            }
-            // The checkpoint never passes a UID that failed and is not quarantined yet.
-            let checkpoint = match held {
-                Some(h) => batch.last_uid.min(h.saturating_sub(1)).max(last_uid),
-                None => batch.last_uid,
-            };
-            report.held = held;
-            if fetched_tx
-                .send(FetchedBatch {
-                    messages: outcome.messages,
-                    last_uid: checkpoint,
-                    room,
-                })
-                .await
-                .is_err()
-            {
-                break; // a later stage failed; it reports why
-            }
-        }
-        Ok::<(), SyncError>(())
+    fn next_bytes(&self) -> Option<u64> {
+        self.plan.batches.get(self.next).map(|b| b.bytes)
     }
-    .await;
-    drop(fetched_tx);
 
-    let parse_result = parser
-        .await
-        .map_err(|e| SyncError::Internal(format!("parse stage: {e}")))?;
-    let store_result = storer
-        .await
-        .map_err(|e| SyncError::Internal(format!("store stage: {e}")))?;
-    if settings.mark_seen && fetch_result.is_ok() {
-        while let Ok(uids) = acked_rx.try_recv() {
-            session.mark_seen(&uids).await?;
+    async fn fetch(&mut self) -> Result<Fetched<u32>, SyncError> {
+        let i = self.next;
+        self.next += 1;
+        let (plan, failing) = (self.plan, self.failing);
+        let batch = &plan.batches[i];
+        let probes = plan_probes(
+            &plan.fetchable,
+            &plan.batches,
+            i,
+            self.last_good,
+            self.start_uid,
+            failing,
+        );
+        let outcome = fetch_batch(
+            self.session,
+            self.store,
+            self.q,
+            failing,
+            &batch.uids,
+            &probes,
+        )
+        .await?;
+        if let Some(m) = outcome.messages.last() {
+            self.last_good = Some(m.uid);
         }
+        let report = &mut *self.report;
+        report.skipped += outcome.gone + outcome.quarantined;
+        report.quarantined += outcome.quarantined;
+        report.fetched += outcome.messages.len();
+        report.bytes += outcome
+            .messages
+            .iter()
+            .map(|m| m.body.len() as u64)
+            .sum::<u64>();
+        if let Some(h) = outcome.held {
+            self.held = Some(self.held.map_or(h, |x| x.min(h)));
+        }
+        // The checkpoint never passes a UID that failed and is not quarantined yet.
+        let checkpoint = match self.held {
+            Some(h) => batch.last_uid.min(h.saturating_sub(1)).max(self.start_uid),
+            None => batch.last_uid,
+        };
+        report.held = self.held;
+        Ok(Fetched {
+            messages: outcome.messages,
+            tag: checkpoint,
+        })
     }
-    let (stored, replaced, last, latencies) = store_result?;
-    parse_result?;
-    fetch_result?;
-    report.stored += stored;
-    report.replaced = replaced;
-    report.last_uid = last;
-    report.latencies = latencies;
-    report.quarantined_total = quarantined_now.len() + report.quarantined;
-    report.elapsed = started.elapsed();
-    Ok(report)
+
+    async fn acknowledged(&mut self, batch: Acked<u32>) -> Result<(), SyncError> {
+        if self.mark_seen {
+            self.session.mark_seen(&batch.uids).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Step 4's store side: `Store::commit_batch`, the one place the checkpoint moves.
+struct ImapCommit {
+    store: Store,
+    account: String,
+    mailbox: String,
+    uidvalidity: u32,
+    status: MailboxStatus,
+}
+
+impl Commit for ImapCommit {
+    type Tag = u32;
+
+    async fn commit(
+        &mut self,
+        messages: &[ReadyMessage],
+        checkpoint: &u32,
+    ) -> Result<Committed, SyncError> {
+        let written = self
+            .store
+            .commit_batch(
+                &self.account,
+                &self.mailbox,
+                self.uidvalidity,
+                self.status,
+                messages,
+                *checkpoint,
+            )
+            .await?;
+        Ok(Committed {
+            written,
+            last_uid: *checkpoint,
+        })
+    }
 }
 
 /// UIDs to probe when every UID of batch `i` failed, best first: the last one served in this

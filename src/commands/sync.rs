@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 use super::{LOGOUT_TIMEOUT, STORE_SHUTDOWN};
 use crate::config::{Account, Config, Protocol};
 use crate::imap::Session;
+use crate::pipeline::{Context, SyncError, SyncReport};
 use crate::store::Store;
-use crate::sync::{self, Context, SyncError, SyncReport};
+use crate::sync;
 
 /// After SIGTERM/SIGINT, how long `sync` lets each mailbox finish the batch in flight.
 pub const SYNC_GRACE: Duration = Duration::from_secs(7);

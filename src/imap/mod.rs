@@ -1,7 +1,7 @@
-//! IMAP: the only user of async-imap. Connects (plain, TLS, STARTTLS), logs in, and runs every
-//! command through [`session::Session::command`], which requires the tagged OK and puts a
-//! timeout on every read (async-imap's own helpers report success on EOF and swallow tagged
-//! NO/BAD: see notes/crates.md).
+//! IMAP: the only user of async-imap. Connects over [`crate::net`] (plain, TLS, or STARTTLS via
+//! `starttls`), logs in, and runs every command through [`session::Session::command`], which
+//! requires the tagged OK and puts a timeout on every read (async-imap's own helpers report
+//! success on EOF and swallow tagged NO/BAD: docs/imap-servers.md lists what they hide).
 //!
 //! `sanitize` filters what imap-proto cannot parse but must ignore (unknown untagged responses).
 //!
@@ -9,29 +9,19 @@
 
 pub mod sanitize;
 pub mod session;
-pub mod transport;
+pub mod starttls;
 pub mod utf7;
 
-use std::time::Duration;
-
-pub use session::{FetchedMessage, IdleEnd, MailboxInfo, Session};
+pub use session::{IdleEnd, MailboxInfo, Session};
 
 use crate::error::ErrorClass;
+use crate::net::NetError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
-    #[error("connection refused by {host}:{port}")]
-    Refused { host: String, port: u16 },
-    #[error("cannot connect to {host}:{port}: {source}")]
-    Connect {
-        host: String,
-        port: u16,
-        source: std::io::Error,
-    },
-    #[error("timed out after {}s waiting for {what}", after.as_secs_f32())]
-    Timeout { what: String, after: Duration },
-    #[error("TLS: {0}")]
-    Tls(String),
+    /// Connecting, TLS, timeouts, a closed connection: [`crate::net`]'s errors and wording.
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("server does not offer STARTTLS: refusing to continue in plain text (security = \"starttls\")")]
     NoStartTls,
     #[error("login rejected for {user}: {text}{hint}")]
@@ -49,12 +39,8 @@ pub enum ImapError {
     },
     #[error("server ended the session: {0}")]
     Bye(String),
-    #[error("connection closed by the server")]
-    Closed,
     #[error("connection closed by the server in the middle of a response")]
     ClosedMidResponse,
-    #[error("I/O error: {0}")]
-    Io(#[source] std::io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("the server sent a response mailpump cannot parse: {0}")]
@@ -82,14 +68,14 @@ impl ImapError {
         } else if text.contains("incoming data too large") {
             ImapError::Protocol("the server announced a response larger than 512 MiB".into())
         } else {
-            ImapError::Io(e)
+            NetError::Io(e).into()
         }
     }
 
     pub fn class(&self) -> ErrorClass {
         match self {
+            ImapError::Net(e) => e.class(),
             ImapError::AuthRejected { .. } | ImapError::NoStartTls => ErrorClass::RetryLater,
-            ImapError::Tls(_) => ErrorClass::RetryLater,
             _ => ErrorClass::Retry,
         }
     }

@@ -9,10 +9,10 @@ use chrono::{DateTime, FixedOffset, NaiveDate};
 use tokio::io::BufWriter;
 
 use super::sanitize::Sanitize;
-use super::transport::{self, Transport};
-use super::utf7;
-use super::ImapError;
+use super::{starttls, utf7, ImapError};
 use crate::config::{Account, Security};
+use crate::net::{self, NetError, Transport};
+use crate::pipeline::FetchedMessage;
 
 type Stream = BufWriter<Sanitize<Transport>>;
 
@@ -22,16 +22,6 @@ pub struct MailboxInfo {
     pub uidvalidity: u32,
     pub uidnext: Option<u32>,
     pub exists: u32,
-}
-
-/// One message as the server sent it.
-#[derive(Debug)]
-pub struct FetchedMessage {
-    pub uid: u32,
-    pub flags: Vec<String>,
-    pub internal_date: Option<DateTime<FixedOffset>>,
-    pub size: u64,
-    pub body: Vec<u8>,
 }
 
 /// Why an IDLE ended.
@@ -58,7 +48,7 @@ pub struct Session {
     changed: bool,
 }
 
-/// Hints added to errors for providers with known requirements (notes/providers.md).
+/// Hints added to errors for providers with known requirements (docs/imap-servers.md).
 fn login_hint(host: &str) -> &'static str {
     let host = host.to_ascii_lowercase();
     if host.ends_with("qq.com") {
@@ -96,13 +86,14 @@ macro_rules! next_response {
     ($read:expr, $timeout:expr, $what:expr) => {
         match tokio::time::timeout($timeout, $read).await {
             Err(_) => {
-                return Err(ImapError::Timeout {
+                return Err(NetError::Timeout {
                     what: $what.into(),
                     after: $timeout,
-                })
+                }
+                .into())
             }
             Ok(Err(e)) => return Err(ImapError::from_read(e)),
-            Ok(Ok(None)) => return Err(ImapError::Closed),
+            Ok(Ok(None)) => return Err(NetError::Closed.into()),
             Ok(Ok(Some(r))) => r,
         }
     };
@@ -141,8 +132,8 @@ fn status_word(status: &Status) -> &'static str {
 fn map_async_imap(err: async_imap::error::Error) -> ImapError {
     use async_imap::error::Error as E;
     match err {
-        E::Io(e) => ImapError::Io(e),
-        E::ConnectionLost => ImapError::Closed,
+        E::Io(e) => NetError::Io(e).into(),
+        E::ConnectionLost => NetError::Closed.into(),
         E::Bad(t) => ImapError::Protocol(format!("BAD {t}")),
         E::No(t) => ImapError::Protocol(format!("NO {t}")),
         other => ImapError::Protocol(other.to_string()),
@@ -187,21 +178,17 @@ impl Session {
     /// and sends ID where offered (163.com refuses SELECT without it).
     pub async fn connect(account: &Account) -> Result<Session, ImapError> {
         let connect_timeout = account.settings.connect_timeout;
-        let tcp = transport::tcp_connect(&account.host, account.port, connect_timeout).await?;
+        let tcp = net::tcp_connect(&account.host, account.port, connect_timeout).await?;
         let (transport, greeting_read) = match account.security {
             Security::Plain => (Transport::Plain(tcp), false),
             Security::Tls => (
-                transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?,
+                net::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?,
                 false,
             ),
-            Security::StartTls => {
-                let tcp = transport::starttls(tcp, connect_timeout).await?;
-                (
-                    transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout)
-                        .await?,
-                    true,
-                )
-            }
+            Security::StartTls => (
+                starttls::starttls(tcp, &account.host, &account.tls, connect_timeout).await?,
+                true,
+            ),
         };
         Self::establish(transport, greeting_read, account).await
     }
@@ -255,10 +242,11 @@ impl Session {
         };
         let inner = match tokio::time::timeout(timeout, login).await {
             Err(_) => {
-                return Err(ImapError::Timeout {
+                return Err(NetError::Timeout {
                     what: "the login reply".into(),
                     after: timeout,
-                })
+                }
+                .into())
             }
             Ok(Ok(session)) => session,
             Ok(Err((async_imap::error::Error::No(text), _)))
@@ -339,10 +327,11 @@ impl Session {
             .join(" ");
         let tag = match tokio::time::timeout(self.timeout, self.inner.run_command(command)).await {
             Err(_) => {
-                return Err(ImapError::Timeout {
+                return Err(NetError::Timeout {
                     what: format!("sending {verb}"),
                     after: self.timeout,
-                })
+                }
+                .into())
             }
             Ok(Err(e)) => return Err(map_async_imap(e)),
             Ok(Ok(tag)) => tag,
@@ -625,10 +614,11 @@ impl Session {
         let timeout = self.timeout;
         let tag = match tokio::time::timeout(timeout, self.inner.run_command("IDLE")).await {
             Err(_) => {
-                return Err(ImapError::Timeout {
+                return Err(NetError::Timeout {
                     what: "sending IDLE".into(),
                     after: timeout,
-                })
+                }
+                .into())
             }
             Ok(Err(e)) => return Err(map_async_imap(e)),
             Ok(Ok(tag)) => tag,
@@ -674,9 +664,9 @@ impl Session {
                     _ = tokio::time::sleep_until(deadline) => break IdleEnd::Refresh,
                     read = tokio::time::timeout(silence, self.inner.read_response()) => {
                         let response = match read {
-                            Err(_) => return Err(ImapError::Timeout { what: "any data while idling (silence timeout)".into(), after: silence }),
+                            Err(_) => return Err(NetError::Timeout { what: "any data while idling (silence timeout)".into(), after: silence }.into()),
                             Ok(Err(e)) => return Err(ImapError::from_read(e)),
-                            Ok(Ok(None)) => return Err(ImapError::Closed),
+                            Ok(Ok(None)) => return Err(NetError::Closed.into()),
                             Ok(Ok(Some(r))) => r,
                         };
                         match response.parsed() {
@@ -695,10 +685,11 @@ impl Session {
         };
         match tokio::time::timeout(timeout, self.inner.run_command_untagged("DONE")).await {
             Err(_) => {
-                return Err(ImapError::Timeout {
+                return Err(NetError::Timeout {
                     what: "sending DONE".into(),
                     after: timeout,
-                })
+                }
+                .into())
             }
             Ok(Err(e)) => return Err(map_async_imap(e)),
             Ok(Ok(())) => {}
@@ -936,7 +927,10 @@ mod tests {
             .idle(REFRESH, SILENCE, &CancellationToken::new())
             .await
             .unwrap_err();
-        assert!(matches!(err, ImapError::Timeout { .. }), "{err}");
+        assert!(
+            matches!(err, ImapError::Net(NetError::Timeout { .. })),
+            "{err}"
+        );
         assert!(err.to_string().contains("silence timeout"));
         let took = started.elapsed();
         assert!(

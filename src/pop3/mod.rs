@@ -1,6 +1,7 @@
-//! POP3 (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS): the client, written here (no POP3 crate is
-//! on the design card), over the same transport as IMAP. Every reply is checked for `+OK`,
-//! every read has a timeout, multi-line replies are dot-unstuffed exactly.
+//! POP3 (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS): the client, written here (mailpump depends
+//! on no POP3 crate), over [`crate::net`] like IMAP.
+//! Every reply is checked for `+OK`, every read has a timeout, multi-line replies are
+//! dot-unstuffed exactly. `pass` is one poll, fed through [`crate::pipeline`].
 //!
 //! **Invariant:** nothing is deleted unless the session ends with a successful QUIT: DELE only
 //! marks, and an aborted session (error, timeout, crash) deletes nothing.
@@ -10,12 +11,11 @@ pub mod pass;
 use std::time::Duration;
 
 use md5::{Digest, Md5};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::config::{Account, Security};
 use crate::error::ErrorClass;
-use crate::imap::transport::{self, Transport};
-use crate::imap::ImapError;
+use crate::net::{self, NetError, Transport};
 
 /// The largest message RETR will accept (the same bound as IMAP's).
 pub const MAX_MESSAGE: usize = 500 * 1024 * 1024;
@@ -24,9 +24,10 @@ const MAX_LINE: usize = 1024 * 1024 + 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Pop3Error {
-    /// Connecting, TLS and timeouts share IMAP's wording ("connection refused by host:port").
+    /// Connecting, TLS, timeouts, a closed connection: [`crate::net`]'s errors and wording
+    /// ("connection refused by host:port"), the same as IMAP's.
     #[error(transparent)]
-    Net(#[from] ImapError),
+    Net(#[from] NetError),
     #[error("login rejected for {user}: {text}")]
     AuthRejected { user: String, text: String },
     #[error("{command} failed: server said -ERR {text}")]
@@ -93,10 +94,10 @@ impl Pop3Session {
     /// plain connection, else USER/PASS) and reads CAPA.
     pub async fn connect(account: &Account) -> Result<Pop3Session, Pop3Error> {
         let connect_timeout = account.settings.connect_timeout;
-        let tcp = transport::tcp_connect(&account.host, account.port, connect_timeout).await?;
+        let tcp = net::tcp_connect(&account.host, account.port, connect_timeout).await?;
         let transport = match account.security {
             Security::Tls => {
-                transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?
+                net::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?
             }
             _ => Transport::Plain(tcp),
         };
@@ -113,16 +114,14 @@ impl Pop3Session {
                 return Err(Pop3Error::NoStls);
             }
             s.simple("STLS").await?;
-            if !s.stream.buffer().is_empty() {
-                return Err(Pop3Error::Protocol(
-                    "server sent data after STLS +OK (possible injection)".into(),
-                ));
-            }
-            let Transport::Plain(tcp) = s.stream.into_inner() else {
-                return Err(Pop3Error::Protocol("STLS on a TLS connection".into()));
-            };
-            let tls =
-                transport::tls_handshake(tcp, &account.host, &account.tls, connect_timeout).await?;
+            let tls = net::upgrade(
+                s.stream,
+                "STLS +OK",
+                &account.host,
+                &account.tls,
+                connect_timeout,
+            )
+            .await?;
             s.stream = BufReader::new(tls);
             s.read_capabilities().await?; // RFC 2595: capabilities may change after STLS
         }
@@ -176,40 +175,27 @@ impl Pop3Session {
             w.write_all(b"\r\n").await?;
             w.flush().await
         };
-        match tokio::time::timeout(self.timeout, write).await {
-            Err(_) => Err(ImapError::Timeout {
-                what: "sending a POP3 command".into(),
-                after: self.timeout,
-            }
-            .into()),
-            Ok(Err(e)) => Err(ImapError::Io(e).into()),
-            Ok(Ok(())) => Ok(()),
-        }
+        Ok(net::within(self.timeout, "sending a POP3 command", write).await?)
     }
 
     /// One raw line (with its line ending), under the timeout, at most MAX_LINE bytes.
     async fn raw_line(&mut self, buf: &mut Vec<u8>) -> Result<(), Pop3Error> {
-        buf.clear();
-        let timeout = self.timeout;
-        let mut limited = (&mut self.stream).take(MAX_LINE as u64);
-        match tokio::time::timeout(timeout, limited.read_until(b'\n', buf)).await {
-            Err(_) => Err(ImapError::Timeout {
-                what: "a POP3 reply".into(),
-                after: timeout,
-            }
-            .into()),
-            Ok(Err(e)) => Err(ImapError::Io(e).into()),
-            Ok(Ok(0)) => Err(ImapError::Closed.into()),
-            Ok(Ok(_)) if !buf.ends_with(b"\n") => {
-                if buf.len() >= MAX_LINE {
-                    Err(Pop3Error::Protocol(format!(
-                        "a reply line longer than {MAX_LINE} bytes"
-                    )))
-                } else {
-                    Err(ImapError::Closed.into())
-                }
-            }
-            Ok(Ok(_)) => Ok(()),
+        net::read_line(
+            &mut self.stream,
+            buf,
+            MAX_LINE,
+            self.timeout,
+            "a POP3 reply",
+        )
+        .await?;
+        if buf.ends_with(b"\n") {
+            Ok(())
+        } else if buf.len() >= MAX_LINE {
+            Err(Pop3Error::Protocol(format!(
+                "a reply line longer than {MAX_LINE} bytes"
+            )))
+        } else {
+            Err(NetError::Closed.into())
         }
     }
 

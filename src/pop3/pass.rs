@@ -1,25 +1,103 @@
 //! One POP3 poll: connect, UIDL + LIST, give new UIDLs their stable uids, RETR them in
-//! batches (fetching batch n+1 while batch n is parsed and stored), DELE what was acknowledged
-//! when `delete_after_store`, QUIT.
+//! batches through [`crate::pipeline`] (`Pop3Source` fetches, `Pop3Commit` stores with
+//! `Store::commit_pop3_batch`, which records the UIDLs), DELE what was acknowledged when
+//! `delete_after_store`, QUIT.
+//!
+//! **Invariant:** DELE is sent only for messages whose documents are acknowledged, and only
+//! QUIT commits it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Listing, Pop3Session};
-use crate::budget::Reservation;
 use crate::config::Account;
-use crate::imap::FetchedMessage;
-use crate::sync::{cut_batches, parse_batch, Context, SyncError, SyncReport};
+use crate::pipeline::{
+    self, cut_batches, Acked, Commit, Committed, Context, Fetched, FetchedMessage, Lane, Source,
+    SyncError, SyncReport,
+};
+use crate::store::{ReadyMessage, Store};
 
-struct Batch {
-    messages: Vec<FetchedMessage>,
-    /// (number in this session, UIDL) of each message, in the same order.
-    ids: Vec<(u32, String)>,
-    /// Its share of the memory budget, given back once it is acknowledged.
-    room: Reservation,
+/// (number in this session, UIDL) of each message of a batch, in the same order.
+type Ids = Vec<(u32, String)>;
+
+/// The fetch side: RETR batch by batch; acknowledged messages are queued for DELE.
+struct Pop3Source<'a> {
+    session: &'a mut Pop3Session,
+    batches: VecDeque<Vec<(Listing, u32)>>,
+    to_delete: &'a mut Ids,
+    delete_after_store: bool,
+    report: &'a mut SyncReport,
+}
+
+impl Source for Pop3Source<'_> {
+    type Tag = Ids;
+
+    fn next_bytes(&self) -> Option<u64> {
+        self.batches
+            .front()
+            .map(|batch| batch.iter().map(|(l, _)| l.size).sum())
+    }
+
+    async fn fetch(&mut self) -> Result<Fetched<Ids>, SyncError> {
+        // the pipeline fetches only after `next_bytes` announced a batch
+        let batch = self.batches.pop_front().unwrap_or_default();
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut ids = Vec::with_capacity(batch.len());
+        for (l, uid) in batch {
+            let body = self.session.retr(l.number).await?;
+            self.report.bytes += body.len() as u64;
+            messages.push(FetchedMessage {
+                uid,
+                flags: Vec::new(),
+                internal_date: None,
+                size: body.len() as u64,
+                body,
+            });
+            ids.push((l.number, l.uidl));
+        }
+        self.report.fetched += messages.len();
+        Ok(Fetched { messages, tag: ids })
+    }
+
+    async fn acknowledged(&mut self, batch: Acked<Ids>) -> Result<(), SyncError> {
+        if self.delete_after_store {
+            self.to_delete.extend(batch.tag);
+        }
+        Ok(())
+    }
+}
+
+/// The store side: the documents, then the UIDL map says "stored".
+struct Pop3Commit {
+    store: Store,
+    account: String,
+    /// The highest uid committed so far.
+    last: u32,
+}
+
+impl Commit for Pop3Commit {
+    type Tag = Ids;
+
+    async fn commit(
+        &mut self,
+        messages: &[ReadyMessage],
+        ids: &Ids,
+    ) -> Result<Committed, SyncError> {
+        let uidls: Vec<String> = ids.iter().map(|(_, u)| u.clone()).collect();
+        let written = self
+            .store
+            .commit_pop3_batch(&self.account, messages, &uidls)
+            .await?;
+        self.last = self
+            .last
+            .max(messages.iter().map(|m| m.uid).max().unwrap_or(0));
+        Ok(Committed {
+            written,
+            last_uid: self.last,
+        })
+    }
 }
 
 /// One poll of a POP3 mailbox (always `INBOX`, uidvalidity 0).
@@ -28,7 +106,7 @@ pub async fn poll(
     ctx: &Context,
     cancel: &CancellationToken,
 ) -> Result<SyncReport, SyncError> {
-    let (store, limits) = (&ctx.store, ctx.limits);
+    let store = &ctx.store;
     let started = Instant::now();
     let name = account.name.as_str();
     let mut session = Pop3Session::connect(account).await?;
@@ -76,96 +154,39 @@ pub async fn poll(
             "catch_up_started"
         );
     }
-    let tracker = crate::progress::Tracker::start("sync", name, "INBOX", new.len() as u64);
+    let total = new.len() as u64;
     let batches = cut_batches(
         new,
         account.settings.batch_size,
         account.settings.batch_bytes,
         |(l, _)| l.size,
     );
-
-    let (tx, mut rx) = mpsc::channel::<Batch>(1);
-    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel::<Vec<(u32, String)>>();
-    let store2 = store.clone();
-    let account_name = name.to_string();
-    let storer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        let (mut stored, mut replaced, mut last) = (0usize, 0usize, 0u32);
-        while let Some(batch) = rx.recv().await {
-            let t = Instant::now();
-            let ready = parse_batch(batch.messages, limits).await?;
-            let uidls: Vec<String> = batch.ids.iter().map(|(_, u)| u.clone()).collect();
-            let r = store2
-                .commit_pop3_batch(&account_name, &ready, &uidls)
-                .await?;
-            stored += r.inserted;
-            replaced += r.replaced;
-            last = last.max(ready.iter().map(|m| m.uid).max().unwrap_or(0));
-            drop(batch.room);
-            tracker.inc(ready.len() as u64, ready.iter().map(|m| m.size).sum());
-            tracing::debug!(account = %account_name, mailbox = "INBOX", count = ready.len(), elapsed_ms = t.elapsed().as_millis() as u64, "batch_stored");
-            let _ = acked_tx.send(batch.ids);
-        }
-        Ok::<_, SyncError>((stored, replaced, last))
-    }));
-
-    let fetched = async {
-        for batch in batches {
-            if cancel.is_cancelled() {
-                break;
-            }
-            if account.delete_after_store {
-                while let Ok(acked) = acked_rx.try_recv() {
-                    to_delete.extend(acked);
-                }
-            }
-            let room = ctx
-                .budget
-                .reserve(batch.iter().map(|(l, _)| l.size).sum())
-                .await;
-            let mut messages = Vec::with_capacity(batch.len());
-            let mut ids = Vec::with_capacity(batch.len());
-            for (l, uid) in batch {
-                let body = session.retr(l.number).await?;
-                report.bytes += body.len() as u64;
-                messages.push(FetchedMessage {
-                    uid,
-                    flags: Vec::new(),
-                    internal_date: None,
-                    size: body.len() as u64,
-                    body,
-                });
-                ids.push((l.number, l.uidl));
-            }
-            report.fetched += messages.len();
-            if tx
-                .send(Batch {
-                    messages,
-                    ids,
-                    room,
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        Ok::<(), SyncError>(())
-    }
-    .await;
-    drop(tx);
-    let store_result = storer
-        .await
-        .map_err(|e| SyncError::Internal(format!("POP3 store stage: {e}")))?;
-    fetched?;
-    let (stored, replaced, last) = store_result?;
-    report.stored = stored;
-    report.replaced = replaced;
-    report.last_uid = last.max(known.values().map(|e| e.uid).max().unwrap_or(0));
+    let lane = Lane {
+        account: name,
+        mailbox: "INBOX",
+        total,
+    };
+    let mut source = Pop3Source {
+        session: &mut session,
+        batches: batches.into(),
+        to_delete: &mut to_delete,
+        delete_after_store: account.delete_after_store,
+        report: &mut report,
+    };
+    let commit = Pop3Commit {
+        store: store.clone(),
+        account: name.to_string(),
+        last: 0,
+    };
+    let stored = pipeline::run(&ctx.budget, ctx.limits, lane, &mut source, commit, cancel).await?;
+    report.stored = stored.inserted;
+    report.replaced = stored.replaced;
+    report.last_uid = stored
+        .last_uid
+        .unwrap_or(0)
+        .max(known.values().map(|e| e.uid).max().unwrap_or(0));
 
     if account.delete_after_store {
-        while let Ok(acked) = acked_rx.try_recv() {
-            to_delete.extend(acked);
-        }
         let mut seen = HashSet::new();
         to_delete.retain(|(n, _)| seen.insert(*n));
         for (number, _) in &to_delete {

@@ -1,18 +1,17 @@
-//! The byte stream under an IMAP session: TCP (with kernel keepalive), implicit TLS, or a plain
-//! connection upgraded with STARTTLS. Certificate verification is on unless the account says
-//! `accept_invalid_certs`; `security = "starttls"` never falls back to plain text.
+//! The byte stream under an IMAP or POP3 session: TCP (with kernel keepalive), implicit TLS, or
+//! a plain connection upgraded to TLS after the protocol's go-ahead (IMAP STARTTLS, POP3 STLS;
+//! each protocol speaks its own plain-text prologue, [`upgrade`] does the rest). Certificate
+//! verification is on unless the account says `accept_invalid_certs`.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
-};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::ImapError;
+use super::NetError;
 use crate::config::TlsOptions;
 
 /// TCP or TLS over TCP.
@@ -75,19 +74,25 @@ impl AsyncWrite for Transport {
 /// for a tagged BAD, so the kind alone proves nothing.
 const ECONNREFUSED: i32 = 111;
 
+/// Kernel keepalive: the first probe after this much silence, then one per interval; the
+/// connection is dead after this many unanswered probes (about two minutes in all).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+const KEEPALIVE_PROBES: u32 = 4;
+
 /// Connects over TCP with a timeout and kernel keepalive (dead peers are noticed even when
-/// idle). Shared with the POP3 client.
-pub async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, ImapError> {
+/// idle).
+pub async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, NetError> {
     let addrs: Vec<_> =
         match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
             Err(_) => {
-                return Err(ImapError::Timeout {
+                return Err(NetError::Timeout {
                     what: format!("resolving {host}"),
                     after: timeout,
                 })
             }
             Ok(Err(e)) => {
-                return Err(ImapError::Connect {
+                return Err(NetError::Connect {
                     host: host.to_string(),
                     port,
                     source: e,
@@ -99,19 +104,19 @@ pub async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<Tcp
     for addr in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Err(_) => {
-                last = Some(ImapError::Timeout {
+                last = Some(NetError::Timeout {
                     what: format!("connecting to {host}:{port}"),
                     after: timeout,
                 })
             }
             Ok(Err(e)) if e.raw_os_error() == Some(ECONNREFUSED) => {
-                last = Some(ImapError::Refused {
+                last = Some(NetError::Refused {
                     host: host.to_string(),
                     port,
                 })
             }
             Ok(Err(e)) => {
-                last = Some(ImapError::Connect {
+                last = Some(NetError::Connect {
                     host: host.to_string(),
                     port,
                     source: e,
@@ -120,9 +125,9 @@ pub async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<Tcp
             Ok(Ok(stream)) => {
                 stream.set_nodelay(true).ok();
                 let keepalive = socket2::TcpKeepalive::new()
-                    .with_time(Duration::from_secs(60))
-                    .with_interval(Duration::from_secs(15))
-                    .with_retries(4);
+                    .with_time(KEEPALIVE_IDLE)
+                    .with_interval(KEEPALIVE_INTERVAL)
+                    .with_retries(KEEPALIVE_PROBES);
                 socket2::SockRef::from(&stream)
                     .set_tcp_keepalive(&keepalive)
                     .ok();
@@ -130,7 +135,7 @@ pub async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<Tcp
             }
         }
     }
-    Err(last.unwrap_or_else(|| ImapError::Connect {
+    Err(last.unwrap_or_else(|| NetError::Connect {
         host: host.to_string(),
         port,
         source: io::Error::new(io::ErrorKind::NotFound, "no address found"),
@@ -138,7 +143,7 @@ pub async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<Tcp
 }
 
 /// A TLS connector honouring `accept_invalid_certs` and `ca_file`.
-pub fn tls_connector(opts: &TlsOptions) -> Result<tokio_native_tls::TlsConnector, ImapError> {
+pub fn tls_connector(opts: &TlsOptions) -> Result<tokio_native_tls::TlsConnector, NetError> {
     let mut builder = native_tls::TlsConnector::builder();
     if opts.accept_invalid_certs {
         builder
@@ -147,16 +152,16 @@ pub fn tls_connector(opts: &TlsOptions) -> Result<tokio_native_tls::TlsConnector
     }
     if let Some(path) = &opts.ca_file {
         let pem = std::fs::read(path)
-            .map_err(|e| ImapError::Tls(format!("cannot read ca_file {}: {e}", path.display())))?;
+            .map_err(|e| NetError::Tls(format!("cannot read ca_file {}: {e}", path.display())))?;
         let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| {
-            ImapError::Tls(format!(
+            NetError::Tls(format!(
                 "ca_file {} is not a PEM certificate: {e}",
                 path.display()
             ))
         })?;
         builder.add_root_certificate(cert);
     }
-    let connector = builder.build().map_err(|e| ImapError::Tls(e.to_string()))?;
+    let connector = builder.build().map_err(|e| NetError::Tls(e.to_string()))?;
     Ok(tokio_native_tls::TlsConnector::from(connector))
 }
 
@@ -166,101 +171,35 @@ pub async fn tls_handshake(
     host: &str,
     opts: &TlsOptions,
     timeout: Duration,
-) -> Result<Transport, ImapError> {
+) -> Result<Transport, NetError> {
     let connector = tls_connector(opts)?;
     match tokio::time::timeout(timeout, connector.connect(host, tcp)).await {
-        Err(_) => Err(ImapError::Timeout {
+        Err(_) => Err(NetError::Timeout {
             what: "TLS handshake".into(),
             after: timeout,
         }),
-        Ok(Err(e)) => Err(ImapError::Tls(format!("handshake with {host} failed: {e}"))),
+        Ok(Err(e)) => Err(NetError::Tls(format!("handshake with {host} failed: {e}"))),
         Ok(Ok(s)) => Ok(Transport::Tls(Box::new(s))),
     }
 }
 
-/// Reads one CRLF line (at most 64 KiB) under a timeout.
-async fn read_line(
-    reader: &mut BufReader<&mut TcpStream>,
+/// The TLS upgrade after a protocol's plain-text go-ahead (`after`, e.g. "STARTTLS OK"):
+/// refuses when the server sent anything beyond the go-ahead (bytes read in plain text must
+/// never be read as if they came over TLS), then the handshake as [`tls_handshake`].
+pub async fn upgrade(
+    reader: BufReader<Transport>,
+    after: &'static str,
+    host: &str,
+    opts: &TlsOptions,
     timeout: Duration,
-) -> Result<String, ImapError> {
-    let mut line = String::new();
-    let read =
-        tokio::time::timeout(timeout, (&mut *reader).take(64 * 1024).read_line(&mut line)).await;
-    match read {
-        Err(_) => Err(ImapError::Timeout {
-            what: "a server line before STARTTLS".into(),
-            after: timeout,
-        }),
-        Ok(Err(e)) => Err(ImapError::Io(e)),
-        Ok(Ok(0)) => Err(ImapError::Closed),
-        Ok(Ok(_)) => Ok(line),
+) -> Result<Transport, NetError> {
+    if !reader.buffer().is_empty() {
+        return Err(NetError::DataBeforeTls { after });
     }
-}
-
-/// The plain-text prologue of STARTTLS (RFC 3501 6.2.1): greeting, CAPABILITY, STARTTLS.
-/// Refuses a server that does not offer STARTTLS, and one that sends anything after its OK
-/// (plain-text bytes must never be read as if they came over TLS).
-pub async fn starttls(mut tcp: TcpStream, timeout: Duration) -> Result<TcpStream, ImapError> {
-    {
-        let mut reader = BufReader::new(&mut tcp);
-        let greeting = read_line(&mut reader, timeout).await?;
-        let upper = greeting.to_ascii_uppercase();
-        if upper.starts_with("* BYE") {
-            return Err(ImapError::Bye(greeting.trim().to_string()));
-        }
-        if !upper.starts_with("* OK") {
-            return Err(ImapError::Protocol(format!(
-                "unexpected greeting {:?}",
-                greeting.trim()
-            )));
-        }
-        reader
-            .get_mut()
-            .write_all(b"S1 CAPABILITY\r\n")
-            .await
-            .map_err(ImapError::Io)?;
-        let mut offered = false;
-        loop {
-            let line = read_line(&mut reader, timeout).await?;
-            let upper = line.to_ascii_uppercase();
-            if upper.starts_with("* CAPABILITY ") {
-                offered |= upper.split_ascii_whitespace().any(|w| w == "STARTTLS");
-            } else if upper.starts_with("S1 ") {
-                if !upper.starts_with("S1 OK") {
-                    return Err(ImapError::Protocol(format!(
-                        "CAPABILITY failed: {}",
-                        line.trim()
-                    )));
-                }
-                break;
-            }
-        }
-        if !offered {
-            return Err(ImapError::NoStartTls);
-        }
-        reader
-            .get_mut()
-            .write_all(b"S2 STARTTLS\r\n")
-            .await
-            .map_err(ImapError::Io)?;
-        loop {
-            let line = read_line(&mut reader, timeout).await?;
-            let upper = line.to_ascii_uppercase();
-            if upper.starts_with("S2 OK") {
-                break;
-            }
-            if upper.starts_with("S2 ") {
-                return Err(ImapError::Protocol(format!(
-                    "STARTTLS refused: {}",
-                    line.trim()
-                )));
-            }
-        }
-        if !reader.buffer().is_empty() {
-            return Err(ImapError::Protocol(
-                "server sent data after STARTTLS OK (possible injection)".into(),
-            ));
-        }
+    match reader.into_inner() {
+        Transport::Plain(tcp) => tls_handshake(tcp, host, opts, timeout).await,
+        _ => Err(NetError::Tls(format!(
+            "{after} on a connection that is not plain TCP"
+        ))),
     }
-    Ok(tcp)
 }

@@ -178,7 +178,7 @@ fn main() -> ExitCode {
                     since,
                     dir,
                 };
-                let result = mailpump::export::export(&store, &options).await;
+                let result = mailpump::export::export(&store, &options, &config).await;
                 store.shutdown(commands::STORE_SHUTDOWN).await;
                 match result {
                     Ok(_) => true,

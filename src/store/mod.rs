@@ -30,7 +30,7 @@ pub use blobs::CHUNK_SIZE;
 pub use mailboxes::{Checkpoint, FailureCount, MailboxRecord, MailboxStatus};
 pub use messages::{message_document, minimal_document, CommitReport, ReadyMessage};
 pub use pop3::Pop3Entry;
-pub use reads::ExportItem;
+pub use reads::{ExportCursor, ExportItem, MailboxSummary, EXPORT_QUEUE};
 
 use std::future::Future;
 use std::time::Duration;
@@ -107,6 +107,14 @@ pub struct Store {
 impl Store {
     /// Connects, pings (so a wrong URI fails fast) and creates the indexes.
     pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let store = Self::connect_read_only(cfg).await?;
+        store.create_indexes().await?;
+        Ok(store)
+    }
+
+    /// Connects and pings, and writes nothing (not even the indexes): for readers such as
+    /// `status`, which may run beside the daemon with a read-only user.
+    pub async fn connect_read_only(cfg: &StoreConfig) -> Result<Store, StoreError> {
         let mut options = ClientOptions::parse(cfg.uri.expose()).await?;
         options.server_selection_timeout = Some(cfg.connect_timeout);
         options.connect_timeout = Some(cfg.connect_timeout);
@@ -144,7 +152,6 @@ impl Store {
                 db2.run_command(doc! {"ping": 1}).await.map(|_| ())
             })
             .await?;
-        store.create_indexes().await?;
         Ok(store)
     }
 

@@ -255,8 +255,8 @@ impl Store {
         .await
     }
 
-    /// Ends the client, waiting at most `within`. Drop every cursor first (nothing here keeps
-    /// one open).
+    /// Ends the client, waiting at most `within`. Drop every cursor first (only an
+    /// [`ExportCursor`]'s task keeps one, and it ends once that is dropped or exhausted).
     pub async fn shutdown(self, within: Duration) {
         let _ = tokio::time::timeout(within, self.client.shutdown()).await;
     }

@@ -263,10 +263,12 @@ fn run_measured(mp: &Mailpump, args: &[&str]) -> (i32, String, u64) {
 }
 
 /// The old export collected every message first: 135 MB peak for 92 MB exported (debug build);
-/// streamed, the peak stays near the binary's own ~27 MB whatever the account's size.
+/// streamed, the peak stays near the binary's own ~27 MB whatever the account's size (~42 MB
+/// alone, up to ~70 MB beside the rest of the suite: more threads, more malloc arenas, but
+/// bounded by them, not by the account).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_export_far_larger_than_a_cursor_batch_streams_in_bounded_memory() {
-    const MESSAGES: usize = 400;
+    const MESSAGES: usize = 600;
     let mut dc = Dovecot::start();
     let user = dc.add_user("big", "pw-big");
     // ~150 KB of text per message: the .eml and the .txt beside it, ~300 KB written
@@ -301,7 +303,7 @@ async fn an_export_far_larger_than_a_cursor_batch_streams_in_bounded_memory() {
         .map(|p| p.metadata().unwrap().len())
         .sum();
     assert_eq!(on_disk, total);
-    assert!(total >= 100_000_000, "{total} bytes exported");
+    assert!(total >= 150_000_000, "{total} bytes exported");
     let peak = peak_kb * 1024;
     eprintln!("export of {total} bytes: peak RSS {peak} bytes");
     assert!(

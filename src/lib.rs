@@ -7,17 +7,17 @@
 //! - [`signals`]: SIGTERM/SIGINT -> shutdown token, SIGHUP -> reload.
 //! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
 //! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
-//! - [`commands`]: `sync` and `check`, one task per mailbox.
+//! - [`commands`]: `sync` and `check`, one task per mailbox; `status` from the database.
 //! - [`sync`]: one mailbox's catch-up pass: fetch -> parse -> store pipeline.
 //! - [`imap`]: the only async-imap user: transport (TLS, STARTTLS), checked commands.
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing).
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
-//! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
+//! - [`store`]: the only mongodb user: messages, blobs, mailboxes, the UIDL map, reads.
 //! - [`budget`]: the process-wide budget of mail bytes in flight.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`metrics`]: counters, `/metrics` and `/healthz`.
 //! - [`notify`]: systemd's sd_notify (READY, STOPPING, WATCHDOG).
-//! - [`export`]: `mailpump export`: stored messages back to files, names sanitized.
+//! - [`export`]: `mailpump export`: stored messages streamed back to files, names sanitized.
 //! - [`error`]: error classes shared by the I/O boundaries.
 //!
 //! ARCHITECTURE.md at the repository root tells the data's path and the invariants.

@@ -56,6 +56,12 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Each mailbox's state from the database (no IMAP); exit 1 if any is failing
+    Status {
+        /// One JSON object per mailbox, one per line
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config, reach the store, log in to every mailbox
     Check {
         /// Only validate the configuration (no network): for systemd's ExecStartPre
@@ -147,6 +153,7 @@ fn main() -> ExitCode {
                 true
             }
             Command::Check { config_only: false } => commands::check_all(&config).await,
+            Command::Status { json } => commands::status::status(&config, json).await,
             Command::Run => {
                 let shutdown = CancellationToken::new();
                 let signals = match signals::listen(shutdown.clone()) {

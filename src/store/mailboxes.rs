@@ -200,7 +200,7 @@ impl Store {
                     doc! {
                         "$inc": {format!("{field}.sessions"): 1i64},
                         "$min": {format!("{field}.first_at"): now},
-                        "$set": {format!("{field}.last_at"): now, format!("{field}.reason"): &reason, "last_error": &reason},
+                        "$set": {format!("{field}.last_at"): now, format!("{field}.reason"): &reason, "last_error": &reason, "last_error_at": now},
                     },
                 )
                 .upsert(true)
@@ -328,14 +328,31 @@ impl Store {
         last_error: Option<&str>,
     ) -> Result<(), StoreError> {
         let id = Self::mailbox_id(account, mailbox);
-        let set = doc! {
+        let now = bson::DateTime::now();
+        let mut set = doc! {
             "account": account,
             "mailbox": mailbox,
             "state": state,
             "last_error": last_error.map(|e| Bson::String(e.to_string())).unwrap_or(Bson::Null),
-            "updated_at": bson::DateTime::now(),
+            "state_at": now,
+            "updated_at": now,
         };
+        if last_error.is_some() {
+            set.insert("last_error_at", now);
+        }
         self.upsert_mailbox(id, set, "state write").await
+    }
+
+    /// Notes that a catch-up pass (or a POP3 poll) of this mailbox just ended well:
+    /// `last_success_at`, which `status` weighs `last_error` against.
+    pub async fn mark_success(&self, account: &str, mailbox: &str) -> Result<(), StoreError> {
+        let set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "last_success_at": bson::DateTime::now(),
+        };
+        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "success mark")
+            .await
     }
 }
 

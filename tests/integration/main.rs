@@ -14,5 +14,6 @@ mod limits;
 mod packaging;
 mod pop3;
 mod promises;
+mod status;
 mod sync;
 mod transport;

@@ -8,18 +8,34 @@
 //!
 //! Idempotent: a file that already holds the right bytes is left alone; a second export of the
 //! same data writes nothing. Messages of an older UIDVALIDITY go to `uidvalidity-<n>/`.
+//!
+//! Memory is bounded whatever the account's size: messages stream from a cursor
+//! ([`Store::export_items`]), and the files of at most [`MAX_JOBS`] messages (and about
+//! [`MAX_JOB_BYTES`]) wait for the blocking pool, where every file read and write happens (none
+//! on the async runtime). Progress goes out on a `watch` channel ([`export_with_progress`]).
+//!
+//! An account (or `--mailbox`) that is neither configured nor in the database (no message, no
+//! `mailboxes` document) is an error that lists the known ones. An account removed from the
+//! config whose mail is still stored stays exportable.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
+use crate::config::Config;
 use crate::parse::sha256_hex;
 use crate::store::{ExportItem, Store, StoreError};
 
 /// How often a progress line is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// Messages whose files may wait for, or be in, the blocking pool at once.
+pub const MAX_JOBS: usize = 4;
+/// Bytes of file content that may wait for the blocking pool at once (one message always may).
+pub const MAX_JOB_BYTES: usize = 32 * 1024 * 1024;
 /// Longest file name written, in bytes.
 const MAX_NAME: usize = 200;
 
@@ -32,6 +48,42 @@ pub enum ExportError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("unknown account {account:?}: neither configured nor in the database (known: {})", list(.known))]
+    UnknownAccount {
+        account: String,
+        known: BTreeSet<String>,
+    },
+    #[error("unknown mailbox {mailbox:?} of account {account:?}: neither configured nor in the database (known: {})", list(.known))]
+    UnknownMailbox {
+        account: String,
+        mailbox: String,
+        known: BTreeSet<String>,
+    },
+    #[error("a file writer ended abnormally: {0}")]
+    Writer(String),
+}
+
+fn list(names: &BTreeSet<String>) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// How far an export is: messages done of `total` (a count with the export's own filter, taken
+/// when it starts), and the files so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExportProgress {
+    pub done: u64,
+    pub total: u64,
+    pub files_written: usize,
+    pub files_unchanged: usize,
+    pub bytes_written: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +175,7 @@ fn mailbox_dir(root: &Path, account: &str, mailbox: &str) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` (atomically, by rename) unless it already holds exactly them.
+/// Blocking: runs on the blocking pool.
 fn write_if_changed(
     path: &Path,
     bytes: &[u8],
@@ -145,7 +198,9 @@ fn write_if_changed(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
-    let tmp = path.with_extension("mailpump-tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".mailpump-tmp");
+    let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     report.files_written += 1;
@@ -153,18 +208,80 @@ fn write_if_changed(
     Ok(())
 }
 
-async fn export_one(
-    store: &Store,
-    item: &ExportItem,
-    dir: &Path,
-    report: &mut ExportReport,
-) -> Result<(), ExportError> {
+/// The files of one message, ready for the blocking pool.
+struct Job {
+    files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl Job {
+    fn bytes(&self) -> usize {
+        self.files.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    fn write(self) -> Result<ExportReport, ExportError> {
+        let mut report = ExportReport::default();
+        for (path, bytes) in &self.files {
+            write_if_changed(path, bytes, &mut report)?;
+        }
+        Ok(report)
+    }
+}
+
+/// The messages whose files are on the blocking pool, and their bytes.
+#[derive(Default)]
+struct Writers {
+    set: JoinSet<(usize, Result<ExportReport, ExportError>)>,
+    bytes: usize,
+}
+
+impl Writers {
+    /// Whether a message of `next` bytes must wait for one to finish first.
+    fn full(&self, next: usize) -> bool {
+        self.set.len() >= MAX_JOBS || (!self.set.is_empty() && self.bytes + next > MAX_JOB_BYTES)
+    }
+
+    fn spawn(&mut self, job: Job) {
+        let size = job.bytes();
+        self.bytes += size;
+        self.set.spawn_blocking(move || (size, job.write()));
+    }
+
+    /// What the next message to finish wrote; `None` when none is running.
+    async fn next(&mut self) -> Option<Result<ExportReport, ExportError>> {
+        Some(match self.set.join_next().await? {
+            Err(e) => Err(ExportError::Writer(e.to_string())),
+            Ok((size, written)) => {
+                self.bytes -= size;
+                written
+            }
+        })
+    }
+}
+
+impl ExportReport {
+    /// Counts one more message (what its writer did) and tells `progress`.
+    fn add(&mut self, done: ExportReport, progress: &watch::Sender<ExportProgress>) {
+        self.messages += 1;
+        self.files_written += done.files_written;
+        self.files_unchanged += done.files_unchanged;
+        self.bytes_written += done.bytes_written;
+        let r = *self;
+        progress.send_modify(|p| {
+            p.done = r.messages as u64;
+            p.files_written = r.files_written;
+            p.files_unchanged = r.files_unchanged;
+            p.bytes_written = r.bytes_written;
+        });
+    }
+}
+
+/// Reads what one message's files hold (raw, body, attachments) and names them.
+async fn prepare(store: &Store, item: &ExportItem, dir: &Path) -> Result<Job, ExportError> {
     let uid = item.uid.to_string();
-    write_if_changed(
-        &dir.join(format!("{uid}.eml")),
-        &store.read_blob(&item.raw_sha256).await?,
-        report,
-    )?;
+    let mut files = vec![(
+        dir.join(format!("{uid}.eml")),
+        store.read_blob(&item.raw_sha256).await?,
+    )];
     let html = match (&item.html, &item.html_blob) {
         (Some(h), _) => Some(h.as_bytes().to_vec()),
         (None, Some(sha)) => Some(store.read_blob(sha).await?),
@@ -176,8 +293,8 @@ async fn export_one(
         _ => None,
     };
     match (html, text) {
-        (Some(h), _) => write_if_changed(&dir.join(format!("{uid}.html")), &h, report)?,
-        (None, Some(t)) => write_if_changed(&dir.join(format!("{uid}.txt")), &t, report)?,
+        (Some(h), _) => files.push((dir.join(format!("{uid}.html")), h)),
+        (None, Some(t)) => files.push((dir.join(format!("{uid}.txt")), t)),
         (None, None) => {}
     }
     if !item.attachments.is_empty() {
@@ -191,40 +308,121 @@ async fn export_one(
             );
             let path = folder.join(&name);
             debug_assert!(path.starts_with(&folder));
-            write_if_changed(&path, &store.read_blob(sha).await?, report)?;
+            files.push((path, store.read_blob(sha).await?));
+        }
+    }
+    Ok(Job { files })
+}
+
+/// Fails with the known names when the account, or the mailbox, is neither configured nor in
+/// the database.
+async fn check_known(
+    store: &Store,
+    config: &Config,
+    options: &ExportOptions,
+) -> Result<(), ExportError> {
+    let account = config.accounts.iter().find(|a| a.name == options.account);
+    if account.is_none() {
+        let mut known = store.stored_accounts().await?;
+        if !known.contains(&options.account) {
+            known.extend(config.accounts.iter().map(|a| a.name.clone()));
+            return Err(ExportError::UnknownAccount {
+                account: options.account.clone(),
+                known,
+            });
+        }
+    }
+    if let Some(mailbox) = &options.mailbox {
+        let configured = account.is_some_and(|a| a.mailboxes.contains(mailbox));
+        if !configured {
+            let mut known = store.stored_mailboxes(&options.account).await?;
+            if !known.contains(mailbox) {
+                known.extend(account.iter().flat_map(|a| a.mailboxes.iter().cloned()));
+                return Err(ExportError::UnknownMailbox {
+                    account: options.account.clone(),
+                    mailbox: mailbox.clone(),
+                    known,
+                });
+            }
         }
     }
     Ok(())
 }
 
-/// Runs the export; logs a progress line every few seconds.
-pub async fn export(store: &Store, options: &ExportOptions) -> Result<ExportReport, ExportError> {
+/// `mailpump export`: runs the export, logs `export_progress` every few seconds and
+/// `export_done` at the end. An unknown account or mailbox is also told on stderr.
+pub async fn export(
+    store: &Store,
+    options: &ExportOptions,
+    config: &Config,
+) -> Result<ExportReport, ExportError> {
+    if let Err(e) = check_known(store, config, options).await {
+        if matches!(
+            e,
+            ExportError::UnknownAccount { .. } | ExportError::UnknownMailbox { .. }
+        ) {
+            eprintln!("mailpump export: {e}");
+        }
+        return Err(e);
+    }
+    let (tx, mut rx) = watch::channel(ExportProgress::default());
+    let account = options.account.clone();
+    let logger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        tick.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let p = *rx.borrow();
+                    tracing::info!(account = %account, count = p.done, total = p.total, files_written = p.files_written, "export_progress");
+                }
+                changed = rx.changed() => if changed.is_err() { break },
+            }
+        }
+    });
+    let result = export_with_progress(store, options, tx).await;
+    let _ = logger.await;
+    result
+}
+
+/// The export itself; `progress` is updated after every message (attach a progress bar or a
+/// log to its receivers). Does not check that the account is known.
+pub async fn export_with_progress(
+    store: &Store,
+    options: &ExportOptions,
+    progress: watch::Sender<ExportProgress>,
+) -> Result<ExportReport, ExportError> {
     let started = Instant::now();
-    let items = store
-        .export_items(&options.account, options.mailbox.as_deref(), options.since)
-        .await?;
-    let mut current = std::collections::HashMap::new();
-    for item in &items {
+    let (account, mailbox, since) = (&options.account, options.mailbox.as_deref(), options.since);
+    let total = store.export_count(account, mailbox, since).await?;
+    progress.send_modify(|p| p.total = total);
+    let mut items = store.export_items(account, mailbox, since);
+    // the current UIDVALIDITY of each mailbox met: one lookup per mailbox
+    let mut current: HashMap<String, Option<u32>> = HashMap::new();
+    let mut report = ExportReport::default();
+    let mut writers = Writers::default();
+    while let Some(item) = items.next().await? {
         if !current.contains_key(&item.mailbox) {
-            let cp = store.checkpoint(&options.account, &item.mailbox).await?;
+            let cp = store.checkpoint(account, &item.mailbox).await?;
             current.insert(item.mailbox.clone(), cp.map(|c| c.uidvalidity));
         }
-    }
-    let mut report = ExportReport::default();
-    let mut last_progress = Instant::now();
-    for (i, item) in items.iter().enumerate() {
-        let mut dir = mailbox_dir(&options.dir, &options.account, &item.mailbox);
+        let mut dir = mailbox_dir(&options.dir, account, &item.mailbox);
         let newest = current.get(&item.mailbox).copied().flatten();
         if newest.is_some_and(|v| v != item.uidvalidity) {
             dir.push(format!("uidvalidity-{}", item.uidvalidity));
         }
-        export_one(store, item, &dir, &mut report).await?;
-        report.messages += 1;
-        if last_progress.elapsed() >= PROGRESS_EVERY {
-            last_progress = Instant::now();
-            tracing::info!(account = %options.account, count = i + 1, total = items.len(), files_written = report.files_written, "export_progress");
+        let job = prepare(store, &item, &dir).await?;
+        while writers.full(job.bytes()) {
+            if let Some(done) = writers.next().await {
+                report.add(done?, &progress);
+            }
         }
+        writers.spawn(job);
     }
+    while let Some(done) = writers.next().await {
+        report.add(done?, &progress);
+    }
+    drop(progress);
     tracing::info!(
         account = %options.account, messages = report.messages, files_written = report.files_written,
         files_unchanged = report.files_unchanged, bytes = report.bytes_written, elapsed_ms = started.elapsed().as_millis() as u64,

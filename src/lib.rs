@@ -7,20 +7,20 @@
 //! - [`signals`]: SIGTERM/SIGINT -> shutdown token, SIGHUP -> reload.
 //! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
 //! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
-//! - [`commands`]: one module per command (`run`, `sync`, `check`, `export`, ...).
+//! - [`commands`]: one module per command (`run`, `sync`, `check`, `export`, `status`, ...).
 //! - [`sync`]: IMAP's catch-up pass: open, quarantine retry, plan, then the pipeline.
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing) and its poll (`pop3::pass`).
 //! - [`pipeline`]: fetch -> parse -> store for both protocols, fed by a `Source` and a `Commit`.
 //! - [`imap`]: the only async-imap user: STARTTLS prologue, checked commands, IDLE.
 //! - [`net`]: TCP with keepalive, TLS, the STARTTLS/STLS upgrade, deadlines, `NetError`.
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
-//! - [`store`]: the only mongodb user: messages, blobs, checkpoints.
+//! - [`store`]: the only mongodb user: messages, blobs, mailboxes, the UIDL map, reads.
 //! - [`progress`]: progress bars on a terminal, `progress` events elsewhere.
 //! - [`budget`]: the process-wide budget of mail bytes in flight.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`metrics`]: counters, `/metrics` and `/healthz`.
 //! - [`notify`]: systemd's sd_notify (READY, STOPPING, WATCHDOG).
-//! - [`export`]: `mailpump export`: stored messages back to files, names sanitized.
+//! - [`export`]: `mailpump export`: stored messages streamed back to files, names sanitized.
 //! - [`sys`]: the process-level system calls (open files limit, peak RSS).
 //! - [`error`]: error classes shared by the I/O boundaries.
 //!

@@ -62,6 +62,19 @@ impl MailboxTask {
         });
     }
 
+    /// Records a pass that ended well (`last_success_at`, for `status`), likewise in the
+    /// background.
+    fn record_success(&self) {
+        let (store, account, mailbox) = (
+            self.ctx.store.clone(),
+            self.account.name.clone(),
+            self.mailbox.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = store.mark_success(&account, &mailbox).await;
+        });
+    }
+
     /// Runs until `cancel` fires or a fatal error; reconnects after every other error.
     pub async fn run(self, cancel: CancellationToken) -> Exit {
         let mut backoff = Backoff::new(self.policy);
@@ -125,6 +138,9 @@ impl MailboxTask {
         loop {
             self.metrics.state(account, "INBOX", "syncing");
             let report = crate::pop3::pass::poll(&self.account, &self.ctx, cancel).await?;
+            if !cancel.is_cancelled() {
+                self.record_success();
+            }
             if report.stored + report.replaced > 0 {
                 tracing::info!(
                     account,
@@ -185,6 +201,9 @@ impl MailboxTask {
                 cancel,
             )
             .await?;
+            if !cancel.is_cancelled() {
+                self.record_success();
+            }
             self.metrics
                 .quarantined(account, mailbox, report.quarantined_total as u64);
             if report.stored + report.replaced > 0 {

@@ -69,6 +69,12 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Each mailbox's state from the database (no IMAP); exit 1 if any is failing
+    Status {
+        /// One JSON object per mailbox, one per line
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config, reach the store, log in to every mailbox (all at once)
     Check {
         /// Only validate the configuration (no network): for systemd's ExecStartPre
@@ -154,6 +160,7 @@ fn main() -> ExitCode {
                 true
             }
             Command::Check { deadline, .. } => commands::check::check(&config, deadline).await,
+            Command::Status { json } => commands::status::status(&config, json).await,
             Command::Run => commands::run::run(&path, config).await,
             Command::Export {
                 account,

@@ -15,7 +15,7 @@ pub async fn run(config: &Config, options: ExportOptions) -> bool {
             return false;
         }
     };
-    let result = export::export(&store, &options).await;
+    let result = export::export(&store, &options, config).await;
     store.shutdown(super::STORE_SHUTDOWN).await;
     match result {
         Ok(_) => true,

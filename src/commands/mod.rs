@@ -11,6 +11,7 @@ use crate::parse::Limits;
 pub mod check;
 pub mod export;
 pub mod run;
+pub mod status;
 pub mod sync;
 
 /// How long LOGOUT may take after a successful pass.

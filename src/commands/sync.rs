@@ -40,6 +40,29 @@ pub async fn sync_mailbox(
     Ok(report)
 }
 
+/// Records the outcome of one mailbox's pass in `mailboxes` for `status`: `last_success_at`
+/// after a complete pass, the error otherwise. Waits at most the store's connect timeout (the
+/// database may be what failed); a write that fails is only logged.
+async fn record_outcome(
+    store: &Store,
+    within: Duration,
+    account: &str,
+    mailbox: &str,
+    outcome: Result<(), String>,
+) {
+    let write = async {
+        match &outcome {
+            Ok(()) => store.mark_success(account, mailbox).await,
+            Err(e) => store.set_state(account, mailbox, "error", Some(e)).await,
+        }
+    };
+    match tokio::time::timeout(within, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(account, mailbox, error = %e, "state_write_failed"),
+        Err(_) => tracing::warn!(account, mailbox, error = "timed out", "state_write_failed"),
+    }
+}
+
 /// `mailpump sync`: true when every mailbox completed its pass, or stopped cleanly between
 /// batches because SIGTERM/SIGINT asked it to (what it had fetched is stored).
 pub async fn sync_all(config: &Config, options: sync::Options, cancel: CancellationToken) -> bool {
@@ -64,9 +87,18 @@ pub async fn sync_all(config: &Config, options: sync::Options, cancel: Cancellat
             };
             let (account, mailbox, cancel) =
                 (account.clone(), mailbox.clone(), cancel.child_token());
+            let within = config.store.connect_timeout;
             tasks.spawn(async move {
                 let result = sync_mailbox(&account, &mailbox, &ctx, options, &cancel).await;
                 let name = account.name.as_str();
+                let outcome = match &result {
+                    Ok(_) if cancel.is_cancelled() => None,
+                    Ok(_) => Some(Ok(())),
+                    Err(e) => Some(Err(e.to_string())),
+                };
+                if let Some(outcome) = outcome {
+                    record_outcome(&ctx.store, within, name, &mailbox, outcome).await;
+                }
                 match result {
                     Ok(r) if cancel.is_cancelled() => {
                         tracing::warn!(

@@ -15,5 +15,6 @@ mod packaging;
 mod pop3;
 mod progress;
 mod promises;
+mod status;
 mod sync;
 mod transport;

@@ -1,0 +1,115 @@
+//! GridFS bucket `blobs`: content-addressed chunks and files documents, written and read back.
+
+use bson::doc;
+
+use super::{Store, StoreError};
+use crate::parse::Blob;
+
+/// GridFS' default chunk size, so that any GridFS reader can open our blobs.
+pub const CHUNK_SIZE: usize = 255 * 1024;
+/// Chunk documents are sent in groups of about this many bytes (bounds memory for big blobs).
+const CHUNK_GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+impl Store {
+    /// The bytes of a blob, chunk by chunk (each looked up by its exact `_id`).
+    pub async fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        let files = self.files.clone();
+        let id = sha256.to_string();
+        let file = self
+            .guarded("blob read", async move {
+                files.find_one(doc! {"_id": id}).await
+            })
+            .await?;
+        let Some(file) = file else {
+            return Err(StoreError::Missing(format!("blob {sha256}")));
+        };
+        let length = file.get_i64("length").unwrap_or(0).max(0) as usize;
+        let chunk_size = file
+            .get_i32("chunkSize")
+            .unwrap_or(CHUNK_SIZE as i32)
+            .max(1) as usize;
+        let mut out = Vec::with_capacity(length);
+        for n in 0..length.div_ceil(chunk_size) {
+            let chunks = self.chunks.clone();
+            let id = format!("{sha256}/{n}");
+            let chunk = self
+                .guarded("blob read", async move {
+                    chunks.find_one(doc! {"_id": id}).await
+                })
+                .await?;
+            let data = chunk
+                .as_ref()
+                .and_then(|c| c.get_binary_generic("data").ok())
+                .ok_or_else(|| StoreError::Missing(format!("chunk {n} of blob {sha256}")))?;
+            out.extend_from_slice(data);
+        }
+        if out.len() != length {
+            return Err(StoreError::Missing(format!(
+                "blob {sha256}: {} of {length} bytes",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// blob complete. Blobs larger than one chunk are looked up first and skipped when present;
+    /// smaller ones are simply inserted, duplicates ignored.
+    pub(super) async fn write_blobs(&self, blobs: &[&Blob]) -> Result<usize, StoreError> {
+        let mut files_docs = Vec::new();
+        let mut chunk_docs = Vec::new();
+        let mut chunk_bytes = 0usize;
+        let mut written = 0;
+        for blob in blobs {
+            if blob.bytes.len() > CHUNK_SIZE {
+                let files = self.files.clone();
+                let id = blob.sha256.clone();
+                let exists = self
+                    .guarded("blob lookup", async move {
+                        files.find_one(doc! {"_id": id}).await
+                    })
+                    .await?;
+                if exists.is_some() {
+                    continue;
+                }
+            }
+            written += 1;
+            let chunks = if blob.bytes.is_empty() {
+                Vec::new()
+            } else {
+                blob.bytes.chunks(CHUNK_SIZE).collect()
+            };
+            for (n, data) in chunks.into_iter().enumerate() {
+                chunk_docs.push(doc! {
+                    "_id": format!("{}/{n}", blob.sha256),
+                    "files_id": &blob.sha256,
+                    "n": n as i32,
+                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: data.to_vec() },
+                });
+                chunk_bytes += data.len();
+                // Bounded memory: a 50 MB message is written a few MiB at a time, not copied
+                // into chunk documents all at once.
+                if chunk_bytes >= CHUNK_GROUP_BYTES {
+                    self.insert_ignoring_duplicates(
+                        &self.chunks,
+                        std::mem::take(&mut chunk_docs),
+                        "blob chunks",
+                    )
+                    .await?;
+                    chunk_bytes = 0;
+                }
+            }
+            files_docs.push(doc! {
+                "_id": &blob.sha256,
+                "length": blob.bytes.len() as i64,
+                "chunkSize": CHUNK_SIZE as i32,
+                "uploadDate": bson::DateTime::now(),
+                "filename": &blob.sha256,
+            });
+        }
+        self.insert_ignoring_duplicates(&self.chunks, chunk_docs, "blob chunks")
+            .await?;
+        self.insert_ignoring_duplicates(&self.files, files_docs, "blob files")
+            .await?;
+        Ok(written)
+    }
+}

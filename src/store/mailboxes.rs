@@ -1,0 +1,367 @@
+//! Collection `mailboxes`: checkpoints, failure counts, the quarantine and the state for
+//! readers, one document per (account, mailbox).
+
+use std::collections::HashSet;
+
+use bson::{doc, Bson, Document};
+use chrono::{DateTime, Utc};
+
+use super::{Store, StoreError};
+
+/// The stored checkpoint of one mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub uidvalidity: u32,
+    pub last_uid: u32,
+}
+
+/// What the server said about the mailbox when the batch was fetched (kept for readers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MailboxStatus {
+    pub uidnext: Option<u32>,
+    pub exists: u32,
+}
+
+/// What `mailboxes` remembers of one mailbox besides the checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct MailboxRecord {
+    pub checkpoint: Option<Checkpoint>,
+    /// (uidvalidity, uid) of UIDs with failed fetches counted against them.
+    pub failing: HashSet<(u32, u32)>,
+    /// The quarantine: (uidvalidity, uid, reason).
+    pub quarantined: Vec<(u32, u32, String)>,
+    /// When the quarantined UIDs were last tried again.
+    pub quarantine_retried_at: Option<DateTime<Utc>>,
+}
+
+impl MailboxRecord {
+    /// The quarantined UIDs under `uidvalidity`.
+    pub fn quarantined_uids(&self, uidvalidity: u32) -> Vec<u32> {
+        self.quarantined
+            .iter()
+            .filter(|(v, _, _)| *v == uidvalidity)
+            .map(|(_, u, _)| *u)
+            .collect()
+    }
+}
+
+/// One counted failure of a UID: how many sessions it failed in, and since when.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureCount {
+    pub sessions: u32,
+    pub since: DateTime<Utc>,
+}
+
+impl Store {
+    /// The stored checkpoint, if this mailbox was seen before.
+    pub async fn checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(self.mailbox_record(account, mailbox).await?.checkpoint)
+    }
+
+    /// The checkpoint, the UIDs with counted failures and the quarantine of a mailbox.
+    pub async fn mailbox_record(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<MailboxRecord, StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let found = self
+            .guarded("checkpoint read", async move {
+                coll.find_one(doc! {"_id": id}).await
+            })
+            .await?;
+        let Some(d) = found else {
+            return Ok(MailboxRecord::default());
+        };
+        let checkpoint = (|| {
+            Some(Checkpoint {
+                uidvalidity: d.get_i64("uidvalidity").ok()? as u32,
+                last_uid: d.get_i64("last_uid").ok()? as u32,
+            })
+        })();
+        let failing = d
+            .get_document("failures")
+            .map(|f| f.keys().filter_map(|k| parse_failure_key(k)).collect())
+            .unwrap_or_default();
+        let quarantined = d
+            .get_array("quarantined")
+            .map(|list| {
+                list.iter()
+                    .filter_map(|e| {
+                        let e = e.as_document()?;
+                        Some((
+                            // entries written before uidvalidity was recorded: the current one
+                            e.get_i64("uidvalidity")
+                                .map(|v| v as u32)
+                                .unwrap_or(checkpoint.map(|c| c.uidvalidity).unwrap_or(0)),
+                            e.get_i64("uid").ok()? as u32,
+                            e.get_str("reason").unwrap_or("").to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(MailboxRecord {
+            checkpoint,
+            failing,
+            quarantined,
+            quarantine_retried_at: d
+                .get_datetime("quarantine_retried_at")
+                .ok()
+                .map(|t| t.to_chrono()),
+        })
+    }
+
+    /// documents stored under the old value stay; blobs are shared by content.
+    pub async fn reset_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        status: MailboxStatus,
+    ) -> Result<(), StoreError> {
+        self.write_checkpoint(
+            account,
+            mailbox,
+            Checkpoint {
+                uidvalidity,
+                last_uid: 0,
+            },
+            status,
+        )
+        .await
+    }
+
+    pub(super) async fn write_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        cp: Checkpoint,
+        status: MailboxStatus,
+    ) -> Result<(), StoreError> {
+        let id = Self::mailbox_id(account, mailbox);
+        let set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "uidvalidity": cp.uidvalidity as i64,
+            "last_uid": cp.last_uid as i64,
+            "uidnext": status.uidnext.map(|n| Bson::Int64(n as i64)).unwrap_or(Bson::Null),
+            "exists": status.exists as i64,
+            "updated_at": bson::DateTime::now(),
+        };
+        self.upsert_mailbox(id, set, "checkpoint write").await
+    }
+
+    /// `$set` on the mailbox document, creating it (with an empty quarantine) if needed.
+    async fn upsert_mailbox(
+        &self,
+        id: String,
+        set: Document,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        self.guarded(what, async move {
+            coll.update_one(
+                doc! {"_id": id},
+                doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Counts one more session in which `uid` (under `uidvalidity`) failed; returns how many
+    /// sessions it has failed in and since when.
+    pub async fn record_failure(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uid: u32,
+        reason: &str,
+    ) -> Result<FailureCount, StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let key = failure_key(uidvalidity, uid);
+        let field = format!("failures.{key}");
+        let reason = reason.to_string();
+        let now = bson::DateTime::now();
+        let updated = self
+            .guarded("failure count", async move {
+                coll.find_one_and_update(
+                    doc! {"_id": id},
+                    doc! {
+                        "$inc": {format!("{field}.sessions"): 1i64},
+                        "$min": {format!("{field}.first_at"): now},
+                        "$set": {format!("{field}.last_at"): now, format!("{field}.reason"): &reason, "last_error": &reason, "last_error_at": now},
+                    },
+                )
+                .upsert(true)
+                .return_document(mongodb::options::ReturnDocument::After)
+                .await
+            })
+            .await?;
+        let entry = updated
+            .as_ref()
+            .and_then(|d| d.get_document("failures").ok())
+            .and_then(|f| f.get_document(&key).ok());
+        Ok(FailureCount {
+            sessions: entry
+                .and_then(|e| e.get("sessions"))
+                .and_then(|v| v.as_i64().or_else(|| v.as_i32().map(i64::from)))
+                .unwrap_or(1)
+                .clamp(0, u32::MAX as i64) as u32,
+            since: entry
+                .and_then(|e| e.get_datetime("first_at").ok())
+                .map(|d| d.to_chrono())
+                .unwrap_or_else(Utc::now),
+        })
+    }
+
+    /// Forgets the failures counted against `uids`: they were fetched after all.
+    pub async fn clear_failures(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<(), StoreError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let mut unset = Document::new();
+        for uid in uids {
+            unset.insert(format!("failures.{}", failure_key(uidvalidity, *uid)), "");
+        }
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        self.guarded("failure reset", async move {
+            coll.update_one(doc! {"_id": id}, doc! {"$unset": unset})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Records `uid` (under `uidvalidity`) as quarantined (skipped by catch-ups, retried on its
+    /// own) with its reason, and forgets its failure count.
+    pub async fn quarantine(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uid: u32,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let entry = doc! {"uidvalidity": uidvalidity as i64, "uid": uid as i64, "reason": reason, "at": bson::DateTime::now()};
+        let failure = format!("failures.{}", failure_key(uidvalidity, uid));
+        self.guarded("quarantine", async move {
+            coll.update_one(
+                doc! {"_id": &id, "quarantined": {"$not": {"$elemMatch": {"uidvalidity": uidvalidity as i64, "uid": uid as i64}}}},
+                doc! {"$push": {"quarantined": entry}},
+            )
+            .upsert(false)
+            .await?;
+            coll.update_one(doc! {"_id": &id}, doc! {"$unset": {failure: ""}})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Notes that the quarantine was just tried again.
+    pub async fn mark_quarantine_retried(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<(), StoreError> {
+        let set = doc! {"quarantine_retried_at": bson::DateTime::now()};
+        self.upsert_mailbox(
+            Self::mailbox_id(account, mailbox),
+            set,
+            "quarantine retry mark",
+        )
+        .await
+    }
+
+    /// Takes `uids` out of the quarantine (stored after all, or gone from the server).
+    pub async fn release_quarantined(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        uids: &[u32],
+    ) -> Result<(), StoreError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let uids: Vec<i64> = uids.iter().map(|u| *u as i64).collect();
+        self.guarded("quarantine release", async move {
+            // entries from before uidvalidity was recorded carry none: they are the current one's
+            coll.update_one(
+                doc! {"_id": id},
+                doc! {"$pull": {"quarantined": {"uid": {"$in": uids}, "$or": [{"uidvalidity": uidvalidity as i64}, {"uidvalidity": {"$exists": false}}]}}},
+            )
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Records the mailbox's state for readers and /healthz (`syncing`, `idle`, `error`, ...).
+    pub async fn set_state(
+        &self,
+        account: &str,
+        mailbox: &str,
+        state: &str,
+        last_error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let id = Self::mailbox_id(account, mailbox);
+        let now = bson::DateTime::now();
+        let mut set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "state": state,
+            "last_error": last_error.map(|e| Bson::String(e.to_string())).unwrap_or(Bson::Null),
+            "state_at": now,
+            "updated_at": now,
+        };
+        if last_error.is_some() {
+            set.insert("last_error_at", now);
+        }
+        self.upsert_mailbox(id, set, "state write").await
+    }
+
+    /// Notes that a catch-up pass (or a POP3 poll) of this mailbox just ended well:
+    /// `last_success_at`, which `status` weighs `last_error` against.
+    pub async fn mark_success(&self, account: &str, mailbox: &str) -> Result<(), StoreError> {
+        let set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "last_success_at": bson::DateTime::now(),
+        };
+        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "success mark")
+            .await
+    }
+}
+
+/// The key of one UID's failure count inside `mailboxes.failures`.
+fn failure_key(uidvalidity: u32, uid: u32) -> String {
+    format!("{uidvalidity}-{uid}")
+}
+
+fn parse_failure_key(key: &str) -> Option<(u32, u32)> {
+    let (v, u) = key.split_once('-')?;
+    Some((v.parse().ok()?, u.parse().ok()?))
+}

@@ -1,0 +1,414 @@
+//! Collection `messages`: the message document, batch commits (blobs, then messages, then the
+//! checkpoint) and the minimal form of a document the database refuses.
+
+use std::collections::HashSet;
+
+use bson::{doc, Bson, Document};
+use chrono::{DateTime, FixedOffset, Utc};
+
+use super::{
+    classify_insert_many, encoded_size, is_document_error, Checkpoint, MailboxStatus, Store,
+    StoreError, MAX_DOCUMENT_BYTES,
+};
+use crate::parse::{Blob, ParsedMessage};
+
+/// A message ready to be written: where it was found plus what the parser made of it.
+#[derive(Debug)]
+pub struct ReadyMessage {
+    pub uid: u32,
+    pub flags: Vec<String>,
+    pub internal_date: Option<DateTime<FixedOffset>>,
+    pub size: u64,
+    pub parsed: ParsedMessage,
+}
+
+/// What one [`Store::commit_batch`] wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommitReport {
+    /// Message documents newly inserted.
+    pub inserted: usize,
+    /// Message documents that already existed and were rewritten (a replayed batch).
+    pub replaced: usize,
+    /// Blobs written (blobs already present are not written again).
+    pub blobs_written: usize,
+}
+
+impl Store {
+    /// fetched after all). Moves no checkpoint: they are below it already.
+    pub async fn commit_below_checkpoint(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        batch: &[ReadyMessage],
+    ) -> Result<CommitReport, StoreError> {
+        self.write_batch(account, mailbox, uidvalidity, batch).await
+    }
+
+    /// Writes the batch's blobs, then its messages, then moves the checkpoint to the batch's
+    /// highest UID. `batch` must be sorted by UID and every UID must be above the checkpoint.
+    /// The one place where `last_uid` advances.
+    pub async fn commit_batch(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        status: MailboxStatus,
+        batch: &[ReadyMessage],
+        last_uid: u32,
+    ) -> Result<CommitReport, StoreError> {
+        let report = self
+            .write_batch(account, mailbox, uidvalidity, batch)
+            .await?;
+        self.write_checkpoint(
+            account,
+            mailbox,
+            Checkpoint {
+                uidvalidity,
+                last_uid,
+            },
+            status,
+        )
+        .await?;
+        Ok(report)
+    }
+
+    /// Blobs, then message documents. Moves no checkpoint: callers are `commit_batch` and
+    /// `commit_pop3_batch`, which do that once this returned.
+    pub(super) async fn write_batch(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        batch: &[ReadyMessage],
+    ) -> Result<CommitReport, StoreError> {
+        let mut report = CommitReport::default();
+        let blobs: Vec<&Blob> = {
+            let mut seen = HashSet::new();
+            batch
+                .iter()
+                .flat_map(|m| m.parsed.blobs.iter())
+                .filter(|b| seen.insert(b.sha256.as_str()))
+                .collect()
+        };
+        report.blobs_written = self.write_blobs(&blobs).await?;
+
+        let stored_at = bson::DateTime::now();
+        let docs: Vec<Document> = batch
+            .iter()
+            .map(|m| message_document(account, mailbox, uidvalidity, m, stored_at))
+            .collect();
+        let (inserted, replaced) = self.write_messages(docs).await?;
+        report.inserted = inserted;
+        report.replaced = replaced;
+        Ok(report)
+    }
+
+    /// the database refuses for what it is (too large, invalid) is replaced by its minimal form
+    /// (identity, raw, the error), so that one message never blocks its mailbox.
+    async fn write_messages(&self, docs: Vec<Document>) -> Result<(usize, usize), StoreError> {
+        if docs.is_empty() {
+            return Ok((0, 0));
+        }
+        let total = docs.len();
+        // Never send what MongoDB must refuse: parse keeps documents far below the limit, but the
+        // server supplies the flags.
+        let docs: Vec<Document> = docs
+            .into_iter()
+            .map(|d| {
+                let size = encoded_size(&d);
+                if size > MAX_DOCUMENT_BYTES {
+                    minimal_document(&d, &format!("the parsed document ({size} bytes) exceeds MongoDB's limit: stored raw only"))
+                } else {
+                    d
+                }
+            })
+            .collect();
+        let keep = docs.clone();
+        let coll = self.messages.clone();
+        let outcome = self
+            .guarded("message insert", async move {
+                match coll.insert_many(docs).ordered(false).await {
+                    Ok(_) => Ok(Ok((Vec::new(), Vec::new()))),
+                    Err(e) => match classify_insert_many(&e) {
+                        Some(split) => Ok(Ok(split)),
+                        None if is_document_error(&e) => Ok(Err(e.to_string())),
+                        None => Err(e),
+                    },
+                }
+            })
+            .await?;
+        let (dups, refused) = match outcome {
+            Ok(split) => split,
+            // The whole batch was refused for a document in it: find which, one by one.
+            Err(why) => {
+                tracing::warn!(count = keep.len(), error = %why, "batch_refused_per_document");
+                let mut replaced = 0;
+                for d in &keep {
+                    replaced += self.write_one(d.clone()).await? as usize;
+                }
+                return Ok((total - replaced, replaced));
+            }
+        };
+        let mut replaced = 0;
+        for i in &dups {
+            let doc = keep.get(*i).ok_or_else(|| {
+                StoreError::Protocol(format!("a write error for document {i} of {}", keep.len()))
+            })?;
+            self.write_one(doc.clone()).await?;
+            replaced += 1;
+        }
+        for (i, why) in &refused {
+            let doc = keep.get(*i).ok_or_else(|| {
+                StoreError::Protocol(format!("a write error for document {i} of {}", keep.len()))
+            })?;
+            tracing::warn!(id = doc.get_str("_id").unwrap_or(""), error = %why, "document_refused");
+            self.write_one(minimal_document(
+                doc,
+                &format!("MongoDB refused the parsed document ({why}): stored raw only"),
+            ))
+            .await?;
+        }
+        Ok((total - replaced, replaced))
+    }
+
+    /// Writes (inserts or replaces, by `_id`) one message document, falling back to its minimal
+    /// form when the database refuses the document itself. Returns whether it was there before.
+    async fn write_one(&self, doc: Document) -> Result<bool, StoreError> {
+        let mut current = doc;
+        for attempt in 0..2 {
+            let id = current.get("_id").cloned().unwrap_or(Bson::Null);
+            let coll = self.messages.clone();
+            let d = current.clone();
+            let result = self
+                .guarded("message replace", async move {
+                    match coll.replace_one(doc! {"_id": id}, d).upsert(true).await {
+                        Ok(r) => Ok(Ok(r.matched_count > 0)),
+                        Err(e) if is_document_error(&e) => Ok(Err(e.to_string())),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await?;
+            match result {
+                Ok(existed) => return Ok(existed),
+                Err(why) if attempt == 0 => {
+                    tracing::warn!(id = current.get_str("_id").unwrap_or(""), error = %why, "document_refused");
+                    current = minimal_document(
+                        &current,
+                        &format!("MongoDB refused the parsed document ({why}): stored raw only"),
+                    );
+                }
+                Err(why) => {
+                    return Err(StoreError::Protocol(format!(
+                        "even the minimal document was refused: {why}"
+                    )))
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The document a message gets when its parsed form cannot be stored: its identity, the raw
+/// bytes' reference and the reason; every parsed field empty. Its raw blob is already written.
+pub fn minimal_document(full: &Document, reason: &str) -> Document {
+    let mut d = Document::new();
+    for key in [
+        "_id",
+        "account",
+        "mailbox",
+        "uidvalidity",
+        "uid",
+        "internal_date",
+        "size",
+        "raw",
+    ] {
+        d.insert(key, full.get(key).cloned().unwrap_or(Bson::Null));
+    }
+    let flags = full.get_array("flags").ok().filter(|f| {
+        f.iter()
+            .map(|v| v.as_str().map_or(0, str::len) + 16)
+            .sum::<usize>()
+            < 64 * 1024
+    });
+    d.insert("flags", flags.cloned().unwrap_or_default());
+    for key in ["message_id", "subject", "date", "text", "html"] {
+        d.insert(key, Bson::Null);
+    }
+    for key in [
+        "in_reply_to",
+        "references",
+        "from",
+        "sender",
+        "reply_to",
+        "to",
+        "cc",
+        "bcc",
+        "headers",
+        "attachments",
+    ] {
+        d.insert(key, Bson::Array(Vec::new()));
+    }
+    d.insert("parse_errors", vec![reason.to_string()]);
+    d.insert(
+        "stored_at",
+        full.get("stored_at")
+            .cloned()
+            .unwrap_or_else(|| Bson::DateTime(bson::DateTime::now())),
+    );
+    d
+}
+
+fn to_bson<T: serde::Serialize>(value: &T) -> Bson {
+    // Serializing plain structs of strings and numbers cannot fail.
+    bson::to_bson(value).unwrap_or(Bson::Null)
+}
+
+fn opt_date(d: Option<DateTime<Utc>>) -> Bson {
+    d.map(|d| Bson::DateTime(bson::DateTime::from_chrono(d)))
+        .unwrap_or(Bson::Null)
+}
+
+fn opt_string(s: &Option<String>) -> Bson {
+    s.as_ref()
+        .map(|s| Bson::String(s.clone()))
+        .unwrap_or(Bson::Null)
+}
+
+/// The `messages` document (PRODUCT.md, "What lands in MongoDB").
+pub fn message_document(
+    account: &str,
+    mailbox: &str,
+    uidvalidity: u32,
+    m: &ReadyMessage,
+    stored_at: bson::DateTime,
+) -> Document {
+    let p = &m.parsed;
+    let mut d = doc! {
+        "_id": format!("{account}/{mailbox}/{uidvalidity}/{}", m.uid),
+        "account": account,
+        "mailbox": mailbox,
+        "uidvalidity": uidvalidity as i64,
+        "uid": m.uid as i64,
+        "flags": &m.flags,
+        "internal_date": opt_date(m.internal_date.map(|d| d.with_timezone(&Utc))),
+        "size": m.size as i64,
+        "message_id": opt_string(&p.message_id),
+        "in_reply_to": &p.in_reply_to,
+        "references": &p.references,
+        "subject": opt_string(&p.subject),
+        "date": opt_date(p.date),
+        "from": to_bson(&p.from),
+        "sender": to_bson(&p.sender),
+        "reply_to": to_bson(&p.reply_to),
+        "to": to_bson(&p.to),
+        "cc": to_bson(&p.cc),
+        "bcc": to_bson(&p.bcc),
+        "headers": to_bson(&p.headers),
+        "text": opt_string(&p.text),
+        "html": opt_string(&p.html),
+        "attachments": to_bson(&p.attachments),
+        "raw": to_bson(&p.raw),
+        "parse_errors": &p.parse_errors,
+        "stored_at": stored_at,
+    };
+    if let Some(r) = &p.text_blob {
+        d.insert("text_blob", to_bson(r));
+    }
+    if let Some(r) = &p.html_blob {
+        d.insert("html_blob", to_bson(r));
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{parse, Limits};
+    use std::time::Duration;
+
+    fn ready(uid: u32, flags: Vec<String>) -> ReadyMessage {
+        let raw = format!("Subject: m{uid}\r\nMessage-ID: <m{uid}@x>\r\n\r\nhi\r\n").into_bytes();
+        ReadyMessage {
+            uid,
+            flags,
+            internal_date: None,
+            size: raw.len() as u64,
+            parsed: parse(raw, Limits::default()),
+        }
+    }
+
+    #[test]
+    fn the_minimal_document_keeps_identity_and_raw_and_drops_a_flood_of_flags() {
+        let flags: Vec<String> = (0..2_000_000).map(|i| format!("$flag{i}")).collect();
+        let m = ready(7, flags);
+        let full = message_document("a", "INBOX", 3, &m, bson::DateTime::now());
+        assert!(encoded_size(&full) > MAX_DOCUMENT_BYTES);
+        let min = minimal_document(&full, "too large");
+        assert!(encoded_size(&min) < 64 * 1024);
+        assert_eq!(min.get_str("_id").unwrap(), "a/INBOX/3/7");
+        assert_eq!(
+            min.get_document("raw").unwrap(),
+            full.get_document("raw").unwrap()
+        );
+        assert_eq!(min.get_array("parse_errors").unwrap().len(), 1);
+        assert!(min.get_array("flags").unwrap().is_empty());
+    }
+
+    /// Against the MongoDB-protocol server of the test run: a document MongoDB must refuse
+    /// (the server sent two million flags) is stored in its minimal form beside its neighbours,
+    /// instead of failing the batch for ever.
+    #[tokio::test]
+    async fn a_document_the_database_must_refuse_is_stored_minimal_and_the_batch_goes_on() {
+        let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI").expect(
+            "MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)",
+        );
+        let cfg = crate::config::StoreConfig {
+            uri: crate::config::Secret::new(uri),
+            database: format!("mp_unit_{}", std::process::id()),
+            connect_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(60),
+            max_inline_body: 1024 * 1024,
+            write_concern: Default::default(),
+        };
+        let store = Store::connect(&cfg).await.unwrap();
+        let flood: Vec<String> = (0..2_000_000).map(|i| format!("$flag{i}")).collect();
+        let batch = vec![
+            ready(1, vec![]),
+            ready(2, flood),
+            ready(3, vec!["\\Seen".into()]),
+        ];
+        let r = store
+            .commit_batch("a", "INBOX", 1, MailboxStatus::default(), &batch, 3)
+            .await
+            .unwrap();
+        assert_eq!(r.inserted, 3);
+        let coll = store.messages.clone();
+        let two = coll
+            .find_one(doc! {"uid": 2i64, "account": "a"})
+            .await
+            .unwrap()
+            .unwrap();
+        let errors = two.get_array("parse_errors").unwrap();
+        assert!(
+            errors[0].as_str().unwrap().contains("stored raw only"),
+            "{errors:?}"
+        );
+        assert_eq!(
+            store
+                .checkpoint("a", "INBOX")
+                .await
+                .unwrap()
+                .unwrap()
+                .last_uid,
+            3
+        );
+        // replaying the batch rewrites, never duplicates
+        let r = store
+            .commit_batch("a", "INBOX", 1, MailboxStatus::default(), &batch, 3)
+            .await
+            .unwrap();
+        assert_eq!((r.inserted, r.replaced), (0, 3));
+        let _ = store.client.database(&cfg.database).drop().await;
+    }
+}

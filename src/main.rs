@@ -62,6 +62,8 @@ enum Command {
         #[arg(long)]
         config_only: bool,
     },
+    /// Ask the running daemon's /healthz (at [metrics] listen); exit 0 on 200: for health checks
+    Health,
 }
 
 /// One connection per mailbox: 1,000 mailboxes need more descriptors than the usual soft limit
@@ -147,6 +149,7 @@ fn main() -> ExitCode {
                 true
             }
             Command::Check { config_only: false } => commands::check_all(&config).await,
+            Command::Health => commands::health::health(&config).await,
             Command::Run => {
                 let shutdown = CancellationToken::new();
                 let signals = match signals::listen(shutdown.clone()) {

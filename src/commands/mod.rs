@@ -1,6 +1,8 @@
 //! The one-shot commands: `sync` (one catch-up pass over every mailbox, concurrently) and
 //! `check` (config, store, login and EXAMINE of every mailbox, one line each).
 
+pub mod health;
+
 use std::time::Duration;
 
 use tokio::task::JoinSet;

@@ -149,7 +149,9 @@ async fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     };
     let sock = tokio::task::spawn_blocking(move || {
         let mut got = vec![recv(&sock)];
-        while got.iter().filter(|m| *m == "WATCHDOG=1").count() < 2 {
+        while got.iter().filter(|m| *m == "WATCHDOG=1").count() < 2
+            || !got.iter().any(|m| m.starts_with("STATUS=running"))
+        {
             got.push(recv(&sock));
         }
         (sock, got)
@@ -158,10 +160,14 @@ async fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     .unwrap();
     let (sock, got) = sock;
     assert_eq!(got[0], "READY=1");
+    assert!(
+        got.contains(&"STATUS=running 1 mailboxes".to_string()),
+        "{got:?}"
+    );
     daemon.signal("TERM");
     let stopping = tokio::task::spawn_blocking(move || loop {
         let m = recv(&sock);
-        if m != "WATCHDOG=1" {
+        if m != "WATCHDOG=1" && !m.starts_with("STATUS=") {
             return m;
         }
     })

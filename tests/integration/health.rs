@@ -398,3 +398,66 @@ async fn waiting_for_the_database_the_daemon_pings_the_watchdog_and_stops_at_onc
     assert_eq!(stopping, "STOPPING=1");
     assert!(daemon.events("mailbox_started").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mailbox_removed_by_a_reload_leaves_no_series_behind() {
+    let mut dc = Dovecot::start();
+    let (a, b) = (
+        dc.add_user("kept", "pw-kept"),
+        dc.add_user("gone", "pw-gone"),
+    );
+    let db = TestDb::new().await;
+    let both = Mailpump::new(
+        &db,
+        &[
+            AccountSpec::plain("kept", &dc, &a),
+            AccountSpec::plain("gone", &dc, &b),
+        ],
+    );
+    let port = with_metrics(&both);
+    let daemon = Daemon::start(&both);
+    daemon
+        .wait_for_log(SOON, "both watching", |l| {
+            l.iter().filter(|e| e["message"] == "watching").count() == 2
+        })
+        .await;
+    let (_, _, body) = get(port, "/metrics").await;
+    let samples = parse_exposition(&body);
+    assert_eq!(of_mailbox(&samples, "mailpump_mailbox_up", "gone").len(), 1);
+
+    let one = Mailpump::new(&db, &[AccountSpec::plain("kept", &dc, &a)]);
+    let toml = std::fs::read_to_string(&one.config).unwrap();
+    std::fs::write(
+        &both.config,
+        format!("{toml}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    daemon.signal("HUP");
+    daemon
+        .wait_for_log(SOON, "reloaded", |l| {
+            l.iter().any(|e| e["message"] == "reloaded")
+        })
+        .await;
+    // the stopped task may report once more while it logs out: its series still go
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (_, _, body) = get(port, "/metrics").await;
+        let samples = parse_exposition(&body);
+        let gone = samples
+            .iter()
+            .any(|s| s.labels.get("account").map(String::as_str) == Some("gone"));
+        if !gone && daemon.events("mailbox_stopping").len() == 1 {
+            assert_eq!(
+                of_mailbox(&samples, "mailpump_mailbox_up", "kept")[0].value,
+                1.0
+            );
+            assert_eq!(
+                of_mailbox(&samples, "mailpump_mailbox_state", "kept").len(),
+                mailpump::metrics::STATES.len()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "gone's series stayed:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -216,6 +216,7 @@ async fn connect_store(
     let mut backoff = Backoff::new(policy);
     let mut rng = rand::rngs::StdRng::from_entropy();
     loop {
+        // an attempt dropped at shutdown abandons no write: nothing was stored yet
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return None,
             attempt = Store::connect(&config.store) => attempt,
@@ -278,6 +279,7 @@ pub async fn run(
     let watchdog = notify::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
+    // A SIGHUP meanwhile stays queued in `signals` and is applied once the mailboxes run.
     let store = {
         let connecting = connect_store(&config, &shutdown, policy);
         tokio::pin!(connecting);

@@ -28,6 +28,8 @@ mp_install() {
   dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
   command -v pkg-config >/dev/null || need+=(pkg-config)
   python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+  # the packaging tests run systemd-analyze verify and systemd-sysusers on the unit files
+  command -v systemd-analyze >/dev/null || need+=(systemd)
   if [ ${#need[@]} -gt 0 ]; then
     mp_log "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -84,6 +84,8 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = duration)]
         deadline: Duration,
     },
+    /// Ask the running daemon's /healthz (at [metrics] listen); exit 0 on 200: for health checks
+    Health,
 }
 
 fn main() -> ExitCode {
@@ -162,6 +164,7 @@ fn main() -> ExitCode {
             Command::Check { deadline, .. } => commands::check::check(&config, deadline).await,
             Command::Status { json } => commands::status::status(&config, json).await,
             Command::Run => commands::run::run(&path, config).await,
+            Command::Health => commands::health::health(&config).await,
             Command::Export {
                 account,
                 mailbox,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use rand::SeedableRng;
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -205,7 +206,8 @@ impl Supervisor {
     }
 }
 
-/// Connects to the store, retrying with backoff until it answers or shutdown.
+/// Connects to the store, retrying with backoff until it answers or shutdown. Neither the
+/// attempt nor the wait between attempts holds up a shutdown.
 async fn connect_store(
     config: &Config,
     shutdown: &CancellationToken,
@@ -214,7 +216,12 @@ async fn connect_store(
     let mut backoff = Backoff::new(policy);
     let mut rng = rand::rngs::StdRng::from_entropy();
     loop {
-        match Store::connect(&config.store).await {
+        // an attempt dropped at shutdown abandons no write: nothing was stored yet
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            attempt = Store::connect(&config.store) => attempt,
+        };
+        match attempt {
             Ok(s) => return Some(s),
             Err(e) => {
                 let delay = backoff.next_delay(ErrorClass::Retry, &mut rng);
@@ -228,7 +235,16 @@ async fn connect_store(
     }
 }
 
+fn status_running(mailboxes: usize) {
+    notify::notify(&format!("STATUS=running {mailboxes} mailboxes"));
+}
+
 /// `mailpump run`: until shutdown. Returns false only when it could not start.
+///
+/// Start order: the metrics listener and READY come first, once the config is loaded, so that
+/// a database that is down at boot keeps the unit waiting (`STATUS=`, watchdog pings, `/healthz`
+/// 503) instead of being killed by systemd's start timeout; the mailboxes start once the store
+/// has answered.
 pub async fn run(
     path: &Path,
     mut config: Config,
@@ -238,10 +254,8 @@ pub async fn run(
     mut signals: UnboundedReceiver<Signal>,
 ) -> bool {
     let policy = BackoffPolicy::default();
-    let Some(store) = connect_store(&config, &shutdown, policy).await else {
-        return true;
-    };
     let metrics = Metrics::new();
+    let (store_tx, store_rx) = watch::channel(None);
     if let Some(m) = &config.metrics {
         match tokio::net::TcpListener::bind(&m.listen).await {
             Ok(listener) => {
@@ -249,7 +263,7 @@ pub async fn run(
                 tokio::spawn(metrics::serve(
                     listener,
                     metrics.clone(),
-                    store.clone(),
+                    store_rx,
                     m.unhealthy_after,
                     shutdown.clone(),
                 ));
@@ -260,6 +274,29 @@ pub async fn run(
             }
         }
     }
+    notify::notify("READY=1");
+    notify::notify(&format!("STATUS={}", metrics::WAITING_FOR_DATABASE));
+    let watchdog = notify::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+
+    // A SIGHUP meanwhile stays queued in `signals` and is applied once the mailboxes run.
+    let store = {
+        let connecting = connect_store(&config, &shutdown, policy);
+        tokio::pin!(connecting);
+        loop {
+            tokio::select! {
+                store = &mut connecting => break store,
+                _ = watchdog_tick.tick(), if watchdog.is_some() => notify::notify("WATCHDOG=1"),
+            }
+        }
+    };
+    let Some(store) = store else {
+        // SIGTERM while waiting for the database: nothing was started
+        notify::notify("STOPPING=1");
+        tracing::info!("stopped");
+        return true;
+    };
+    store_tx.send_replace(Some(store.clone()));
     let mut sup = Supervisor {
         store: store.clone(),
         metrics,
@@ -277,10 +314,8 @@ pub async fn run(
     for (key, account) in desired(&config) {
         sup.start(key, account);
     }
-    notify::notify("READY=1");
+    status_running(sup.running.len());
     tracing::info!(mailboxes = sup.running.len(), "running");
-    let watchdog = notify::watchdog_interval();
-    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
     loop {
         tokio::select! {
@@ -288,6 +323,7 @@ pub async fn run(
             Some(signal) = signals.recv() => {
                 if signal == Signal::Reload {
                     sup.reload(path, &mut config);
+                    status_running(sup.running.len());
                 }
             }
             Some(joined) = sup.tasks.join_next(), if !sup.tasks.is_empty() => {
@@ -296,6 +332,9 @@ pub async fn run(
                         sup.stopping.remove(&key);
                         if let Some(account) = sup.waiting.remove(&key) {
                             sup.start(key.clone(), account);
+                        } else if !sup.running.contains_key(&key) {
+                            // what the removed task reported while it finished goes too
+                            sup.metrics.forget(&key.0, &key.1);
                         }
                     }
                     let current = sup.running.get(&key).map(|r| r.generation) == Some(generation);

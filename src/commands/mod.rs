@@ -1,4 +1,5 @@
-//! The commands, one module each: `run` (the daemon), `sync`, `check`, `export`, `status`.
+//! The commands, one module each: `run` (the daemon), `sync`, `check`, `export`, `status`,
+//! `health`.
 //! `main` parses the command line, loads the config and calls one of them; each returns true
 //! on success (exit 0) and false on failure (exit 1).
 
@@ -10,6 +11,7 @@ use crate::parse::Limits;
 
 pub mod check;
 pub mod export;
+pub mod health;
 pub mod run;
 pub mod status;
 pub mod sync;

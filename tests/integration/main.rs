@@ -9,6 +9,7 @@ mod daemon;
 mod export;
 mod faults;
 mod golden;
+mod health;
 mod hostile;
 mod limits;
 mod packaging;

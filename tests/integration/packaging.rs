@@ -12,21 +12,32 @@ fn read(path: &str) -> String {
 }
 
 #[test]
-fn the_systemd_unit_is_hardened_and_verifies() {
+fn the_systemd_unit_is_hardened_reads_the_config_itself_and_verifies() {
     let unit = read("systemd/mailpump.service");
     for directive in [
         "Type=notify",
         "Restart=on-failure",
-        "ExecStartPre=/usr/local/bin/mailpump --config %d/mailpump.toml check --config-only",
+        "ExecStartPre=/usr/local/bin/mailpump --config /etc/mailpump/mailpump.toml check --config-only",
+        "ExecStart=/usr/local/bin/mailpump --config /etc/mailpump/mailpump.toml run",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "WatchdogSec=",
-        "LoadCredential=mailpump.toml:",
-        "DynamicUser=yes",
+        "User=mailpump",
+        "Group=mailpump",
         "ProtectSystem=strict",
+        "ProtectHome=yes",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
+        "RemoveIPC=yes",
     ] {
         assert!(unit.contains(directive), "missing {directive}");
+    }
+    // a credential is copied once at start: SIGHUP would re-read a stale copy
+    let directives: Vec<&str> = unit.lines().filter(|l| !l.starts_with('#')).collect();
+    for stale in ["LoadCredential", "DynamicUser", "%d/"] {
+        assert!(
+            !directives.iter().any(|l| l.contains(stale)),
+            "{stale} in the unit"
+        );
     }
     let stop: u64 = unit
         .lines()
@@ -40,26 +51,52 @@ fn the_systemd_unit_is_hardened_and_verifies() {
         "TimeoutStopSec above the grace period"
     );
 
-    if std::path::Path::new("/usr/bin/systemd-analyze").exists() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mailpump.service");
-        std::fs::write(
-            &path,
-            unit.replace("/usr/local/bin/mailpump", env!("CARGO_BIN_EXE_mailpump")),
-        )
-        .unwrap();
-        let out = std::process::Command::new("systemd-analyze")
-            .arg("verify")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).to_string()
-            + &String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && !text.contains("mailpump.service:"),
-            "systemd-analyze verify: {text}"
-        );
-    }
+    // deploy/services.sh install provides systemd-analyze (Debian package `systemd`)
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mailpump.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/mailpump", env!("CARGO_BIN_EXE_mailpump")),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (run deploy/services.sh install)");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("mailpump.service"),
+        "systemd-analyze verify: {text}"
+    );
+}
+
+#[test]
+fn the_sysusers_file_makes_a_system_user_and_group_without_login() {
+    let root_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root_dir.path().join("etc")).unwrap();
+    let out = std::process::Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root_dir.path().display()))
+        .arg(root().join("systemd/mailpump.sysusers"))
+        .output()
+        .expect("systemd-sysusers (run deploy/services.sh install)");
+    assert!(
+        out.status.success(),
+        "systemd-sysusers: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passwd = std::fs::read_to_string(root_dir.path().join("etc/passwd")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|l| l.starts_with("mailpump:"))
+        .expect("a mailpump user");
+    let fields: Vec<&str> = user.split(':').collect();
+    let uid: u32 = fields[2].parse().unwrap();
+    assert!(uid > 0 && uid < 1000, "a system uid: {user}");
+    assert!(fields[6].ends_with("nologin"), "no login shell: {user}");
+    let group = std::fs::read_to_string(root_dir.path().join("etc/group")).unwrap();
+    assert!(group.lines().any(|l| l.starts_with("mailpump:")), "{group}");
 }
 
 #[test]
@@ -149,7 +186,9 @@ async fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     };
     let sock = tokio::task::spawn_blocking(move || {
         let mut got = vec![recv(&sock)];
-        while got.iter().filter(|m| *m == "WATCHDOG=1").count() < 2 {
+        while got.iter().filter(|m| *m == "WATCHDOG=1").count() < 2
+            || !got.iter().any(|m| m.starts_with("STATUS=running"))
+        {
             got.push(recv(&sock));
         }
         (sock, got)
@@ -158,10 +197,14 @@ async fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     .unwrap();
     let (sock, got) = sock;
     assert_eq!(got[0], "READY=1");
+    assert!(
+        got.contains(&"STATUS=running 1 mailboxes".to_string()),
+        "{got:?}"
+    );
     daemon.signal("TERM");
     let stopping = tokio::task::spawn_blocking(move || loop {
         let m = recv(&sock);
-        if m != "WATCHDOG=1" {
+        if m != "WATCHDOG=1" && !m.starts_with("STATUS=") {
             return m;
         }
     })

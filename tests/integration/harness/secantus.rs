@@ -14,6 +14,13 @@ pub struct Secantus {
 
 impl Secantus {
     pub fn start() -> Secantus {
+        let mut s = Secantus::not_started();
+        s.launch();
+        s
+    }
+
+    /// A database with its port chosen but not running yet: `launch` starts it there.
+    pub fn not_started() -> Secantus {
         let base = std::env::var_os("MAILPUMP_TEST_TMP")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| "/tmp".into());
@@ -21,13 +28,11 @@ impl Secantus {
             .prefix("db")
             .tempdir_in(base)
             .unwrap();
-        let mut s = Secantus {
+        Secantus {
             dir,
             port: free_port(),
             pid: None,
-        };
-        s.launch();
-        s
+        }
     }
 
     pub fn uri(&self) -> String {

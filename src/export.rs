@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::NaiveDate;
 use tokio::sync::watch;
@@ -30,8 +30,6 @@ use crate::config::Config;
 use crate::parse::sha256_hex;
 use crate::store::{ExportItem, Store, StoreError};
 
-/// How often a progress line is logged.
-const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 /// Messages whose files may wait for, or be in, the blocking pool at once.
 pub const MAX_JOBS: usize = 4;
 /// Bytes of file content that may wait for the blocking pool at once (one message always may).
@@ -349,39 +347,38 @@ async fn check_known(
     Ok(())
 }
 
-/// `mailpump export`: runs the export, logs `export_progress` every few seconds and
-/// `export_done` at the end. An unknown account or mailbox is also told on stderr.
+/// `mailpump export`: runs the export with its progress shown (`crate::progress`: a bar on a
+/// terminal, `progress` events with kind "export" elsewhere) and logs `export_done` at the end.
+/// An unknown account or mailbox is an error before anything is written.
 pub async fn export(
     store: &Store,
     options: &ExportOptions,
     config: &Config,
 ) -> Result<ExportReport, ExportError> {
-    if let Err(e) = check_known(store, config, options).await {
-        if matches!(
-            e,
-            ExportError::UnknownAccount { .. } | ExportError::UnknownMailbox { .. }
-        ) {
-            eprintln!("mailpump export: {e}");
-        }
-        return Err(e);
-    }
+    check_known(store, config, options).await?;
     let (tx, mut rx) = watch::channel(ExportProgress::default());
-    let account = options.account.clone();
-    let logger = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PROGRESS_EVERY);
-        tick.tick().await; // the first tick is immediate
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let p = *rx.borrow();
-                    tracing::info!(account = %account, count = p.done, total = p.total, files_written = p.files_written, "export_progress");
-                }
-                changed = rx.changed() => if changed.is_err() { break },
-            }
+    let (account, mailbox) = (
+        options.account.clone(),
+        options.mailbox.clone().unwrap_or_else(|| "*".into()),
+    );
+    // A progress bar on a terminal, `progress` events (kind "export") elsewhere.
+    let shower = tokio::spawn(async move {
+        let mut tracker: Option<crate::progress::Tracker> = None;
+        let mut shown = ExportProgress::default();
+        while rx.changed().await.is_ok() {
+            let p = *rx.borrow_and_update();
+            let t = tracker.get_or_insert_with(|| {
+                crate::progress::Tracker::start("export", &account, &mailbox, p.total)
+            });
+            t.inc(
+                p.done.saturating_sub(shown.done),
+                p.bytes_written.saturating_sub(shown.bytes_written),
+            );
+            shown = p;
         }
     });
     let result = export_with_progress(store, options, tx).await;
-    let _ = logger.await;
+    let _ = shower.await;
     result
 }
 

@@ -27,7 +27,7 @@ use crate::pipeline::Context;
 use crate::signals::Signal;
 use crate::store::Store;
 
-/// How long running batches may take to finish after SIGTERM (PRODUCT.md promises exit
+/// How long running batches may take to finish after SIGTERM (README, "Signals", promises exit
 /// within 10 s; systemd's TimeoutStopSec sits above it).
 pub const GRACE_PERIOD: Duration = Duration::from_secs(7);
 

@@ -275,7 +275,7 @@ fn opt_string(s: &Option<String>) -> Bson {
         .unwrap_or(Bson::Null)
 }
 
-/// The `messages` document (PRODUCT.md, "What lands in MongoDB").
+/// The `messages` document (README, "What lands in MongoDB").
 pub fn message_document(
     account: &str,
     mailbox: &str,

@@ -17,7 +17,7 @@
 //! `sha/n`; messages by `account/mailbox/uidvalidity/uid` (plus a unique index on those four
 //! fields); a replayed batch rewrites the same documents.
 //!
-//! Driver futures are never cancelled mid-flight (notes/crates.md): each operation runs in its
+//! Driver futures are never cancelled mid-flight (docs/crates.md): each operation runs in its
 //! own task and the timeout is put on its JoinHandle.
 
 mod blobs;

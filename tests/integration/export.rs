@@ -286,7 +286,18 @@ async fn an_export_far_larger_than_a_cursor_batch_streams_in_bounded_memory() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().to_str().unwrap().to_string();
     let (code, stdout, peak_kb) = tokio::task::spawn_blocking(move || {
-        run_measured(&mp, &["export", "--account", "big", "--dir", &dir])
+        run_measured(
+            &mp,
+            &[
+                "--progress-interval",
+                "100ms",
+                "export",
+                "--account",
+                "big",
+                "--dir",
+                &dir,
+            ],
+        )
     })
     .await
     .unwrap();
@@ -297,6 +308,15 @@ async fn an_export_far_larger_than_a_cursor_batch_streams_in_bounded_memory() {
         .find(|l| l["message"] == "export_done")
         .unwrap_or_else(|| panic!("no export_done in {stdout}"));
     assert_eq!(done["messages"], MESSAGES);
+    // progress in JSON mode: count of the total, never more
+    let progress: Vec<_> = logs.iter().filter(|l| l["message"] == "progress").collect();
+    assert!(!progress.is_empty(), "no progress event in {stdout}");
+    for p in &progress {
+        assert_eq!(p["kind"], "export");
+        assert_eq!(p["account"], "big");
+        assert_eq!(p["total"], MESSAGES);
+        assert!(p["count"].as_u64().unwrap() <= MESSAGES as u64, "{p}");
+    }
     let total = done["bytes"].as_u64().unwrap();
     let on_disk: u64 = files_under(out.path())
         .iter()

@@ -40,7 +40,13 @@ pub struct MailboxTask {
     pub ctx: Context,
     pub metrics: Arc<Metrics>,
     pub policy: BackoffPolicy,
+    /// When `last_success_at` was last written: at most once per [`SUCCESS_EVERY`], so that a
+    /// thousand polling mailboxes do not each write after every quiet pass.
+    pub success_written: Arc<std::sync::Mutex<Option<Instant>>>,
 }
+
+/// How often a run of successful passes refreshes `last_success_at` in `mailboxes`.
+pub const SUCCESS_EVERY: Duration = Duration::from_secs(60);
 
 impl MailboxTask {
     fn name(&self) -> &str {
@@ -50,6 +56,13 @@ impl MailboxTask {
     /// Records the state for readers of `mailboxes`, without ever holding up the task (the
     /// database may be the thing that is down).
     fn record_state(&self, state: &'static str, error: Option<String>) {
+        if error.is_some() {
+            // the next success must be written at once, or `status` would see the error as newer
+            *self
+                .success_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let (store, account, mailbox) = (
             self.ctx.store.clone(),
             self.account.name.clone(),
@@ -63,8 +76,18 @@ impl MailboxTask {
     }
 
     /// Records a pass that ended well (`last_success_at`, for `status`), likewise in the
-    /// background.
+    /// background, at most once per [`SUCCESS_EVERY`] (`status` judges staleness in minutes).
     fn record_success(&self) {
+        {
+            let mut last = self
+                .success_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < SUCCESS_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let (store, account, mailbox) = (
             self.ctx.store.clone(),
             self.account.name.clone(),

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use mailpump::commands;
 use mailpump::config;
 use mailpump::progress;
-use mailpump::telemetry::{self, LogFormat};
+use mailpump::telemetry::{self, LogFormat, LogTo};
 use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
@@ -74,6 +74,10 @@ enum Command {
         /// One JSON object per mailbox, one per line
         #[arg(long)]
         json: bool,
+        /// A mailbox whose last success is older is stale (exit 1): auto (three idle_refresh
+        /// or poll_interval periods), off, or a duration such as 2d
+        #[arg(long, default_value = "auto")]
+        stale_after: commands::status::StaleAfter,
     },
     /// Validate the config, reach the store, log in to every mailbox (all at once)
     Check {
@@ -113,11 +117,16 @@ fn main() -> ExitCode {
         } => config::Secrets::Skipped,
         _ => config::Secrets::Required,
     };
-    let log_format = cli.log_format.resolve();
+    // check, status and health print a report on stdout: their logs go to stderr
+    let log_to = match &cli.command {
+        Command::Check { .. } | Command::Status { .. } | Command::Health => LogTo::Stderr,
+        _ => LogTo::Stdout,
+    };
+    let log_format = cli.log_format.resolve(log_to);
     let config = match config::load_with(&path, secrets) {
         Ok(c) => c,
         Err(e) => {
-            telemetry::init(log_format, None);
+            telemetry::init(log_format, None, log_to);
             tracing::error!(error = %e, path = %path.display(), "config_invalid");
             eprintln!("mailpump: {e}");
             return ExitCode::from(EX_CONFIG);
@@ -134,7 +143,7 @@ fn main() -> ExitCode {
             interval: cli.progress_interval,
         }
     });
-    telemetry::init(log_format, config.log_level.as_deref());
+    telemetry::init(log_format, config.log_level.as_deref(), log_to);
     let mailboxes: usize = config.accounts.iter().map(|a| a.mailboxes.len()).sum();
     match mailpump::sys::raise_open_files_limit() {
         Some(n) if (n as usize) < mailboxes + 64 => {
@@ -162,7 +171,9 @@ fn main() -> ExitCode {
                 true
             }
             Command::Check { deadline, .. } => commands::check::check(&config, deadline).await,
-            Command::Status { json } => commands::status::status(&config, json).await,
+            Command::Status { json, stale_after } => {
+                commands::status::status(&config, json, stale_after).await
+            }
             Command::Run => commands::run::run(&path, config).await,
             Command::Health => commands::health::health(&config).await,
             Command::Export {

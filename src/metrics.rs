@@ -24,12 +24,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Upper bounds (seconds) of the arrival-to-stored latency histogram.
 const LATENCY_BUCKETS: &[f64] = &[0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
 /// How long one HTTP exchange may take, from accept to the last byte written.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long /healthz waits for the database's ping: well inside HTTP_TIMEOUT, so that a
+/// database that is down gets its 503 rather than a closed connection.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// What `/healthz` says before the store has answered once.
 pub const WAITING_FOR_DATABASE: &str = "waiting for the database";
 /// OpenMetrics 1.0 text, what prometheus-client writes (Prometheus negotiates it).
@@ -346,7 +349,14 @@ async fn handle(
             let unavailable = StatusCode::SERVICE_UNAVAILABLE;
             match store {
                 None => text(unavailable, PLAIN, format!("{WAITING_FOR_DATABASE}\n")),
-                Some(store) => match store.ping().await {
+                Some(store) => match tokio::time::timeout(PING_TIMEOUT, store.ping())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Timeout {
+                            what: "the ping".into(),
+                            after: PING_TIMEOUT,
+                        })
+                    }) {
                     Err(e) => text(unavailable, PLAIN, format!("store unreachable: {e}\n")),
                     Ok(()) if failing.is_empty() => text(StatusCode::OK, PLAIN, "ok\n".into()),
                     Ok(()) => text(

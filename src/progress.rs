@@ -218,32 +218,41 @@ impl Drop for Tracker {
     }
 }
 
-/// The text log writer: each line is printed above the progress bars (stdout), so log lines
-/// and bars never overwrite each other. Without bars it is plain stdout.
-#[derive(Clone, Copy, Default)]
-pub struct LogWriter;
+/// The log writer: each line goes to its stream (stdout or stderr), printed above the
+/// progress bars when there are any, so log lines and bars never overwrite each other.
+#[derive(Clone, Copy)]
+pub struct LogWriter(pub crate::telemetry::LogTo);
+
+impl LogWriter {
+    fn put(&self, buf: &[u8]) -> std::io::Result<()> {
+        match self.0 {
+            crate::telemetry::LogTo::Stdout => std::io::stdout().lock().write_all(buf),
+            crate::telemetry::LogTo::Stderr => std::io::stderr().lock().write_all(buf),
+        }
+    }
+}
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match REGISTRY.get() {
-            Some(r) if r.mode == Mode::Bars => {
-                r.multi
-                    .suspend(|| std::io::stdout().lock().write_all(buf))?;
-            }
-            _ => std::io::stdout().lock().write_all(buf)?,
+            Some(r) if r.mode == Mode::Bars => r.multi.suspend(|| self.put(buf))?,
+            _ => self.put(buf)?,
         }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
+        match self.0 {
+            crate::telemetry::LogTo::Stdout => std::io::stdout().flush(),
+            crate::telemetry::LogTo::Stderr => std::io::stderr().flush(),
+        }
     }
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     type Writer = LogWriter;
     fn make_writer(&'a self) -> LogWriter {
-        LogWriter
+        *self
     }
 }
 

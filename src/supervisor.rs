@@ -122,6 +122,7 @@ impl Supervisor {
             },
             metrics: self.metrics.clone(),
             policy: self.policy,
+            success_written: Default::default(),
         };
         let generation = self.generation;
         let k = key.clone();
@@ -226,6 +227,8 @@ async fn connect_store(
             Err(e) => {
                 let delay = backoff.next_delay(ErrorClass::Retry, &mut rng);
                 tracing::error!(error = %e, delay_ms = delay.as_millis() as u64, "store_unreachable");
+                // systemctl status tells "unreachable" from "refused our credentials"
+                notify::notify(&format!("STATUS={}: {e}", metrics::WAITING_FOR_DATABASE));
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(delay) => {}
@@ -279,7 +282,7 @@ pub async fn run(
     let watchdog = notify::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
-    // A SIGHUP meanwhile stays queued in `signals` and is applied once the mailboxes run.
+    // A SIGHUP meanwhile is applied before any mailbox starts (below).
     let store = {
         let connecting = connect_store(&config, &shutdown, policy);
         tokio::pin!(connecting);
@@ -297,6 +300,25 @@ pub async fn run(
         return true;
     };
     store_tx.send_replace(Some(store.clone()));
+    // The operator may have changed the accounts while the database was down: start from the
+    // file as it is now, not as it was at boot (a POP3 account whose delete_after_store was
+    // just turned off must not delete).
+    let mut reload_queued = false;
+    while let Ok(signal) = signals.try_recv() {
+        reload_queued |= signal == Signal::Reload;
+    }
+    if reload_queued {
+        match config::load(path) {
+            Ok(new) => {
+                if new.store != config.store || new.metrics != config.metrics {
+                    tracing::warn!("reload_partial: [store] and [metrics] changes take effect at the next restart");
+                }
+                config.accounts = new.accounts;
+                tracing::info!("reloaded_before_start");
+            }
+            Err(e) => tracing::error!(error = %e, "reload_failed"),
+        }
+    }
     let mut sup = Supervisor {
         store: store.clone(),
         metrics,

@@ -20,13 +20,28 @@ pub enum LogFormat {
     Text,
 }
 
-impl LogFormat {
-    /// `Auto` settled by whether stdout is a terminal.
-    pub fn resolve(self) -> LogFormat {
+/// Where log lines go: stdout, or stderr for the commands whose stdout is their report
+/// (`check`, `status --json`, `health`), so that a pipe gets the report alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    Stdout,
+    Stderr,
+}
+
+impl LogTo {
+    fn is_terminal(self) -> bool {
         match self {
-            LogFormat::Auto if std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
-                LogFormat::Text
-            }
+            LogTo::Stdout => std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            LogTo::Stderr => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+impl LogFormat {
+    /// `Auto` settled by whether the log's stream is a terminal.
+    pub fn resolve(self, to: LogTo) -> LogFormat {
+        match self {
+            LogFormat::Auto if to.is_terminal() => LogFormat::Text,
             LogFormat::Auto => LogFormat::Json,
             f => f,
         }
@@ -56,11 +71,11 @@ fn env_filter(config_level: Option<&str>) -> EnvFilter {
 }
 
 /// Installs the global subscriber. Call once, from `main`.
-pub fn init(format: LogFormat, config_level: Option<&str>) {
+pub fn init(format: LogFormat, config_level: Option<&str>, to: LogTo) {
     let filter = env_filter(config_level);
     let guard = filter_fn(leaky_target_allowed);
     let registry = tracing_subscriber::registry();
-    match format.resolve() {
+    match format.resolve(to) {
         LogFormat::Json | LogFormat::Auto => {
             let layer = tracing_subscriber::fmt::layer()
                 .json()
@@ -68,7 +83,7 @@ pub fn init(format: LogFormat, config_level: Option<&str>) {
                 .with_current_span(false)
                 .with_span_list(false)
                 .with_target(false)
-                .with_writer(std::io::stdout)
+                .with_writer(crate::progress::LogWriter(to))
                 .with_filter(filter)
                 .with_filter(guard);
             let _ = registry.with(layer).try_init();
@@ -76,8 +91,8 @@ pub fn init(format: LogFormat, config_level: Option<&str>) {
         LogFormat::Text => {
             let layer = tracing_subscriber::fmt::layer()
                 .with_target(false)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .with_writer(crate::progress::LogWriter)
+                .with_ansi(to.is_terminal())
+                .with_writer(crate::progress::LogWriter(to))
                 .with_filter(filter)
                 .with_filter(guard);
             let _ = registry.with(layer).try_init();

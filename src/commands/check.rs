@@ -1,11 +1,12 @@
 //! `mailpump check`: reach the store and log in to every configured mailbox, all at once,
 //! within one overall deadline; print one line per mailbox (✓ or ✗, what failed) and, for the
-//! failures people meet most (wrong password, QQ and NetEase authorization codes, 163's
+//! failures people meet most (one connection per account: providers cap them) (wrong password, QQ and NetEase authorization codes, 163's
 //! "Unsafe Login", certificates, refused connections, timeouts, unknown hosts), a line saying
 //! how to fix it. True only when everything passed.
 
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{LOGOUT_TIMEOUT, STORE_SHUTDOWN};
@@ -92,38 +93,78 @@ pub fn hint(account: &Account, error: &str) -> Option<String> {
     None
 }
 
-async fn check_mailbox(account: &Account, mailbox: &str) -> Result<String, String> {
+/// The store check: `Ok(what)` or the error.
+async fn check_store(config: crate::config::StoreConfig) -> Result<String, String> {
+    match Store::connect(&config).await {
+        Ok(store) => {
+            store.shutdown(STORE_SHUTDOWN).await;
+            Ok(format!(
+                "database {:?} reachable, indexes in place",
+                config.database
+            ))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One account's checks over ONE connection (providers cap connections per account: Gmail
+/// 15, many 10): login, then EXAMINE of each mailbox in turn. Each verdict is sent as soon as
+/// it is known, tagged with the mailbox's index in `all`.
+async fn check_account(
+    account: Account,
+    mailboxes: Vec<(usize, String)>,
+    tx: mpsc::UnboundedSender<(usize, Result<String, String>)>,
+) {
     let started = Instant::now();
     if account.protocol == Protocol::Pop3 {
         let result = async {
-            let mut s = crate::pop3::Pop3Session::connect(account).await?;
+            let mut s = crate::pop3::Pop3Session::connect(&account).await?;
             let (count, size) = s.stat().await?;
             let uidl = s.listing().await.map(|_| ());
             s.quit().await?;
             uidl.map(|_| (count, size))
         }
-        .await;
-        return result
-            .map(|(count, size)| {
-                format!(
-                    "{count} messages, {size} bytes (POP3, {} ms)",
-                    started.elapsed().as_millis()
-                )
-            })
-            .map_err(|e| e.to_string());
+        .await
+        .map(|(count, size)| {
+            format!(
+                "{count} messages, {size} bytes (POP3, {} ms)",
+                started.elapsed().as_millis()
+            )
+        })
+        .map_err(|e| e.to_string());
+        for (i, _) in &mailboxes {
+            let _ = tx.send((*i, result.clone()));
+        }
+        return;
     }
-    let mut session = Session::connect(account).await.map_err(|e| e.to_string())?;
-    let info = crate::sync::examine(&mut session, mailbox).await;
+    let mut session = match Session::connect(&account).await {
+        Ok(s) => s,
+        Err(e) => {
+            for (i, _) in &mailboxes {
+                let _ = tx.send((*i, Err(e.to_string())));
+            }
+            return;
+        }
+    };
+    for (i, mailbox) in &mailboxes {
+        let result = crate::sync::examine(&mut session, mailbox).await;
+        let _ = tx.send((
+            *i,
+            result
+                .map(|info| {
+                    format!(
+                        "{} messages, uidvalidity {} ({} ms)",
+                        info.exists,
+                        info.uidvalidity,
+                        started.elapsed().as_millis()
+                    )
+                })
+                .map_err(|e| e.to_string()),
+        ));
+    }
     session
         .logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout))
         .await;
-    let info = info.map_err(|e| e.to_string())?;
-    Ok(format!(
-        "{} messages, uidvalidity {} ({} ms)",
-        info.exists,
-        info.uidvalidity,
-        started.elapsed().as_millis()
-    ))
 }
 
 /// Every mailbox of `config` with its account, in config order (POP3 has only INBOX).
@@ -141,27 +182,31 @@ fn mailboxes(config: &Config) -> Vec<(Account, String)> {
     out
 }
 
-/// Runs every check at once; prints each line as it is known. True when all passed.
+/// The store line's index among the verdicts.
+const STORE: usize = usize::MAX;
+
+/// Runs every check at once (one connection per account); prints each line as it is known.
+/// True when all passed.
 pub async fn check(config: &Config, deadline: Duration) -> bool {
     let all = mailboxes(config);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tasks = JoinSet::new();
-    let store_config = config.store.clone();
-    tasks.spawn(async move {
-        let result = match Store::connect(&store_config).await {
-            Ok(store) => {
-                store.shutdown(STORE_SHUTDOWN).await;
-                Ok(format!(
-                    "database {:?} reachable, indexes in place",
-                    store_config.database
-                ))
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        (usize::MAX, result)
-    });
-    for (i, (account, mailbox)) in all.iter().cloned().enumerate() {
-        tasks.spawn(async move { (i, check_mailbox(&account, &mailbox).await) });
+    {
+        let (tx, store) = (tx.clone(), config.store.clone());
+        tasks.spawn(async move {
+            let _ = tx.send((STORE, check_store(store).await));
+        });
     }
+    for account in &config.accounts {
+        let mine: Vec<(usize, String)> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, _))| a.name == account.name)
+            .map(|(i, (_, m))| (i, m.clone()))
+            .collect();
+        tasks.spawn(check_account(account.clone(), mine, tx.clone()));
+    }
+    drop(tx);
     let mut pending: Vec<bool> = vec![true; all.len()];
     let mut store_pending = true;
     let mut all_ok = true;
@@ -169,15 +214,9 @@ pub async fn check(config: &Config, deadline: Duration) -> bool {
     tokio::pin!(timer);
     loop {
         let (i, result) = tokio::select! {
-            joined = tasks.join_next() => match joined {
-                None => break,
-                Some(Ok(done)) => done,
-                Some(Err(e)) => {
-                    // a panic in one check is that check's failure; which one is unknown
-                    println!("✗ internal  a check panicked: {e}");
-                    all_ok = false;
-                    continue;
-                }
+            verdict = rx.recv() => match verdict {
+                Some(v) => v,
+                None => break, // every check has answered
             },
             _ = &mut timer => {
                 tasks.abort_all();
@@ -195,11 +234,14 @@ pub async fn check(config: &Config, deadline: Duration) -> bool {
             }
         };
         all_ok &= result.is_ok();
-        let line = if i == usize::MAX {
+        let line = if i == STORE {
             store_pending = false;
             Line {
                 name: "store".into(),
-                hint: result.is_err().then(|| "check [store] uri (host, port, credentials, authSource) and that MongoDB runs".to_string()),
+                hint: result.is_err().then(|| {
+                    "check [store] uri (host, port, credentials, authSource) and that MongoDB runs"
+                        .to_string()
+                }),
                 result,
             }
         } else {
@@ -213,8 +255,22 @@ pub async fn check(config: &Config, deadline: Duration) -> bool {
         };
         println!("{line}");
     }
-    let failed = !all_ok;
-    tracing::info!(mailboxes = all.len(), ok = !failed, "check_finished");
+    // a check task that panicked sent nothing for its mailboxes (after the deadline every
+    // pending one was already printed)
+    if !timer.is_elapsed() {
+        for (i, (account, mailbox)) in all.iter().enumerate() {
+            if pending[i] {
+                println!(
+                    "✗ {}/{mailbox}  the check itself failed (internal error)",
+                    account.name
+                );
+                all_ok = false;
+            }
+        }
+        all_ok &= !store_pending;
+    }
+    tasks.abort_all();
+    tracing::info!(mailboxes = all.len(), ok = all_ok, "check_finished");
     all_ok
 }
 

@@ -8,16 +8,25 @@
 //! [`crate::store::MailboxSummary::is_failing`]. Failing UIDs (counted but not quarantined) are
 //! shown but fail nothing by themselves: they hold only their own messages back.
 //!
+//! A configured mailbox is also *stale* when its last success is older than `--stale-after`
+//! (default `auto`: three of its account's wake-up periods, 30 min with the defaults; a
+//! running daemon records a success at least once per period): the daemon is not running, or
+//! its task for that mailbox is stuck. Use `--stale-after 2d` when only a daily `sync` runs,
+//! `off` to judge errors only.
+//!
 //! Output: an aligned table, or with `--json` one JSON object per line (JSON Lines: one per
-//! mailbox, for `jq`). Returns false (exit 1) when any mailbox is failing or the database
-//! cannot be read.
+//! mailbox, for `jq`). Returns false (exit 1) when any configured mailbox is failing or stale,
+//! or the database cannot be read.
 
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 
-use crate::config::Config;
+use std::time::Duration;
+
+use crate::config::{Account, Config};
+use crate::mailbox::SUCCESS_EVERY;
 use crate::store::{MailboxSummary, Store};
 
 /// One line of the report.
@@ -26,11 +35,52 @@ struct Row {
     configured: bool,
     summary: MailboxSummary,
     messages: u64,
+    /// No successful pass for longer than the staleness limit: nothing is running for it.
+    stale: bool,
+}
+
+/// How old a mailbox's last success may be before `status` calls it stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleAfter {
+    /// Three of the account's own wake-up periods (`idle_refresh`, or `poll_interval` when
+    /// longer): a running daemon passes over every mailbox at least that often.
+    Auto,
+    Off,
+    After(Duration),
+}
+
+impl std::str::FromStr for StaleAfter {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(StaleAfter::Auto),
+            "off" => Ok(StaleAfter::Off),
+            t => crate::config::parse_duration(t)
+                .filter(|d| !d.is_zero())
+                .map(StaleAfter::After)
+                .ok_or_else(|| format!("{t:?} is not auto, off or a duration such as 2h or 1d")),
+        }
+    }
+}
+
+impl StaleAfter {
+    fn limit(self, account: &Account) -> Option<Duration> {
+        match self {
+            StaleAfter::Auto => {
+                let s = &account.settings;
+                Some(3 * s.idle_refresh.max(s.poll_interval).max(SUCCESS_EVERY))
+            }
+            StaleAfter::Off => None,
+            StaleAfter::After(d) => Some(d),
+        }
+    }
 }
 
 impl Row {
+    /// Counts for the exit code: a configured mailbox that is failing or stale. A mailbox no
+    /// longer configured is shown but judged by nothing (its last state is history).
     fn failing(&self) -> bool {
-        self.summary.is_failing()
+        self.configured && (self.summary.is_failing() || self.stale)
     }
 
     fn to_json(&self) -> serde_json::Value {
@@ -40,6 +90,7 @@ impl Row {
             "mailbox": s.mailbox,
             "configured": self.configured,
             "ok": !self.failing(),
+            "stale": self.stale,
             "state": s.state,
             "uidvalidity": s.uidvalidity,
             "last_uid": s.last_uid,
@@ -69,6 +120,7 @@ fn rows(
         .collect();
     let row = |key: (String, String), configured: bool, by_id: &mut HashMap<_, _>| Row {
         configured,
+        stale: false,
         messages: counts.get(&key).copied().unwrap_or(0),
         summary: by_id.remove(&key).unwrap_or_else(|| MailboxSummary {
             account: key.0.clone(),
@@ -120,7 +172,13 @@ fn table(rows: &[Row]) -> String {
             name.push_str(" (not configured)");
         }
         lines.push([
-            if r.failing() { "FAIL" } else { "ok" }.to_string(),
+            match (r.failing(), r.configured) {
+                (true, _) if r.stale && !s.is_failing() => "STALE",
+                (true, _) => "FAIL",
+                (false, false) => "-",
+                (false, true) => "ok",
+            }
+            .to_string(),
             name,
             s.state.clone().unwrap_or_else(dash),
             s.uidvalidity.map_or_else(dash, |v| v.to_string()),
@@ -133,7 +191,7 @@ fn table(rows: &[Row]) -> String {
         ]);
     }
     let mut widths = [0usize; 10];
-    widths[0] = "FAIL".len();
+    widths[0] = "STALE".len();
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
@@ -157,8 +215,8 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
-/// `mailpump status`: prints the report; true when no mailbox is failing.
-pub async fn status(config: &Config, json: bool) -> bool {
+/// `mailpump status`: prints the report; true when no configured mailbox is failing or stale.
+pub async fn status(config: &Config, json: bool, stale_after: StaleAfter) -> bool {
     let read = async {
         let store = Store::connect_read_only(&config.store).await?;
         let result = async {
@@ -181,7 +239,16 @@ pub async fn status(config: &Config, json: bool) -> bool {
             return false;
         }
     };
-    let rows = rows(config, summaries, &counts);
+    let mut rows = rows(config, summaries, &counts);
+    let now = Utc::now();
+    for r in rows.iter_mut().filter(|r| r.configured) {
+        let account = config.accounts.iter().find(|a| a.name == r.summary.account);
+        let limit = account.and_then(|a| stale_after.limit(a));
+        r.stale = match (limit, r.summary.last_success_at) {
+            (Some(limit), Some(ok)) => (now - ok).to_std().unwrap_or_default() > limit,
+            _ => false, // never synced shows as failing or as nothing yet, not as stale
+        };
+    }
     if json {
         for r in &rows {
             println!("{}", r.to_json());
@@ -199,6 +266,7 @@ mod tests {
     #[test]
     fn the_table_is_aligned_and_marks_failing_and_unconfigured_mailboxes() {
         let ok = Row {
+            stale: false,
             configured: true,
             messages: 12,
             summary: MailboxSummary {
@@ -212,6 +280,7 @@ mod tests {
             },
         };
         let gone = Row {
+            stale: false,
             configured: false,
             messages: 3,
             summary: MailboxSummary {
@@ -225,9 +294,9 @@ mod tests {
         let text = table(&[ok.clone(), gone.clone()]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines[1].starts_with("ok    work/INBOX "), "{text}");
+        assert!(lines[1].starts_with("ok     work/INBOX "), "{text}");
         assert!(
-            lines[2].starts_with("FAIL  old/Archive/2020 (not configured)  error"),
+            lines[2].starts_with("-      old/Archive/2020 (not configured)  error"),
             "{text}"
         );
         assert!(lines[2].ends_with("connection refused"), "{text}");
@@ -241,7 +310,20 @@ mod tests {
         assert!(lines[1].contains("2023-11-14T22:13:20Z"));
         let j = gone.to_json();
         assert_eq!(j["configured"], false);
-        assert_eq!(j["ok"], false);
+        assert_eq!(
+            j["ok"], true,
+            "a mailbox no longer configured fails nothing"
+        );
+        let stale = Row {
+            stale: true,
+            ..ok.clone()
+        };
+        assert!(stale.failing());
+        assert!(table(&[stale])
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("STALE  work/INBOX"));
         assert_eq!(j["messages"], 3);
         assert_eq!(j["last_uid"], serde_json::Value::Null);
     }

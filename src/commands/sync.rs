@@ -53,7 +53,7 @@ async fn record_outcome(
     let write = async {
         match &outcome {
             Ok(()) => store.mark_success(account, mailbox).await,
-            Err(e) => store.set_state(account, mailbox, "error", Some(e)).await,
+            Err(e) => store.record_error(account, mailbox, e).await,
         }
     };
     match tokio::time::timeout(within, write).await {

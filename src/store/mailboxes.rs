@@ -343,6 +343,26 @@ impl Store {
         self.upsert_mailbox(id, set, "state write").await
     }
 
+    /// Records the error of a pass made outside the daemon (`mailpump sync`) without touching
+    /// `state`, which belongs to the daemon's task: `status` weighs it against the next success.
+    pub async fn record_error(
+        &self,
+        account: &str,
+        mailbox: &str,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let now = bson::DateTime::now();
+        let set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "last_error": error,
+            "last_error_at": now,
+            "updated_at": now,
+        };
+        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "error write")
+            .await
+    }
+
     /// Notes that a catch-up pass (or a POP3 poll) of this mailbox just ended well:
     /// `last_success_at`, which `status` weighs `last_error` against.
     pub async fn mark_success(&self, account: &str, mailbox: &str) -> Result<(), StoreError> {

@@ -212,10 +212,14 @@ impl Store {
             .collect())
     }
 
-    /// Messages stored per (account, mailbox), all UIDVALIDITYs: one aggregation.
+    /// Messages stored per (account, mailbox), all UIDVALIDITYs: one aggregation. The sort and
+    /// projection on the unique index's leading fields let MongoDB answer it from the index
+    /// alone (a covered scan): a bare `$group` would read every document, bodies and all.
     pub async fn message_counts(&self) -> Result<HashMap<(String, String), u64>, StoreError> {
         let coll = self.messages.clone();
         let pipeline = vec![
+            doc! {"$sort": {"account": 1, "mailbox": 1}},
+            doc! {"$project": {"_id": 0, "account": 1, "mailbox": 1}},
             doc! {"$group": {"_id": {"account": "$account", "mailbox": "$mailbox"}, "n": {"$sum": 1}}},
         ];
         let docs: Vec<Document> = self

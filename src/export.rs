@@ -196,9 +196,15 @@ fn write_if_changed(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".mailpump-tmp");
-    let tmp = PathBuf::from(tmp);
+    // A name no sanitized file can have (sanitize strips leading dots), unique per write: two
+    // writers of one folder (two mailboxes whose names sanitize alike) never share a temp file,
+    // and an attachment named "x.mailpump-tmp" is never overwritten by the temp file of "x".
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}-{n}.mailpump-tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     report.files_written += 1;

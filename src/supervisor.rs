@@ -55,6 +55,9 @@ struct Supervisor {
     /// writes its predecessor left running.
     scopes: HashMap<Key, Store>,
     tasks: JoinSet<(Key, u64, Exit)>,
+    /// Mailboxes whose task stopped for good (a fatal error): their series and /healthz entry
+    /// stay until a reload removes the mailbox (or restarts it).
+    ended: std::collections::HashSet<Key>,
     generation: u64,
 }
 
@@ -101,6 +104,7 @@ fn desired(config: &Config) -> HashMap<Key, Account> {
 
 impl Supervisor {
     fn start(&mut self, key: Key, account: Account) {
+        self.ended.remove(&key);
         if self.stopping.contains_key(&key) {
             // the old task is still finishing its batch: start when it has ended
             self.waiting.insert(key, account);
@@ -172,6 +176,10 @@ impl Supervisor {
             );
         }
         let want = desired(&new);
+        for key in self.ended.iter().filter(|k| !want.contains_key(*k)) {
+            self.metrics.forget(&key.0, &key.1);
+        }
+        self.ended.retain(|k| want.contains_key(k));
         // a start that waits for its old task follows the newest config, or is dropped
         self.waiting.retain(|key, account| match want.get(key) {
             Some(a) => {
@@ -331,6 +339,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         running: HashMap::new(),
         tasks: JoinSet::new(),
+        ended: Default::default(),
         generation: 0,
     };
     for (key, account) in desired(&config) {
@@ -363,6 +372,7 @@ pub async fn run(
                     if current {
                         sup.running.remove(&key);
                         if let Exit::Fatal(error) = exit {
+                            sup.ended.insert(key.clone());
                             tracing::error!(account = %key.0, mailbox = %key.1, error = %error, "mailbox_task_ended");
                         }
                     }

@@ -91,6 +91,8 @@ import pymongo, datetime
 d = pymongo.MongoClient('mongodb://127.0.0.1:$DB').mailpump.messages.find_one({'subject': 'Delivered while mailpump was running'})
 stored = d['stored_at'].replace(tzinfo=datetime.timezone.utc).timestamp()
 print('uid %d %r stored %d ms after delivery (Dovecot itself announces new mail about 500 ms after delivery)' % (d['uid'], d['subject'], (stored - $T0 / 1e9) * 1000))"
+echo "== mailpump status (from the database only; works wherever the daemon runs)"
+"$BIN" --config "$WORK/mailpump.toml" status
 echo "== SIGTERM: the daemon finishes, logs out and exits 0"
 kill -TERM "$DAEMON_PID"
 wait "$DAEMON_PID"

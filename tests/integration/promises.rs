@@ -234,8 +234,12 @@ async fn a_forty_second_server_wide_refusal_quarantines_nothing_and_loses_nothin
         )],
     );
     let daemon = Daemon::start(&mp);
+    // After an outage the next attempt comes within one backoff delay, and jitter (10% to 100%
+    // of a cap that doubles per failure, up to 300 s) can make that delay long: wait for the
+    // largest one rather than a lucky draw.
+    let max_backoff = mailpump::backoff::BackoffPolicy::default().max;
     eventually(
-        outage + Duration::from_secs(120),
+        outage + max_backoff + Duration::from_secs(60),
         "all 5 stored after the outage",
         || async { db.count("messages", doc! {}).await == 5 },
     )

@@ -538,6 +538,20 @@ fn insert_path(dict: &mut figment::value::Dict, path: &[&str], value: figment::v
 pub enum Secrets {
     Required,
     Skipped,
+    /// `mailpump auth`: the OAuth2 client secrets are read, refresh tokens (which it is about
+    /// to get) and passwords are not, and a missing refresh token is no error.
+    Consent,
+}
+
+impl Secrets {
+    /// What to do with password sources.
+    fn for_passwords(self) -> Secrets {
+        if self == Secrets::Consent {
+            Secrets::Skipped
+        } else {
+            self
+        }
+    }
 }
 
 /// `MAILPUMP_*` variables as a figment provider: `__` between levels, keys lowercased, values of
@@ -851,7 +865,7 @@ fn validate_account(
                     file: raw.password_file,
                     env: raw.password_env,
                 },
-                secrets,
+                secrets.for_passwords(),
             )?
             .ok_or_else(|| {
                 invalid(
@@ -1141,7 +1155,11 @@ fn validate_oauth2(
             file: raw.client_secret_file,
             env: raw.client_secret_env,
         },
-        secrets,
+        if secrets == Secrets::Consent {
+            Secrets::Required
+        } else {
+            secrets
+        },
     )?
     .map(|s| s.secret);
     let refresh = secret_source(
@@ -1152,8 +1170,16 @@ fn validate_oauth2(
             file: raw.refresh_token_file,
             env: raw.refresh_token_env,
         },
-        secrets,
-    )?
+        secrets.for_passwords(),
+    )?;
+    let refresh = match (refresh, secrets) {
+        (Some(r), _) => Some(r),
+        (None, Secrets::Consent) => Some(ReadSecret {
+            secret: Secret::new(""),
+            file: None,
+        }),
+        (None, _) => None,
+    }
     .ok_or_else(|| {
         invalid(
             key("refresh_token"),

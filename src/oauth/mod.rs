@@ -301,7 +301,6 @@ impl Tokens {
         st: &mut State,
     ) -> Result<(Secret, Duration), TokenError> {
         let account = self.account.clone();
-        let url = shown_url(&ep.token_url);
         let refresh_token = st
             .rotated
             .clone()
@@ -313,11 +312,6 @@ impl Tokens {
         .into_iter()
         .flatten()
         .collect();
-        let client = http().map_err(|detail| TokenError::Unreachable {
-            account: account.clone(),
-            url: url.clone(),
-            detail,
-        })?;
         let mut form: Vec<(&str, &str)> = vec![
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose()),
@@ -329,86 +323,9 @@ impl Tokens {
         if let Some(scope) = &ep.scope {
             form.push(("scope", scope.as_str()));
         }
-        let request = client
-            .post(&ep.token_url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .form(&form)
-            .send();
-        let response = match tokio::time::timeout(HTTP_TIMEOUT, request).await {
-            Err(_) => {
-                return Err(TokenError::Timeout {
-                    account,
-                    url,
-                    after: HTTP_TIMEOUT,
-                })
-            }
-            Ok(Err(e)) if e.is_timeout() => {
-                return Err(TokenError::Timeout {
-                    account,
-                    url,
-                    after: HTTP_TIMEOUT,
-                })
-            }
-            Ok(Err(e)) => {
-                let e = e.without_url();
-                return Err(TokenError::Unreachable {
-                    account,
-                    url,
-                    detail: scrub(&error_chain(&e), &secrets),
-                });
-            }
-            Ok(Ok(r)) => r,
-        };
-        let status = response.status().as_u16();
-        let body = match tokio::time::timeout(HTTP_TIMEOUT, response.bytes()).await {
-            Err(_) => {
-                return Err(TokenError::Timeout {
-                    account,
-                    url,
-                    after: HTTP_TIMEOUT,
-                })
-            }
-            Ok(Err(e)) => {
-                return Err(TokenError::Unreachable {
-                    account,
-                    url,
-                    detail: scrub(&error_chain(&e.without_url()), &secrets),
-                })
-            }
-            Ok(Ok(b)) => b,
-        };
-        let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-        let text = |k: &str| {
-            json.as_ref()
-                .and_then(|j| j.get(k))
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        };
-        if !(200..300).contains(&status) {
-            let error = text("error").unwrap_or_default();
-            let detail = text("error_description")
-                .map(|d| format!(": {}", scrub(&d, &secrets)))
-                .unwrap_or_default();
-            return Err(match (status, error.as_str()) {
-                (_, "invalid_grant") => TokenError::InvalidGrant { account, detail },
-                (_, "invalid_client" | "unauthorized_client") => {
-                    TokenError::InvalidClient { account, detail }
-                }
-                (401, "") => TokenError::InvalidClient { account, detail },
-                (429 | 500..=599, _) | (_, "temporarily_unavailable") => TokenError::Unavailable {
-                    account,
-                    url,
-                    status,
-                    detail,
-                },
-                _ => TokenError::Refused {
-                    account,
-                    status,
-                    error: scrub(&error, &secrets),
-                    detail,
-                },
-            });
-        }
+        let json = post_form(&account, &ep.token_url, &form, &secrets).await?;
+        let status = 200;
+        let text = |k: &str| json.get(k).and_then(|v| v.as_str()).map(str::to_string);
         let Some(access) = text("access_token").filter(|t| !t.trim().is_empty()) else {
             return Err(TokenError::BadAnswer {
                 account,
@@ -416,8 +333,7 @@ impl Tokens {
             });
         };
         let lifetime = json
-            .as_ref()
-            .and_then(|j| j.get("expires_in"))
+            .get("expires_in")
             .and_then(|v| v.as_u64().or_else(|| v.as_str()?.trim().parse().ok()))
             .filter(|s| *s > 0)
             .map(Duration::from_secs)
@@ -517,13 +433,161 @@ impl Tokens {
     }
 }
 
+/// POSTs `form` to `token_url`; the JSON of a 2xx answer, or the error the answer means.
+async fn post_form(
+    account: &str,
+    token_url: &str,
+    form: &[(&str, &str)],
+    secrets: &[&str],
+) -> Result<serde_json::Value, TokenError> {
+    let url = shown_url(token_url);
+    let account = account.to_string();
+    let client = http().map_err(|detail| TokenError::Unreachable {
+        account: account.to_string(),
+        url: url.clone(),
+        detail,
+    })?;
+    let request = client
+        .post(token_url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .form(form)
+        .send();
+    let response = match tokio::time::timeout(HTTP_TIMEOUT, request).await {
+        Err(_) => {
+            return Err(TokenError::Timeout {
+                account: account.to_string(),
+                url,
+                after: HTTP_TIMEOUT,
+            })
+        }
+        Ok(Err(e)) if e.is_timeout() => {
+            return Err(TokenError::Timeout {
+                account: account.to_string(),
+                url,
+                after: HTTP_TIMEOUT,
+            })
+        }
+        Ok(Err(e)) => {
+            let e = e.without_url();
+            return Err(TokenError::Unreachable {
+                account: account.to_string(),
+                url,
+                detail: scrub(&error_chain(&e), secrets),
+            });
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status().as_u16();
+    let body = match tokio::time::timeout(HTTP_TIMEOUT, response.bytes()).await {
+        Err(_) => {
+            return Err(TokenError::Timeout {
+                account: account.to_string(),
+                url,
+                after: HTTP_TIMEOUT,
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(TokenError::Unreachable {
+                account: account.to_string(),
+                url,
+                detail: scrub(&error_chain(&e.without_url()), secrets),
+            })
+        }
+        Ok(Ok(b)) => b,
+    };
+    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let text = |k: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    if !(200..300).contains(&status) {
+        let error = text("error").unwrap_or_default();
+        let detail = text("error_description")
+            .map(|d| format!(": {}", scrub(&d, secrets)))
+            .unwrap_or_default();
+        return Err(match (status, error.as_str()) {
+            (_, "invalid_grant") => TokenError::InvalidGrant { account, detail },
+            (_, "invalid_client" | "unauthorized_client") => {
+                TokenError::InvalidClient { account, detail }
+            }
+            (401, "") => TokenError::InvalidClient { account, detail },
+            (429 | 500..=599, _) | (_, "temporarily_unavailable") => TokenError::Unavailable {
+                account: account.to_string(),
+                url,
+                status,
+                detail,
+            },
+            _ => TokenError::Refused {
+                account: account.to_string(),
+                status,
+                error: scrub(&error, secrets),
+                detail,
+            },
+        });
+    }
+    Ok(json.unwrap_or(serde_json::Value::Null))
+}
+
+/// The authorization-code grant with PKCE (`mailpump auth`): the refresh token it yields.
+pub async fn exchange_code(
+    account: &str,
+    ep: &TokenEndpoint,
+    code: &str,
+    redirect_uri: &str,
+    verifier: &str,
+) -> Result<Secret, TokenError> {
+    let mut form: Vec<(&str, &str)> = vec![
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", redirect_uri),
+        ("client_id", ep.client_id.as_str()),
+        ("code_verifier", verifier),
+    ];
+    if let Some(s) = &ep.client_secret {
+        form.push(("client_secret", s.expose()));
+    }
+    let secrets: Vec<&str> = [Some(code), ep.client_secret.as_ref().map(Secret::expose)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let json = post_form(account, &ep.token_url, &form, &secrets).await?;
+    match json.get("refresh_token").and_then(|v| v.as_str()) {
+        Some(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
+        _ => Err(TokenError::BadAnswer {
+            account: account.to_string(),
+            detail: "the answer has no refresh_token (Google: add access_type=offline and prompt=consent; Microsoft: the offline_access scope)".into(),
+        }),
+    }
+}
+
 /// Replaces the refresh token in `path` atomically: a temporary file beside it with the same
 /// mode (and owner, where allowed), synced, renamed over it, the directory synced.
 pub fn write_back(path: &Path, token: &Secret) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(path)?;
-    let mode = meta.permissions().mode() & 0o7777;
+    write_atomically(
+        path,
+        token,
+        meta.permissions().mode() & 0o7777,
+        Some((meta.uid(), meta.gid())),
+    )
+}
+
+/// Writes `token` to `path` (new or replaced) atomically with `mode` (`mailpump auth`).
+pub fn write_secret_file(path: &Path, token: &Secret, mode: u32) -> std::io::Result<()> {
+    write_atomically(path, token, mode, None)
+}
+
+fn write_atomically(
+    path: &Path,
+    token: &Secret,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -546,7 +610,9 @@ pub fn write_back(path: &Path, token: &Secret) -> std::io::Result<()> {
         f.write_all(token.expose().as_bytes())?;
         f.write_all(b"\n")?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-        let _ = std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()));
+        if let Some((uid, gid)) = owner {
+            let _ = std::os::unix::fs::chown(&tmp, Some(uid), Some(gid));
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()

@@ -617,3 +617,79 @@ async fn check_names_each_oauth2_problem() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mailpump_auth_gets_the_first_refresh_token_with_pkce() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let idp = Idp::start(Duration::from_secs(60)).await;
+    let mut dc = Dovecot::start_oauth(&idp);
+    let user = dc.add_user("alice", "unused");
+    dc.deliver(&user, &message("one", "x"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("alice.refresh");
+    let source = vec![
+        format!("token_url = \"{}\"", idp.token_url()),
+        format!("client_id = \"{CLIENT_ID}\""),
+        format!("client_secret = \"{CLIENT_SECRET}\""),
+        format!("refresh_token_file = \"{}\"", file.display()),
+        "scope = \"mail offline_access\"".into(),
+    ];
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(&db, &[account("alice", &dc, &user, IMAP, &source)]);
+    let authorize = format!("{}/authorize", idp.url);
+    let mut cmd = tokio::process::Command::from(mp.command(&[
+        "auth",
+        "alice",
+        "--authorize-url",
+        &authorize,
+    ]));
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(SOON, stdout.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the authorization URL");
+        if line.starts_with(&authorize) {
+            break reqwest::Url::parse(&line).unwrap();
+        }
+    };
+    let param = |k: &str| {
+        url.query_pairs()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(param("client_id"), CLIENT_ID);
+    assert_eq!(param("response_type"), "code");
+    assert_eq!(param("code_challenge_method"), "S256");
+    assert_eq!(param("scope"), "mail offline_access");
+    assert_eq!(param("redirect_uri"), "http://localhost");
+    let code = idp.authorization_code("alice", &param("code_challenge"));
+    let pasted = format!("http://localhost/?code={code}&state={}\n", param("state"));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(pasted.as_bytes()).await.unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    while let Some(line) = stdout.next_line().await.unwrap() {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{rest}{stderr}");
+    assert!(rest.contains("written to"), "{rest}");
+    assert_no_secrets(&idp.secrets(), &(rest + &stderr));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // the token it wrote logs in
+    let run = mp.run_async(&["sync"]).await;
+    check_output(&idp, &run);
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(run.event("mailbox_synced")["stored"], 1);
+}

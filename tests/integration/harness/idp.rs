@@ -40,6 +40,8 @@ struct State {
     /// introspections to answer `active: false` whatever the token (a refused token)
     refuse_next: u32,
     token_log: Vec<TokenRequest>,
+    /// authorization code -> (user, PKCE challenge)
+    codes: HashMap<String, (String, String)>,
     introspections: u32,
     /// every secret handed out, for the no-secret-in-output checks
     issued: Vec<String>,
@@ -104,6 +106,18 @@ impl Idp {
     pub fn access_token(&self, user: &str) -> String {
         let mut st = self.state.lock().unwrap();
         issue_access(&mut st, user)
+    }
+
+    /// An authorization code for `user` bound to the PKCE `challenge` (what the provider's
+    /// consent page would give the browser).
+    pub fn authorization_code(&self, user: &str, challenge: &str) -> String {
+        let mut st = self.state.lock().unwrap();
+        st.counter += 1;
+        let code = format!("code-{}-{}", st.counter, super::unique_id());
+        st.codes
+            .insert(code.clone(), (user.to_string(), challenge.to_string()));
+        st.issued.push(code.clone());
+        code
     }
 
     pub fn set_rotate(&self, on: bool) {
@@ -257,6 +271,8 @@ fn token(st: &mut State, p: &HashMap<String, String>) -> (u16, serde_json::Value
         || p.get("client_secret").map(String::as_str) != Some(CLIENT_SECRET)
     {
         (401, serde_json::json!({"error": "invalid_client"}))
+    } else if p.get("grant_type").map(String::as_str) == Some("authorization_code") {
+        return code_grant(st, p);
     } else if p.get("grant_type").map(String::as_str) != Some("refresh_token") {
         (400, serde_json::json!({"error": "unsupported_grant_type"}))
     } else if user.is_none() || st.revoked.contains(&presented) {
@@ -285,6 +301,38 @@ fn token(st: &mut State, p: &HashMap<String, String>) -> (u16, serde_json::Value
     };
     st.token_log.push(TokenRequest { user, status });
     (status, json)
+}
+
+/// The authorization-code grant: the code once, its PKCE verifier, a redirect_uri.
+fn code_grant(st: &mut State, p: &HashMap<String, String>) -> (u16, serde_json::Value) {
+    use base64::Engine;
+    use sha2::Digest;
+    let code = p.get("code").cloned().unwrap_or_default();
+    let verifier = p.get("code_verifier").cloned().unwrap_or_default();
+    let Some((user, challenge)) = st.codes.remove(&code) else {
+        return (400, serde_json::json!({"error": "invalid_grant"}));
+    };
+    let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    if computed != challenge || p.get("redirect_uri").is_none() {
+        return (
+            400,
+            serde_json::json!({"error": "invalid_grant", "error_description": "PKCE verification failed"}),
+        );
+    }
+    st.counter += 1;
+    let refresh = format!("rt-{user}-{}-{}", st.counter, super::unique_id());
+    st.refresh.insert(refresh.clone(), user.clone());
+    st.issued.push(refresh.clone());
+    let access = issue_access(st, &user);
+    st.token_log.push(TokenRequest {
+        user: Some(user),
+        status: 200,
+    });
+    (
+        200,
+        serde_json::json!({"access_token": access, "refresh_token": refresh, "expires_in": st.lifetime.as_secs(), "token_type": "Bearer"}),
+    )
 }
 
 fn introspect(st: &mut State, p: &HashMap<String, String>) -> (u16, serde_json::Value) {

@@ -170,6 +170,8 @@ struct RawAccount {
     password: Option<RawSecret>,
     password_file: Option<PathBuf>,
     password_env: Option<String>,
+    auth: Option<String>,
+    oauth2: Option<RawOAuth2>,
     mailboxes: Option<Vec<String>>,
     delete_after_store: Option<bool>,
     // per-account overrides of [defaults]
@@ -187,6 +189,24 @@ struct RawAccount {
     quarantine_after: Option<i64>,
     quarantine_min_age: Option<String>,
     quarantine_retry: Option<String>,
+}
+
+/// `[accounts.NAME.oauth2]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth2 {
+    provider: Option<String>,
+    token_url: Option<String>,
+    scope: Option<String>,
+    client_id: Option<RawSecret>,
+    client_secret: Option<RawSecret>,
+    client_secret_file: Option<PathBuf>,
+    client_secret_env: Option<String>,
+    refresh_token: Option<RawSecret>,
+    refresh_token_file: Option<PathBuf>,
+    refresh_token_env: Option<String>,
+    mechanism: Option<String>,
+    access_token_command: Option<Vec<String>>,
 }
 
 /// A username may arrive from env as a number (`MAILPUMP_ACCOUNTS__QQ__USERNAME=123456`).
@@ -375,11 +395,72 @@ pub struct Account {
     pub security: Security,
     pub tls: TlsOptions,
     pub username: String,
+    /// Empty for `auth = "oauth2"` (and when secrets were skipped).
     pub password: Secret,
+    /// `auth = "oauth2"`: how to get access tokens and which mechanism logs in with them.
+    pub oauth2: Option<OAuth2>,
     pub mailboxes: Vec<String>,
     pub delete_after_store: bool,
     pub settings: Settings,
 }
+
+/// Which bearer-token SASL mechanism an OAuth2 account logs in with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// Google's XOAUTH2 (also Microsoft's): the default.
+    XOAuth2,
+    /// RFC 7628 OAUTHBEARER.
+    OAuthBearer,
+}
+
+impl Mechanism {
+    /// The SASL name, as in `AUTH=XOAUTH2` and `AUTHENTICATE XOAUTH2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::XOAuth2 => "XOAUTH2",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
+        }
+    }
+}
+
+/// `[accounts.NAME.oauth2]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuth2 {
+    pub mechanism: Mechanism,
+    pub source: TokenSource,
+}
+
+/// Where access tokens come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSource {
+    /// The refresh-token grant at a token endpoint.
+    Endpoint(TokenEndpoint),
+    /// `access_token_command`: a program (argv, no shell) that prints the token.
+    Command(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Google,
+    Microsoft,
+    Custom,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEndpoint {
+    pub provider: Provider,
+    pub token_url: String,
+    pub scope: Option<String>,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub refresh_token: Secret,
+    /// Where the refresh token was read from, so that a rotated one can be written back.
+    pub refresh_token_file: Option<PathBuf>,
+}
+
+/// The token endpoints of the presets.
+pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+pub const MICROSOFT_TOKEN_URL: &str = "https://login.microsoftonline.com/common/oauth2/v2.0/token";
 
 // ---------------------------------------------------------------------------------------------
 // Loading
@@ -399,6 +480,18 @@ const STRING_KEYS: &[&str] = &[
     "password",
     "password_file",
     "password_env",
+    "auth",
+    "provider",
+    "token_url",
+    "scope",
+    "client_id",
+    "client_secret",
+    "client_secret_file",
+    "client_secret_env",
+    "refresh_token",
+    "refresh_token_file",
+    "refresh_token_env",
+    "mechanism",
     "ca_file",
     "protocol",
     "security",
@@ -445,6 +538,20 @@ fn insert_path(dict: &mut figment::value::Dict, path: &[&str], value: figment::v
 pub enum Secrets {
     Required,
     Skipped,
+    /// `mailpump auth`: the OAuth2 client secrets are read, refresh tokens (which it is about
+    /// to get) and passwords are not, and a missing refresh token is no error.
+    Consent,
+}
+
+impl Secrets {
+    /// What to do with password sources.
+    fn for_passwords(self) -> Secrets {
+        if self == Secrets::Consent {
+            Secrets::Skipped
+        } else {
+            self
+        }
+    }
 }
 
 /// `MAILPUMP_*` variables as a figment provider: `__` between levels, keys lowercased, values of
@@ -741,60 +848,57 @@ fn validate_account(
         _ => return Err(invalid(key("username"), "missing")),
     };
 
-    let password = match (raw.password, raw.password_file, raw.password_env) {
-        (None, None, None) => {
+    let auth = raw.auth.as_deref().unwrap_or("password");
+    let (password, oauth2) = match auth {
+        "password" => {
+            if raw.oauth2.is_some() {
+                return Err(invalid(
+                    key("oauth2"),
+                    "set auth = \"oauth2\" to log in with it (auth is \"password\")",
+                ));
+            }
+            let password = secret_source(
+                &key("password"),
+                "password",
+                SecretSources {
+                    inline: raw.password,
+                    file: raw.password_file,
+                    env: raw.password_env,
+                },
+                secrets.for_passwords(),
+            )?
+            .ok_or_else(|| {
+                invalid(
+                    key("password"),
+                    "missing: set one of password, password_file or password_env",
+                )
+            })?;
+            (password.secret, None)
+        }
+        "oauth2" => {
+            if raw.password.is_some() || raw.password_file.is_some() || raw.password_env.is_some() {
+                return Err(invalid(
+                    key("password"),
+                    "not used with auth = \"oauth2\": leave password, password_file and password_env out",
+                ));
+            }
+            let Some(o) = raw.oauth2 else {
+                return Err(invalid(
+                    key("oauth2"),
+                    format!("missing: auth = \"oauth2\" needs an [accounts.{name}.oauth2] table"),
+                ));
+            };
+            (
+                Secret::new(""),
+                Some(validate_oauth2(&key("oauth2"), o, protocol, secrets)?),
+            )
+        }
+        other => {
             return Err(invalid(
-                key("password"),
-                "missing: set one of password, password_file or password_env",
+                key("auth"),
+                format!("{other:?} is not \"password\" or \"oauth2\""),
             ))
         }
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-            return Err(invalid(
-                key("password"),
-                "set only one of password, password_file or password_env",
-            ))
-        }
-        _ if secrets == Secrets::Skipped => Secret::new(""),
-        (Some(p), None, None) => {
-            let p = Secret::from(p);
-            if p.expose().is_empty() {
-                return Err(invalid(key("password"), "empty"));
-            }
-            p
-        }
-        (None, Some(file), None) => match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                let text = text.trim_end_matches(['\r', '\n']);
-                if text.is_empty() {
-                    return Err(invalid(
-                        key("password_file"),
-                        format!("{} is empty", file.display()),
-                    ));
-                }
-                Secret(text.to_string())
-            }
-            Err(e) => {
-                return Err(invalid(
-                    key("password_file"),
-                    format!("cannot read {}: {e}", file.display()),
-                ))
-            }
-        },
-        (None, None, Some(var)) => match std::env::var(&var) {
-            Ok(value) if !value.is_empty() => Secret(value),
-            Ok(_) => {
-                return Err(invalid(
-                    key("password_env"),
-                    format!("environment variable {var} is empty"),
-                ))
-            }
-            Err(_) => {
-                return Err(invalid(
-                    key("password_env"),
-                    format!("environment variable {var} is not set"),
-                ))
-            }
-        },
     };
 
     let mailboxes = match (protocol, raw.mailboxes) {
@@ -845,9 +949,254 @@ fn validate_account(
         },
         username,
         password,
+        oauth2,
         mailboxes,
         delete_after_store,
         settings,
+    })
+}
+
+/// One secret's three possible sources (`NAME`, `NAME_file`, `NAME_env`).
+struct SecretSources {
+    inline: Option<RawSecret>,
+    file: Option<PathBuf>,
+    env: Option<String>,
+}
+
+/// A secret read from its one source, with where it came from.
+struct ReadSecret {
+    secret: Secret,
+    file: Option<PathBuf>,
+}
+
+/// Reads the one source of secret `base` (`password`, `client_secret`, ...) whose keys sit
+/// under `key`'s parent; `None` when none is set. With [`Secrets::Skipped`] nothing is read and
+/// the secret is empty.
+fn secret_source(
+    key: &str,
+    base: &str,
+    sources: SecretSources,
+    secrets: Secrets,
+) -> Result<Option<ReadSecret>, ConfigError> {
+    let sibling = |suffix: &str| format!("{key}{suffix}");
+    let SecretSources { inline, file, env } = sources;
+    let file_kept = file.clone();
+    let secret = match (inline, file, env) {
+        (None, None, None) => return Ok(None),
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err(invalid(
+                key,
+                format!("set only one of {base}, {base}_file or {base}_env"),
+            ))
+        }
+        _ if secrets == Secrets::Skipped => Secret::new(""),
+        (Some(p), None, None) => {
+            let p = Secret::from(p);
+            if p.expose().is_empty() {
+                return Err(invalid(key, "empty"));
+            }
+            p
+        }
+        (None, Some(file), None) => match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let text = text.trim_end_matches(['\r', '\n']);
+                if text.is_empty() {
+                    return Err(invalid(
+                        sibling("_file"),
+                        format!("{} is empty", file.display()),
+                    ));
+                }
+                Secret(text.to_string())
+            }
+            Err(e) => {
+                return Err(invalid(
+                    sibling("_file"),
+                    format!("cannot read {}: {e}", file.display()),
+                ))
+            }
+        },
+        (None, None, Some(var)) => match std::env::var(&var) {
+            Ok(value) if !value.is_empty() => Secret(value),
+            Ok(_) => {
+                return Err(invalid(
+                    sibling("_env"),
+                    format!("environment variable {var} is empty"),
+                ))
+            }
+            Err(_) => {
+                return Err(invalid(
+                    sibling("_env"),
+                    format!("environment variable {var} is not set"),
+                ))
+            }
+        },
+    };
+    Ok(Some(ReadSecret {
+        secret,
+        file: file_kept,
+    }))
+}
+
+/// Whether `url` may carry secrets: https, or http to this machine only.
+fn token_url_ok(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.is_empty() => h,
+        _ => host,
+    };
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+}
+
+fn validate_oauth2(
+    prefix: &str,
+    raw: RawOAuth2,
+    protocol: Protocol,
+    secrets: Secrets,
+) -> Result<OAuth2, ConfigError> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let mechanism = match raw.mechanism.as_deref().unwrap_or("xoauth2") {
+        "xoauth2" => Mechanism::XOAuth2,
+        "oauthbearer" => Mechanism::OAuthBearer,
+        other => {
+            return Err(invalid(
+                key("mechanism"),
+                format!("{other:?} is not xoauth2 or oauthbearer"),
+            ))
+        }
+    };
+    let client_secret_set = raw.client_secret.is_some()
+        || raw.client_secret_file.is_some()
+        || raw.client_secret_env.is_some();
+    let refresh_token_set = raw.refresh_token.is_some()
+        || raw.refresh_token_file.is_some()
+        || raw.refresh_token_env.is_some();
+    if let Some(argv) = raw.access_token_command {
+        let endpoint_keys = [
+            ("provider", raw.provider.is_some()),
+            ("token_url", raw.token_url.is_some()),
+            ("scope", raw.scope.is_some()),
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", client_secret_set),
+            ("refresh_token", refresh_token_set),
+        ];
+        if let Some((name, _)) = endpoint_keys.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                key(name),
+                "not used with access_token_command (the command gets the token itself): leave one of them out",
+            ));
+        }
+        if argv.first().is_none_or(|p| p.trim().is_empty()) {
+            return Err(invalid(
+                key("access_token_command"),
+                "must name a program: [\"/path/to/helper\", \"arg\", ...]",
+            ));
+        }
+        return Ok(OAuth2 {
+            mechanism,
+            source: TokenSource::Command(argv),
+        });
+    }
+    let provider = match raw.provider.as_deref().unwrap_or("custom") {
+        "google" => Provider::Google,
+        "microsoft" => Provider::Microsoft,
+        "custom" => Provider::Custom,
+        other => {
+            return Err(invalid(
+                key("provider"),
+                format!("{other:?} is not google, microsoft or custom"),
+            ))
+        }
+    };
+    let token_url = match (raw.token_url, provider) {
+        (Some(url), _) => url,
+        (None, Provider::Google) => GOOGLE_TOKEN_URL.to_string(),
+        (None, Provider::Microsoft) => MICROSOFT_TOKEN_URL.to_string(),
+        (None, Provider::Custom) => {
+            return Err(invalid(
+                key("token_url"),
+                "missing: required with provider = \"custom\" (or set provider = \"google\" / \"microsoft\", or access_token_command)",
+            ))
+        }
+    };
+    if !token_url_ok(&token_url) {
+        return Err(invalid(
+            key("token_url"),
+            format!("{token_url:?} must be an https:// URL (http:// only to 127.0.0.1/localhost)"),
+        ));
+    }
+    let scope = match (raw.scope, provider) {
+        (Some(s), _) if s.trim().is_empty() => None,
+        (Some(s), _) => Some(s),
+        (None, Provider::Google) => Some("https://mail.google.com/".to_string()),
+        (None, Provider::Microsoft) => Some(
+            match protocol {
+                Protocol::Imap => "https://outlook.office.com/IMAP.AccessAsUser.All offline_access",
+                Protocol::Pop3 => "https://outlook.office.com/POP.AccessAsUser.All offline_access",
+            }
+            .to_string(),
+        ),
+        (None, Provider::Custom) => None,
+    };
+    let client_id = match raw.client_id.map(Secret::from) {
+        Some(id) if !id.expose().trim().is_empty() => id.expose().to_string(),
+        _ => return Err(invalid(key("client_id"), "missing")),
+    };
+    let client_secret = secret_source(
+        &key("client_secret"),
+        "client_secret",
+        SecretSources {
+            inline: raw.client_secret,
+            file: raw.client_secret_file,
+            env: raw.client_secret_env,
+        },
+        if secrets == Secrets::Consent {
+            Secrets::Required
+        } else {
+            secrets
+        },
+    )?
+    .map(|s| s.secret);
+    let refresh = secret_source(
+        &key("refresh_token"),
+        "refresh_token",
+        SecretSources {
+            inline: raw.refresh_token,
+            file: raw.refresh_token_file,
+            env: raw.refresh_token_env,
+        },
+        secrets.for_passwords(),
+    )?;
+    let refresh = match (refresh, secrets) {
+        (Some(r), _) => Some(r),
+        (None, Secrets::Consent) => Some(ReadSecret {
+            secret: Secret::new(""),
+            file: None,
+        }),
+        (None, _) => None,
+    }
+    .ok_or_else(|| {
+        invalid(
+            key("refresh_token"),
+            "missing: set one of refresh_token, refresh_token_file or refresh_token_env (or access_token_command); README, OAuth2, tells how to get one",
+        )
+    })?;
+    Ok(OAuth2 {
+        mechanism,
+        source: TokenSource::Endpoint(TokenEndpoint {
+            provider,
+            token_url,
+            scope,
+            client_id,
+            client_secret,
+            refresh_token: refresh.secret,
+            refresh_token_file: refresh.file,
+        }),
     })
 }
 
@@ -1246,6 +1595,177 @@ mod tests {
         assert_eq!(c.accounts[0].settings.quarantine_min_age, Duration::ZERO);
         let e = err(&format!("{MINIMAL}\nquarantine_after = 0\n"));
         assert!(e.contains("accounts.work.quarantine_after"), "{e}");
+    }
+
+    const OAUTH: &str = r#"
+        [store]
+        uri = "mongodb://127.0.0.1:27017"
+        [accounts.gmail]
+        host = "imap.gmail.com"
+        username = "me@gmail.com"
+        auth = "oauth2"
+        [accounts.gmail.oauth2]
+        provider = "google"
+        client_id = "id.apps.googleusercontent.com"
+        client_secret = "csecret"
+        refresh_token = "1//rtoken"
+    "#;
+
+    #[test]
+    fn oauth2_google_preset() {
+        let c = from_toml_str(OAUTH).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.password.expose(), "");
+        let o = a.oauth2.as_ref().unwrap();
+        assert_eq!(o.mechanism, Mechanism::XOAuth2);
+        let TokenSource::Endpoint(ep) = &o.source else {
+            panic!("endpoint expected")
+        };
+        assert_eq!(ep.provider, Provider::Google);
+        assert_eq!(ep.token_url, GOOGLE_TOKEN_URL);
+        assert_eq!(ep.scope.as_deref(), Some("https://mail.google.com/"));
+        assert_eq!(ep.client_secret.as_ref().unwrap().expose(), "csecret");
+        assert_eq!(ep.refresh_token.expose(), "1//rtoken");
+        assert!(ep.refresh_token_file.is_none());
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("csecret") && !shown.contains("rtoken"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn oauth2_microsoft_scope_follows_the_protocol() {
+        let text = OAUTH
+            .replace("\"google\"", "\"microsoft\"\nmechanism = \"oauthbearer\"")
+            .replace("username =", "protocol = \"pop3\"\nusername =");
+        let c = from_toml_str(&text).unwrap();
+        let o = c.accounts[0].oauth2.as_ref().unwrap();
+        assert_eq!(o.mechanism, Mechanism::OAuthBearer);
+        let TokenSource::Endpoint(ep) = &o.source else {
+            panic!()
+        };
+        assert_eq!(ep.token_url, MICROSOFT_TOKEN_URL);
+        assert_eq!(
+            ep.scope.as_deref(),
+            Some("https://outlook.office.com/POP.AccessAsUser.All offline_access")
+        );
+    }
+
+    #[test]
+    fn oauth2_errors_name_their_keys() {
+        let e = err(&OAUTH.replace("provider = \"google\"", ""));
+        assert!(e.contains("accounts.gmail.oauth2.token_url"), "{e}");
+        let e = err(&OAUTH.replace(
+            "provider = \"google\"",
+            "token_url = \"http://idp.example.com/t\"",
+        ));
+        assert!(
+            e.contains("accounts.gmail.oauth2.token_url") && e.contains("https"),
+            "{e}"
+        );
+        let e = err(&OAUTH.replace("client_id = \"id.apps.googleusercontent.com\"", ""));
+        assert!(e.contains("accounts.gmail.oauth2.client_id"), "{e}");
+        let e = err(&OAUTH.replace("refresh_token = \"1//rtoken\"", ""));
+        assert!(
+            e.contains("accounts.gmail.oauth2.refresh_token") && e.contains("missing"),
+            "{e}"
+        );
+        let e = err(&format!("{OAUTH}\nrefresh_token_env = \"X\"\n"));
+        assert!(
+            e.contains("accounts.gmail.oauth2.refresh_token") && e.contains("only one"),
+            "{e}"
+        );
+        let e = err(&OAUTH.replace("provider = \"google\"", "provider = \"yahoo\""));
+        assert!(e.contains("accounts.gmail.oauth2.provider"), "{e}");
+        let e = err(&format!("{OAUTH}\nmechanism = \"plain\"\n"));
+        assert!(e.contains("accounts.gmail.oauth2.mechanism"), "{e}");
+        let e = err(&format!("{OAUTH}\nfoo = 1\n"));
+        assert!(
+            e.contains("accounts.gmail.oauth2") && e.contains("foo"),
+            "{e}"
+        );
+        let e = err(&OAUTH.replace("auth = \"oauth2\"", "auth = \"kerberos\""));
+        assert!(e.contains("accounts.gmail.auth"), "{e}");
+        let e = err(&OAUTH.replace("auth = \"oauth2\"", "auth = \"oauth2\"\npassword = \"pw\""));
+        assert!(
+            e.contains("accounts.gmail.password") && e.contains("oauth2"),
+            "{e}"
+        );
+        let e = err(&OAUTH.replace("auth = \"oauth2\"", ""));
+        assert!(
+            e.contains("accounts.gmail.oauth2") && e.contains("auth"),
+            "{e}"
+        );
+        let e = err(OAUTH.split("[accounts.gmail.oauth2]").next().unwrap());
+        assert!(
+            e.contains("accounts.gmail.oauth2") && e.contains("missing"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{OAUTH}\naccess_token_command = [\"/bin/helper\"]\n"
+        ));
+        assert!(e.contains("access_token_command"), "{e}");
+        let e = err(&OAUTH.replace(
+            "refresh_token = \"1//rtoken\"",
+            "refresh_token_file = \"/nonexistent/rt\"",
+        ));
+        assert!(
+            e.contains("accounts.gmail.oauth2.refresh_token_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn oauth2_token_command_and_files() {
+        let c = from_toml_str(&format!(
+            "{}\n[accounts.gmail.oauth2]\naccess_token_command = [\"/usr/local/bin/helper\", \"gmail\"]\n",
+            OAUTH.split("[accounts.gmail.oauth2]").next().unwrap()
+        ))
+        .unwrap();
+        assert_eq!(
+            c.accounts[0].oauth2.as_ref().unwrap().source,
+            TokenSource::Command(vec!["/usr/local/bin/helper".into(), "gmail".into()])
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let rt = dir.path().join("rt");
+        std::fs::write(&rt, "from-file\n").unwrap();
+        let c = from_toml_str(&OAUTH.replace(
+            "refresh_token = \"1//rtoken\"",
+            &format!(
+                "refresh_token_file = \"{}\"\ntoken_url = \"http://127.0.0.1:8080/token\"",
+                rt.display()
+            ),
+        ))
+        .unwrap();
+        let TokenSource::Endpoint(ep) = &c.accounts[0].oauth2.as_ref().unwrap().source else {
+            panic!()
+        };
+        assert_eq!(ep.refresh_token.expose(), "from-file");
+        assert_eq!(ep.refresh_token_file.as_deref(), Some(rt.as_path()));
+        assert_eq!(ep.token_url, "http://127.0.0.1:8080/token");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
+    fn oauth2_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, OAUTH).unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MAILPUMP_ACCOUNTS__GMAIL__OAUTH2__REFRESH_TOKEN", "0123");
+            jail.set_env("MAILPUMP_ACCOUNTS__GMAIL__OAUTH2__CLIENT_ID", "42");
+            jail.set_env("MAILPUMP_ACCOUNTS__GMAIL__OAUTH2__MECHANISM", "oauthbearer");
+            let c = load(&path).map_err(|e| e.to_string())?;
+            let o = c.accounts[0].oauth2.as_ref().unwrap();
+            assert_eq!(o.mechanism, Mechanism::OAuthBearer);
+            let TokenSource::Endpoint(ep) = &o.source else {
+                panic!()
+            };
+            assert_eq!(ep.refresh_token.expose(), "0123");
+            assert_eq!(ep.client_id, "42");
+            Ok(())
+        });
     }
 
     #[test]

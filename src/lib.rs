@@ -12,6 +12,7 @@
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing) and its poll (`pop3::pass`).
 //! - [`pipeline`]: fetch -> parse -> store for both protocols, fed by a `Source` and a `Commit`.
 //! - [`imap`]: the only async-imap user: STARTTLS prologue, checked commands, IDLE.
+//! - [`oauth`]: OAuth2 access tokens (refresh grant, token command, one cache per account) and SASL.
 //! - [`net`]: TCP with keepalive, TLS, the STARTTLS/STLS upgrade, deadlines, `NetError`.
 //! - [`parse`]: raw bytes -> [`parse::ParsedMessage`]; pure, panic-isolated.
 //! - [`store`]: the only mongodb user: messages, blobs, mailboxes, the UIDL map, reads.
@@ -39,6 +40,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod net;
 pub mod notify;
+pub mod oauth;
 pub mod parse;
 pub mod pipeline;
 pub mod pop3;

@@ -88,6 +88,21 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = duration)]
         deadline: Duration,
     },
+    /// Get the first refresh token of an OAuth2 account (authorization code with PKCE) and
+    /// write it to a file with mode 0600
+    Auth {
+        /// The account (auth = "oauth2", with client_id and a token endpoint)
+        account: String,
+        /// Where to write the refresh token (default: the account's refresh_token_file)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The authorization endpoint (default: the provider's; required for custom)
+        #[arg(long)]
+        authorize_url: Option<String>,
+        /// The redirect URI registered for the client
+        #[arg(long, default_value = "http://localhost")]
+        redirect_uri: String,
+    },
     /// Ask the running daemon's /healthz (at [metrics] listen); exit 0 on 200: for health checks
     Health,
 }
@@ -115,11 +130,14 @@ fn main() -> ExitCode {
         | Command::Check {
             config_only: true, ..
         } => config::Secrets::Skipped,
+        Command::Auth { .. } => config::Secrets::Consent,
         _ => config::Secrets::Required,
     };
     // check, status and health print a report on stdout: their logs go to stderr
     let log_to = match &cli.command {
-        Command::Check { .. } | Command::Status { .. } | Command::Health => LogTo::Stderr,
+        Command::Check { .. } | Command::Status { .. } | Command::Health | Command::Auth { .. } => {
+            LogTo::Stderr
+        }
         _ => LogTo::Stdout,
     };
     let log_format = cli.log_format.resolve(log_to);
@@ -176,6 +194,20 @@ fn main() -> ExitCode {
             }
             Command::Run => commands::run::run(&path, config).await,
             Command::Health => commands::health::health(&config).await,
+            Command::Auth {
+                account,
+                out,
+                authorize_url,
+                redirect_uri,
+            } => {
+                let options = commands::auth::AuthOptions {
+                    account,
+                    out,
+                    authorize_url,
+                    redirect_uri,
+                };
+                commands::auth::auth(&config, options).await
+            }
             Command::Export {
                 account,
                 mailbox,

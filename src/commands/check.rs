@@ -47,6 +47,9 @@ pub fn hint(account: &Account, error: &str) -> Option<String> {
     let host = account.host.to_ascii_lowercase();
     let endpoint = format!("{}:{}", account.host, account.port);
     let is = |suffixes: &[&str]| suffixes.iter().any(|s| host.ends_with(s));
+    if let Some(h) = oauth_hint(account, &e) {
+        return Some(h);
+    }
     if e.contains("unsafe login") {
         return Some("NetEase (163/126/yeah.net) refuses SELECT from clients it does not know: switch IMAP on in the web settings (设置 → POP3/SMTP/IMAP), log in with the client authorization code (客户端授权码); mailpump sends the IMAP ID it asks for".into());
     }
@@ -89,6 +92,41 @@ pub fn hint(account: &Account, error: &str) -> Option<String> {
             || e.contains("unknown"))
     {
         return Some(format!("no such folder on the server: check `mailboxes` of [accounts.{}] (names are case-sensitive except INBOX)", account.name));
+    }
+    None
+}
+
+/// How to fix an OAuth2 failure (`e` lower-cased), for `auth = "oauth2"` accounts.
+fn oauth_hint(account: &Account, e: &str) -> Option<String> {
+    let oauth = account.oauth2.as_ref()?;
+    let name = &account.name;
+    let token_url = match &oauth.source {
+        crate::config::TokenSource::Endpoint(ep) => ep.token_url.as_str(),
+        crate::config::TokenSource::Command(_) => "",
+    };
+    if e.contains("invalid_grant") {
+        return Some(format!("the refresh token is no longer valid (consent revoked or expired; Google expires it after 7 days while the app is in \"Testing\", and on a password change): get a new refresh token as the README's OAuth2 section shows and put it where refresh_token / refresh_token_file / refresh_token_env of [accounts.{name}.oauth2] points"));
+    }
+    if e.contains("invalid_client") {
+        return Some(format!("the token endpoint does not accept this client: check client_id and client_secret of [accounts.{name}.oauth2] (Google: the OAuth client ID of type \"Desktop app\" and its secret; Microsoft: the Application (client) ID, with \"Allow public client flows\" on when there is no secret)"));
+    }
+    if e.contains("token endpoint") && (e.contains("unreachable") || e.contains("did not answer")) {
+        return Some(format!("could not reach the token endpoint {token_url}: check token_url (or provider), DNS, the firewall, and HTTPS_PROXY if this machine needs a proxy"));
+    }
+    if e.contains("token endpoint") && e.contains("temporarily unavailable") {
+        return Some("the token endpoint has trouble of its own (HTTP 5xx or 429): the daemon retries by itself".into());
+    }
+    if e.contains("token endpoint refused the refresh") {
+        return Some(format!("the token endpoint refused the request: check scope and the app registration of [accounts.{name}.oauth2]"));
+    }
+    if e.contains("refused again after a refresh") || e.contains("login rejected") {
+        return Some(format!("the mail server refused the access token: check that `username` of [accounts.{name}] is the account that gave consent, the scope (Gmail https://mail.google.com/; Microsoft https://outlook.office.com/IMAP.AccessAsUser.All or POP.AccessAsUser.All, with offline_access) and that IMAP/POP is switched on for the mailbox (Microsoft 365: the admin center's \"Mail apps\")"));
+    }
+    if e.contains("does not offer auth=") || e.contains("does not offer sasl") {
+        return Some(format!("the server offers no {} login here: try mechanism = \"xoauth2\" or \"oauthbearer\", or check host and port", oauth.mechanism.name()));
+    }
+    if e.contains("access_token_command") {
+        return Some("run the access_token_command by hand as the user mailpump runs as: it must print the access token alone on stdout and exit 0 within 30 s".into());
     }
     None
 }

@@ -1,4 +1,4 @@
-//! The commands, one module each: `run` (the daemon), `sync`, `check`, `export`, `status`,
+//! The commands, one module each: `run` (the daemon), `sync`, `check`, `export`, `status`, `auth`,
 //! `health`.
 //! `main` parses the command line, loads the config and calls one of them; each returns true
 //! on success (exit 0) and false on failure (exit 1).
@@ -9,6 +9,7 @@ use crate::budget::Budget;
 use crate::config::Config;
 use crate::parse::Limits;
 
+pub mod auth;
 pub mod check;
 pub mod export;
 pub mod health;

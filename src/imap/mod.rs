@@ -24,6 +24,14 @@ pub enum ImapError {
     Net(#[from] NetError),
     #[error("server does not offer STARTTLS: refusing to continue in plain text (security = \"starttls\")")]
     NoStartTls,
+    #[error("the server does not offer AUTH={mechanism} (it offers: {offered}): set mechanism in [oauth2] to one it offers, or check host and port")]
+    MechanismNotOffered {
+        mechanism: &'static str,
+        offered: String,
+    },
+    /// No OAuth2 access token (token endpoint, token command).
+    #[error(transparent)]
+    OAuth(#[from] crate::oauth::TokenError),
     #[error("login rejected for {user}: {text}{hint}")]
     AuthRejected {
         user: String,
@@ -75,6 +83,8 @@ impl ImapError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ImapError::Net(e) => e.class(),
+            ImapError::OAuth(e) => e.class(),
+            ImapError::MechanismNotOffered { .. } => ErrorClass::RetryLater,
             ImapError::AuthRejected { .. } | ImapError::NoStartTls => ErrorClass::RetryLater,
             _ => ErrorClass::Retry,
         }

@@ -173,6 +173,258 @@ fn parse_internal_date(s: &str) -> Option<DateTime<FixedOffset>> {
     DateTime::parse_from_str(s.trim(), "%d-%b-%Y %H:%M:%S %z").ok()
 }
 
+type Client = async_imap::Client<Stream>;
+type Inner = async_imap::Session<Stream>;
+
+/// LOGIN, or AUTHENTICATE PLAIN for 8-bit credentials.
+async fn password_login(client: Client, account: &Account) -> Result<Inner, ImapError> {
+    let timeout = account.settings.command_timeout;
+    let user = account.username.as_str();
+    let password = account.password.expose();
+    let plain_login_ok =
+        user.is_ascii() && password.is_ascii() && !password.contains(['\r', '\n', '\0']);
+    let login = async {
+        if plain_login_ok {
+            client.login(user, password).await
+        } else {
+            // LOGIN's quoted strings cannot carry 8-bit text: RFC 4616 PLAIN sends UTF-8.
+            client
+                .authenticate("PLAIN", PlainAuth { user, password })
+                .await
+        }
+    };
+    match tokio::time::timeout(timeout, login).await {
+        Err(_) => Err(NetError::Timeout {
+            what: "the login reply".into(),
+            after: timeout,
+        }
+        .into()),
+        Ok(Ok(session)) => Ok(session),
+        Ok(Err((async_imap::error::Error::No(text), _)))
+        | Ok(Err((async_imap::error::Error::Bad(text), _))) => Err(ImapError::AuthRejected {
+            user: user.to_string(),
+            text: clean_status_text(&text),
+            hint: login_hint(&account.host),
+        }),
+        Ok(Err((e, _))) => Err(map_async_imap(e)),
+    }
+}
+
+/// The hint on an OAuth2 login the server refused twice.
+const OAUTH_REFUSED_HINT: &str = " (the server refused the OAuth2 access token even after a refresh: check that `username` is the account that gave consent, the scope (Gmail https://mail.google.com/, Microsoft IMAP.AccessAsUser.All / POP.AccessAsUser.All) and that IMAP/POP is enabled for the mailbox)";
+
+/// The SASL exchange of XOAUTH2 / OAUTHBEARER: the initial response (when not sent with the
+/// command, SASL-IR), then an empty answer to the server's error challenge, which it follows
+/// with its tagged NO.
+struct BearerAuth<'a> {
+    initial: Option<Vec<u8>>,
+    challenge: &'a mut Option<Vec<u8>>,
+}
+
+impl async_imap::Authenticator for BearerAuth<'_> {
+    type Response = Vec<u8>;
+    fn process(&mut self, challenge: &[u8]) -> Vec<u8> {
+        if let Some(initial) = self.initial.take() {
+            return initial;
+        }
+        *self.challenge = Some(challenge.to_vec());
+        Vec::new()
+    }
+}
+
+/// How one AUTHENTICATE with a bearer token ended.
+enum BearerOutcome {
+    LoggedIn(Inner),
+    /// The server refused the token (error challenge and NO): refresh and try again.
+    Refused {
+        client: Client,
+        why: String,
+    },
+}
+
+/// The capability name of an IMAP capability.
+fn capability_name(c: &imap_proto::Capability<'_>) -> String {
+    match c {
+        imap_proto::Capability::Imap4rev1 => "IMAP4REV1".to_string(),
+        imap_proto::Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+        imap_proto::Capability::Atom(a) => a.to_ascii_uppercase(),
+    }
+}
+
+/// CAPABILITY before login, by hand (async-imap's Client has no checked version of it).
+async fn pre_auth_capabilities(
+    client: &mut Client,
+    timeout: Duration,
+) -> Result<HashSet<String>, ImapError> {
+    // async-imap's Client keeps its tagged run_command to itself: write the command under a
+    // tag of our own (its own tags are A0001...; nothing of its is pending before login).
+    const TAG: &str = "MPCAP";
+    let write = async {
+        use tokio::io::AsyncWriteExt;
+        let w = client.get_mut();
+        w.write_all(format!("{TAG} CAPABILITY\r\n").as_bytes())
+            .await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Err(_) => {
+            return Err(NetError::Timeout {
+                what: "sending CAPABILITY".into(),
+                after: timeout,
+            }
+            .into())
+        }
+        Ok(Err(e)) => return Err(NetError::Io(e).into()),
+        Ok(Ok(())) => {}
+    }
+    let mut caps = HashSet::new();
+    loop {
+        let response = next_response!(client.read_response(), timeout, "the reply to CAPABILITY");
+        match response.parsed() {
+            Response::Capabilities(list) => caps.extend(list.iter().map(capability_name)),
+            Response::Done {
+                tag: t,
+                status,
+                outcome,
+            } if t.0 == TAG => {
+                return match status {
+                    Status::Ok => Ok(caps),
+                    other => Err(rejected(
+                        "CAPABILITY",
+                        other,
+                        outcome.information.as_deref(),
+                        "",
+                    )),
+                }
+            }
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => return Err(bye(outcome.information.as_deref())),
+            _ => {}
+        }
+    }
+}
+
+/// One AUTHENTICATE with `token`.
+async fn bearer_attempt(
+    client: Client,
+    account: &Account,
+    mechanism: crate::config::Mechanism,
+    token: &crate::oauth::AccessToken,
+    sasl_ir: bool,
+) -> Result<BearerOutcome, ImapError> {
+    use crate::oauth::sasl;
+    let timeout = account.settings.command_timeout;
+    let user = account.username.as_str();
+    let mut challenge = None;
+    let (command, initial) = if sasl_ir {
+        let encoded = sasl::encoded_initial_response(
+            mechanism,
+            user,
+            &account.host,
+            account.port,
+            &token.secret,
+        );
+        (format!("{} {}", mechanism.name(), encoded.expose()), None)
+    } else {
+        let raw =
+            sasl::initial_response(mechanism, user, &account.host, account.port, &token.secret);
+        (
+            mechanism.name().to_string(),
+            Some(raw.expose().as_bytes().to_vec()),
+        )
+    };
+    let auth = BearerAuth {
+        initial,
+        challenge: &mut challenge,
+    };
+    let outcome = tokio::time::timeout(timeout, client.authenticate(command, auth)).await;
+    let why = |text: &str, challenge: &Option<Vec<u8>>| {
+        let text = clean_status_text(text);
+        match challenge {
+            Some(c) => format!("{text} ({})", sasl::describe_challenge(c)),
+            None => text,
+        }
+    };
+    match outcome {
+        Err(_) => Err(NetError::Timeout {
+            what: "the AUTHENTICATE reply".into(),
+            after: timeout,
+        }
+        .into()),
+        Ok(Ok(session)) => Ok(BearerOutcome::LoggedIn(session)),
+        Ok(Err((async_imap::error::Error::No(text), client))) => {
+            let lower = text.to_ascii_lowercase();
+            if challenge.is_none() && (lower.contains("unavailable") || lower.contains("temporary"))
+            {
+                // Dovecot's answer when it cannot reach the identity provider: not our token.
+                return Err(ImapError::Rejected {
+                    command: "AUTHENTICATE".into(),
+                    status: "NO",
+                    text: clean_status_text(&text),
+                    hint: " (the server could not check the token just now)",
+                });
+            }
+            Ok(BearerOutcome::Refused {
+                client,
+                why: why(&text, &challenge),
+            })
+        }
+        Ok(Err((async_imap::error::Error::Bad(text), _))) => Err(ImapError::AuthRejected {
+            user: user.to_string(),
+            text: format!("BAD {}", why(&text, &challenge)),
+            hint: "",
+        }),
+        Ok(Err((e, _))) => Err(map_async_imap(e)),
+    }
+}
+
+/// AUTHENTICATE XOAUTH2 / OAUTHBEARER with the account's cached token; when the server refuses
+/// it, once more with a refreshed one. A second refusal is a rejected login.
+async fn oauth_login(
+    mut client: Client,
+    account: &Account,
+    mechanism: crate::config::Mechanism,
+) -> Result<Inner, ImapError> {
+    let caps = pre_auth_capabilities(&mut client, account.settings.command_timeout).await?;
+    let wanted = format!("AUTH={}", mechanism.name());
+    if !caps.contains(&wanted) {
+        let mut offered: Vec<&str> = caps
+            .iter()
+            .filter_map(|c| c.strip_prefix("AUTH="))
+            .collect();
+        offered.sort();
+        return Err(ImapError::MechanismNotOffered {
+            mechanism: mechanism.name(),
+            offered: if offered.is_empty() {
+                "none".into()
+            } else {
+                offered.join(" ")
+            },
+        });
+    }
+    let sasl_ir = caps.contains("SASL-IR");
+    let tokens = crate::oauth::tokens_for(account).ok_or_else(|| {
+        ImapError::Protocol("an OAuth2 login for an account without [oauth2]".into())
+    })?;
+    let token = tokens.token().await?;
+    let (client, first) = match bearer_attempt(client, account, mechanism, &token, sasl_ir).await? {
+        BearerOutcome::LoggedIn(s) => return Ok(s),
+        BearerOutcome::Refused { client, why } => (client, why),
+    };
+    tracing::info!(account = %account.name, reason = %first, "oauth_token_refused");
+    let token = tokens.after_refusal(&token).await?;
+    match bearer_attempt(client, account, mechanism, &token, sasl_ir).await? {
+        BearerOutcome::LoggedIn(s) => Ok(s),
+        BearerOutcome::Refused { why, .. } => Err(ImapError::AuthRejected {
+            user: account.username.clone(),
+            text: format!("{why}; the OAuth2 token was refused again after a refresh"),
+            hint: OAUTH_REFUSED_HINT,
+        }),
+    }
+}
+
 impl Session {
     /// Connects, negotiates TLS as configured, reads the greeting, logs in, reads CAPABILITY
     /// and sends ID where offered (163.com refuses SELECT without it).
@@ -226,38 +478,9 @@ impl Session {
             }
         }
 
-        let user = account.username.as_str();
-        let password = account.password.expose();
-        let plain_login_ok =
-            user.is_ascii() && password.is_ascii() && !password.contains(['\r', '\n', '\0']);
-        let login = async {
-            if plain_login_ok {
-                client.login(user, password).await
-            } else {
-                // LOGIN's quoted strings cannot carry 8-bit text: RFC 4616 PLAIN sends UTF-8.
-                client
-                    .authenticate("PLAIN", PlainAuth { user, password })
-                    .await
-            }
-        };
-        let inner = match tokio::time::timeout(timeout, login).await {
-            Err(_) => {
-                return Err(NetError::Timeout {
-                    what: "the login reply".into(),
-                    after: timeout,
-                }
-                .into())
-            }
-            Ok(Ok(session)) => session,
-            Ok(Err((async_imap::error::Error::No(text), _)))
-            | Ok(Err((async_imap::error::Error::Bad(text), _))) => {
-                return Err(ImapError::AuthRejected {
-                    user: user.to_string(),
-                    text: clean_status_text(&text),
-                    hint: login_hint(&account.host),
-                })
-            }
-            Ok(Err((e, _))) => return Err(map_async_imap(e)),
+        let inner = match &account.oauth2 {
+            Some(oauth) => oauth_login(client, account, oauth.mechanism).await?,
+            None => password_login(client, account).await?,
         };
 
         let mut session = Session {
@@ -296,16 +519,7 @@ impl Session {
         let mut caps = HashSet::new();
         self.command("CAPABILITY", |r| {
             if let Response::Capabilities(list) = r {
-                for c in list {
-                    let name = match c {
-                        imap_proto::Capability::Imap4rev1 => "IMAP4REV1".to_string(),
-                        imap_proto::Capability::Auth(a) => {
-                            format!("AUTH={}", a.to_ascii_uppercase())
-                        }
-                        imap_proto::Capability::Atom(a) => a.to_ascii_uppercase(),
-                    };
-                    caps.insert(name);
-                }
+                caps.extend(list.iter().map(capability_name));
             }
             Ok(())
         })

@@ -30,6 +30,14 @@ pub enum Pop3Error {
     Net(#[from] NetError),
     #[error("login rejected for {user}: {text}")]
     AuthRejected { user: String, text: String },
+    #[error("the server does not offer SASL {mechanism} (CAPA SASL lists: {offered}): set mechanism in [oauth2] to one it offers, or check host and port")]
+    MechanismNotOffered {
+        mechanism: &'static str,
+        offered: String,
+    },
+    /// No OAuth2 access token (token endpoint, token command).
+    #[error(transparent)]
+    OAuth(#[from] crate::oauth::TokenError),
     #[error("{command} failed: server said -ERR {text}")]
     Err { command: String, text: String },
     #[error("the server does not support UIDL: without it mailpump cannot tell messages apart across sessions, so it refuses to fetch (duplicates would follow)")]
@@ -46,6 +54,8 @@ impl Pop3Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Pop3Error::Net(e) => e.class(),
+            Pop3Error::OAuth(e) => e.class(),
+            Pop3Error::MechanismNotOffered { .. } => ErrorClass::RetryLater,
             Pop3Error::AuthRejected { .. } | Pop3Error::NoStls => ErrorClass::RetryLater,
             Pop3Error::NoUidl => ErrorClass::Fatal,
             _ => ErrorClass::Retry,
@@ -126,38 +136,166 @@ impl Pop3Session {
             s.read_capabilities().await?; // RFC 2595: capabilities may change after STLS
         }
 
+        match &account.oauth2 {
+            Some(oauth) => s.oauth_login(account, oauth.mechanism).await?,
+            None => s.password_login(account, &greeting).await?,
+        }
+        // Some servers only list their full capabilities once logged in.
+        s.read_capabilities().await?;
+        Ok(s)
+    }
+
+    /// APOP when offered on a plain connection, else USER/PASS.
+    async fn password_login(&mut self, account: &Account, greeting: &str) -> Result<(), Pop3Error> {
         let password = account.password.expose();
-        let apop = apop_timestamp(&greeting).map(str::to_string);
+        let apop = apop_timestamp(greeting).map(str::to_string);
         let login = match (&apop, account.security) {
             (Some(ts), Security::Plain) => {
                 let cmd = format!("APOP {} {}", account.username, apop_digest(ts, password));
-                s.send_line(&cmd).await?;
-                s.status_line("APOP").await
+                self.send_line(&cmd).await?;
+                self.status_line("APOP").await
             }
             _ => {
-                s.send_line(&format!("USER {}", account.username)).await?;
-                match s.status_line("USER").await {
+                self.send_line(&format!("USER {}", account.username))
+                    .await?;
+                match self.status_line("USER").await {
                     Err(e) => Err(e),
                     Ok(_) => {
-                        s.send_line(&format!("PASS {password}")).await?;
-                        s.status_line("PASS").await
+                        self.send_line(&format!("PASS {password}")).await?;
+                        self.status_line("PASS").await
                     }
                 }
             }
         };
         match login {
-            Ok(_) => {}
-            Err(Pop3Error::Err { text, .. }) => {
-                return Err(Pop3Error::AuthRejected {
-                    user: account.username.clone(),
-                    text,
-                })
-            }
-            Err(e) => return Err(e),
+            Ok(_) => Ok(()),
+            Err(Pop3Error::Err { text, .. }) => Err(Pop3Error::AuthRejected {
+                user: account.username.clone(),
+                text,
+            }),
+            Err(e) => Err(e),
         }
-        // Some servers only list their full capabilities once logged in.
-        s.read_capabilities().await?;
-        Ok(s)
+    }
+
+    /// The SASL mechanisms CAPA lists.
+    fn sasl_mechanisms(&self) -> Vec<String> {
+        self.capabilities
+            .iter()
+            .filter_map(|c| {
+                let mut words = c.split_whitespace();
+                words
+                    .next()
+                    .filter(|w| w.eq_ignore_ascii_case("SASL"))
+                    .map(|_| words.map(str::to_ascii_uppercase).collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// `AUTH XOAUTH2|OAUTHBEARER` with the account's cached token; when the server refuses it,
+    /// once more with a refreshed one. A second refusal is a rejected login.
+    async fn oauth_login(
+        &mut self,
+        account: &Account,
+        mechanism: crate::config::Mechanism,
+    ) -> Result<(), Pop3Error> {
+        let offered = self.sasl_mechanisms();
+        if !offered.iter().any(|m| m == mechanism.name()) {
+            return Err(Pop3Error::MechanismNotOffered {
+                mechanism: mechanism.name(),
+                offered: if offered.is_empty() {
+                    "nothing".into()
+                } else {
+                    offered.join(" ")
+                },
+            });
+        }
+        let tokens = crate::oauth::tokens_for(account).ok_or_else(|| {
+            Pop3Error::Protocol("an OAuth2 login for an account without [oauth2]".into())
+        })?;
+        let token = tokens.token().await?;
+        let Err(first) = self.bearer_attempt(account, mechanism, &token).await? else {
+            return Ok(());
+        };
+        tracing::info!(account = %account.name, reason = %first, "oauth_token_refused");
+        let token = tokens.after_refusal(&token).await?;
+        match self.bearer_attempt(account, mechanism, &token).await? {
+            Ok(()) => Ok(()),
+            Err(why) => Err(Pop3Error::AuthRejected {
+                user: account.username.clone(),
+                text: format!("{why}; the OAuth2 token was refused again after a refresh (check that `username` is the account that gave consent and the scope)"),
+            }),
+        }
+    }
+
+    /// One `AUTH` with a bearer token: Ok(Ok) logged in, Ok(Err(why)) the token was refused.
+    /// The initial response goes with the command unless that would make the line longer than
+    /// RFC 5034's 255 octets; an error challenge is answered with an empty line.
+    async fn bearer_attempt(
+        &mut self,
+        account: &Account,
+        mechanism: crate::config::Mechanism,
+        token: &crate::oauth::AccessToken,
+    ) -> Result<Result<(), String>, Pop3Error> {
+        use crate::oauth::sasl;
+        let initial = sasl::encoded_initial_response(
+            mechanism,
+            &account.username,
+            &account.host,
+            account.port,
+            &token.secret,
+        );
+        let with_ir = format!("AUTH {} {}", mechanism.name(), initial.expose());
+        let mut challenge = None;
+        let mut initial_sent = false;
+        if with_ir.len() + 2 <= 255 {
+            self.send_line(&with_ir).await?;
+            initial_sent = true;
+        } else {
+            self.send_line(&format!("AUTH {}", mechanism.name()))
+                .await?;
+        }
+        drop(with_ir);
+        let reply = loop {
+            let mut buf = Vec::new();
+            self.raw_line(&mut buf).await?;
+            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+            if line == "+" || line.starts_with("+ ") {
+                if !initial_sent {
+                    self.send_line(initial.expose()).await?;
+                    initial_sent = true;
+                } else if challenge.is_none() {
+                    challenge = Some(sasl::decode(line[1..].trim()).unwrap_or_default());
+                    self.send_line("").await?;
+                } else {
+                    // a second challenge: abort the exchange, the server answers -ERR
+                    self.send_line("*").await?;
+                }
+                continue;
+            }
+            break line;
+        };
+        if reply.starts_with("+OK") {
+            return Ok(Ok(()));
+        }
+        let Some(text) = reply.strip_prefix("-ERR") else {
+            return Err(Pop3Error::Protocol(format!(
+                "expected +OK or -ERR after AUTH, got {:?}",
+                reply.chars().take(100).collect::<String>()
+            )));
+        };
+        let text: String = text.trim().chars().take(300).collect();
+        if challenge.is_none() && text.to_ascii_uppercase().contains("[SYS/TEMP]") {
+            // Dovecot's answer when it cannot reach the identity provider: not our token.
+            return Err(Pop3Error::Err {
+                command: "AUTH".into(),
+                text,
+            });
+        }
+        Ok(Err(match &challenge {
+            Some(c) => format!("-ERR {text} ({})", sasl::describe_challenge(c)),
+            None => format!("-ERR {text}"),
+        }))
     }
 
     pub fn has_capability(&self, cap: &str) -> bool {

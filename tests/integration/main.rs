@@ -12,6 +12,7 @@ mod golden;
 mod health;
 mod hostile;
 mod limits;
+mod oauth;
 mod packaging;
 mod pop3;
 mod progress;

@@ -65,8 +65,31 @@ impl Dovecot {
         Self::start_with("")
     }
 
+    /// Starts Dovecot validating bearer tokens (XOAUTH2, OAUTHBEARER) with `idp`'s
+    /// introspection endpoint; password logins go on as before.
+    pub fn start_oauth(idp: &super::idp::Idp) -> Dovecot {
+        Self::start_oauth_with(idp, "")
+    }
+
+    /// [`Dovecot::start_oauth`] with `extra` appended to the config.
+    pub fn start_oauth_with(idp: &super::idp::Idp, extra: &str) -> Dovecot {
+        Self::start_with_files(
+            &format!("{}{extra}", super::idp::dovecot_extra(idp)),
+            &[(
+                "dovecot-oauth2.conf.ext",
+                super::idp::dovecot_oauth2_conf(idp),
+            )],
+        )
+    }
+
     /// Starts Dovecot with `extra` appended to the config (later settings win).
     pub fn start_with(extra: &str) -> Dovecot {
+        Self::start_with_files(extra, &[])
+    }
+
+    /// [`Dovecot::start_with`], with `files` (name, text) written into its directory first,
+    /// readable by Dovecot's auth process (root:dovecot 0640).
+    pub fn start_with_files(extra: &str, files: &[(&str, String)]) -> Dovecot {
         // Under deploy/test.sh's work dir when it runs us, so that it can stop what we leave.
         let base = std::env::var_os("MAILPUMP_TEST_TMP")
             .map(std::path::PathBuf::from)
@@ -75,6 +98,13 @@ impl Dovecot {
             .prefix("dc")
             .tempdir_in(base)
             .unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let _ = Command::new("chgrp").arg("dovecot").arg(&path).status();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        }
         let extra_file = dir.path().join("extra.conf");
         std::fs::write(
             &extra_file,

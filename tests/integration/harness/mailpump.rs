@@ -84,8 +84,10 @@ pub fn secrets_in(toml: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in toml.lines() {
         let line = line.trim();
-        if let Some(v) = line.strip_prefix("password = ") {
-            out.push(v.trim_matches('"').to_string());
+        for key in ["password = ", "client_secret = ", "refresh_token = "] {
+            if let Some(v) = line.strip_prefix(key) {
+                out.push(v.trim_matches('"').to_string());
+            }
         }
         if let Some(v) = line.strip_prefix("uri = ") {
             let uri = v.trim_matches('"');
@@ -124,9 +126,15 @@ impl Mailpump {
         );
         toml.push_str("[defaults]\ncommand_timeout = \"30s\"\nconnect_timeout = \"5s\"\n\n");
         for a in accounts {
+            // an empty password: an OAuth2 account (its extra lines carry auth and [oauth2])
+            let password = if a.password.is_empty() {
+                String::new()
+            } else {
+                format!("password = \"{}\"\n", a.password)
+            };
             toml.push_str(&format!(
-                "[accounts.{}]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n{}\n\n",
-                a.name, a.port, a.security, a.username, a.password, a.extra.join("\n")
+                "[accounts.{}]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"{}\"\nusername = \"{}\"\n{password}{}\n\n",
+                a.name, a.port, a.security, a.username, a.extra.join("\n")
             ));
         }
         Self::from_toml(&toml)

@@ -2,6 +2,7 @@
 
 pub mod daemon;
 pub mod dovecot;
+pub mod idp;
 pub mod mailpump;
 pub mod mongo;
 pub mod proxy;
@@ -10,6 +11,7 @@ pub mod secantus;
 
 pub use daemon::{eventually, Daemon};
 pub use dovecot::{Dovecot, User};
+pub use idp::Idp;
 pub use mailpump::{AccountSpec, Mailpump};
 pub use mongo::TestDb;
 

@@ -1127,7 +1127,10 @@ fn validate_oauth2(
     if !token_url_ok(&token_url) {
         return Err(invalid(
             key("token_url"),
-            format!("{token_url:?} must be an https:// URL (http:// only to 127.0.0.1/localhost)"),
+            format!(
+                "{:?} must be an https:// URL (http:// only to 127.0.0.1/localhost)",
+                crate::oauth::shown_url(&token_url)
+            ),
         ));
     }
     let scope = match (raw.scope, provider) {

@@ -101,8 +101,8 @@ fn oauth_hint(account: &Account, e: &str) -> Option<String> {
     let oauth = account.oauth2.as_ref()?;
     let name = &account.name;
     let token_url = match &oauth.source {
-        crate::config::TokenSource::Endpoint(ep) => ep.token_url.as_str(),
-        crate::config::TokenSource::Command(_) => "",
+        crate::config::TokenSource::Endpoint(ep) => crate::oauth::shown_url(&ep.token_url),
+        crate::config::TokenSource::Command(_) => String::new(),
     };
     if e.contains("invalid_grant") {
         return Some(format!("the refresh token is no longer valid (consent revoked or expired; Google expires it after 7 days while the app is in \"Testing\", and on a password change): get a new refresh token as the README's OAuth2 section shows and put it where refresh_token / refresh_token_file / refresh_token_env of [accounts.{name}.oauth2] points"));

@@ -36,6 +36,13 @@ pub const COMMAND_TOKEN_TTL: Duration = Duration::from_secs(60);
 /// A failed refresh is answered to every mailbox of the account asking within this long,
 /// without another request.
 pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
+/// ... doubling with every failure in a row, up to this.
+pub const MAX_FAILURE_COOLDOWN: Duration = Duration::from_secs(300);
+/// At most one refresh per this long (or per token lifetime, if shorter) because the mail
+/// server refused a token.
+pub const REFUSED_REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Longest lifetime believed from `expires_in` (a huge one would overflow the clock).
+const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// The lifetime assumed when the endpoint sends no `expires_in`.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
 
@@ -111,6 +118,7 @@ pub struct AccessToken {
 struct Cached {
     token: Secret,
     refresh_at: Instant,
+    lifetime: Duration,
     generation: u64,
 }
 
@@ -120,8 +128,14 @@ struct State {
     generation: u64,
     /// A refresh token the endpoint rotated in, replacing the configured one.
     rotated: Option<Secret>,
-    /// The last retryable failure, shared with whoever asks within FAILURE_COOLDOWN.
+    /// The last retryable failure, shared with whoever asks within the cooldown.
     failure: Option<(Instant, TokenError)>,
+    /// Retryable failures in a row: the cooldown doubles with each (the account's own backoff,
+    /// whatever number of mailboxes ask).
+    failures: u32,
+    /// When a refusal by the mail server last made us refresh: a refusal that is not about the
+    /// token (too many connections, IMAP switched off) must not refresh on every attempt.
+    refused_refresh_at: Option<Instant>,
     /// invalid_grant / invalid_client: answered to everyone, the endpoint is not asked again.
     dead: Option<TokenError>,
 }
@@ -209,9 +223,17 @@ pub fn scrub(text: &str, secrets: &[&str]) -> String {
     }
 }
 
-/// The endpoint without query or fragment, for error texts.
-fn shown_url(url: &str) -> String {
-    url.split(['?', '#']).next().unwrap_or(url).to_string()
+/// The endpoint without credentials (`user:secret@`), query or fragment, for error texts.
+pub(crate) fn shown_url(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit('@').next().unwrap_or(authority);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
+    }
 }
 
 /// How long before expiry a token is replaced: a fifth of its life, at most a minute.
@@ -229,24 +251,57 @@ impl Tokens {
     }
 
     /// A token that is not about to expire: the cached one, or a fresh one.
-    pub async fn token(&self) -> Result<AccessToken, TokenError> {
+    pub async fn token(self: &Arc<Self>) -> Result<AccessToken, TokenError> {
         self.get(None).await
     }
 
     /// A token to retry with after the server refused `refused`: a fresh one, unless another
     /// mailbox already replaced it meanwhile.
-    pub async fn after_refusal(&self, refused: &AccessToken) -> Result<AccessToken, TokenError> {
+    pub async fn after_refusal(
+        self: &Arc<Self>,
+        refused: &AccessToken,
+    ) -> Result<AccessToken, TokenError> {
         self.get(Some(refused.generation)).await
     }
 
-    async fn get(&self, refused: Option<u64>) -> Result<AccessToken, TokenError> {
+    /// Runs the lookup (and any refresh) in a task of its own: a caller dropped midway (SIGTERM,
+    /// a reload, `check`'s deadline) never drops a token response, whose rotated refresh token
+    /// would otherwise be lost, and with it the account at providers that revoke a reused one.
+    async fn get(self: &Arc<Self>, refused: Option<u64>) -> Result<AccessToken, TokenError> {
+        let this = self.clone();
+        tokio::spawn(async move { this.get_inner(refused).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(TokenError::BadAnswer {
+                    account: self.account.clone(),
+                    detail: format!("the token lookup failed: {e}"),
+                })
+            })
+    }
+
+    async fn get_inner(&self, refused: Option<u64>) -> Result<AccessToken, TokenError> {
         let mut st = self.state.lock().await;
         if let Some(e) = &st.dead {
             return Err(e.clone());
         }
-        if let Some(c) = &st.current {
-            let was_refused = refused == Some(c.generation);
-            if !was_refused && Instant::now() < c.refresh_at {
+        if let Some((generation, lifetime, refresh_at)) = st
+            .current
+            .as_ref()
+            .map(|c| (c.generation, c.lifetime, c.refresh_at))
+        {
+            let mut was_refused = refused == Some(generation);
+            // At most one refusal-driven refresh per token lifetime (5 min at most): a server
+            // that refuses a token it was just given is refusing something else.
+            let window = lifetime.min(REFUSED_REFRESH_EVERY);
+            if was_refused && st.refused_refresh_at.is_some_and(|t| t.elapsed() < window) {
+                tracing::warn!(account = %self.account, "oauth_refusal_not_about_the_token");
+                was_refused = false;
+            }
+            if was_refused {
+                st.refused_refresh_at = Some(Instant::now());
+            }
+            if !was_refused && Instant::now() < refresh_at {
+                let c = st.current.as_ref().expect("checked above");
                 return Ok(AccessToken {
                     secret: c.token.clone(),
                     generation: c.generation,
@@ -257,7 +312,10 @@ impl Tokens {
             }
         }
         if let Some((at, e)) = &st.failure {
-            if at.elapsed() < FAILURE_COOLDOWN {
+            let cooldown = FAILURE_COOLDOWN
+                .saturating_mul(1u32 << st.failures.saturating_sub(1).min(8))
+                .min(MAX_FAILURE_COOLDOWN);
+            if at.elapsed() < cooldown {
                 return Err(e.clone());
             }
         }
@@ -269,10 +327,12 @@ impl Tokens {
             Ok((token, lifetime)) => {
                 st.generation += 1;
                 st.failure = None;
+                st.failures = 0;
                 let generation = st.generation;
                 st.current = Some(Cached {
                     token: token.clone(),
                     refresh_at: Instant::now() + lifetime - refresh_margin(lifetime),
+                    lifetime,
                     generation,
                 });
                 Ok(AccessToken {
@@ -288,6 +348,7 @@ impl Tokens {
                 } else {
                     tracing::warn!(account = %self.account, error = %e, "oauth_token_failed");
                     st.failure = Some((Instant::now(), e.clone()));
+                    st.failures = st.failures.saturating_add(1);
                 }
                 Err(e)
             }
@@ -301,10 +362,21 @@ impl Tokens {
         st: &mut State,
     ) -> Result<(Secret, Duration), TokenError> {
         let account = self.account.clone();
-        let refresh_token = st
+        let mut refresh_token = st
             .rotated
             .clone()
             .unwrap_or_else(|| ep.refresh_token.clone());
+        // The file is the truth when there is one: another mailpump process (`check`, `sync`
+        // beside the daemon) may have rotated the token and written the new one there; using
+        // our older copy would be a reuse that some providers punish by revoking the chain.
+        if let Some(path) = &ep.refresh_token_file {
+            if let Ok(text) = tokio::fs::read_to_string(path).await {
+                let text = text.trim();
+                if !text.is_empty() && text != refresh_token.expose() {
+                    refresh_token = Secret::new(text.to_string());
+                }
+            }
+        }
         let secrets: Vec<&str> = [
             Some(refresh_token.expose()),
             ep.client_secret.as_ref().map(Secret::expose),
@@ -336,7 +408,7 @@ impl Tokens {
             .get("expires_in")
             .and_then(|v| v.as_u64().or_else(|| v.as_str()?.trim().parse().ok()))
             .filter(|s| *s > 0)
-            .map(Duration::from_secs)
+            .map(|s| Duration::from_secs(s).min(MAX_LIFETIME))
             .unwrap_or(DEFAULT_LIFETIME);
         let mut rotated = false;
         if let Some(new) = text("refresh_token").filter(|t| !t.is_empty()) {
@@ -627,6 +699,39 @@ fn write_atomically(
 mod tests {
     use super::*;
 
+    /// Tokens from a helper that prints a new token each run and counts its runs in a file.
+    fn counting_helper(dir: &std::path::Path) -> Arc<Tokens> {
+        let count = dir.join("runs");
+        let script = format!(
+            "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo token-number-$n",
+            c = count.display()
+        );
+        Arc::new(Tokens::new(
+            "work",
+            OAuth2 {
+                mechanism: crate::config::Mechanism::XOAuth2,
+                source: TokenSource::Command(vec!["/bin/sh".into(), "-c".into(), script]),
+            },
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_refusal_refreshes_once_per_window_not_on_every_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = counting_helper(dir.path());
+        let runs = || std::fs::read_to_string(dir.path().join("runs")).unwrap();
+        let first = tokens.token().await.unwrap();
+        assert_eq!(runs().trim(), "1");
+        // the server refused it: one fresh token
+        let second = tokens.after_refusal(&first).await.unwrap();
+        assert_eq!(runs().trim(), "2");
+        assert_ne!(first.secret.expose(), second.secret.expose());
+        // refused again at once (too many connections, IMAP off...): no new request
+        let third = tokens.after_refusal(&second).await.unwrap();
+        assert_eq!(runs().trim(), "2");
+        assert_eq!(third.secret.expose(), second.secret.expose());
+    }
+
     #[test]
     fn scrub_hides_secrets_and_clips() {
         assert_eq!(
@@ -635,6 +740,11 @@ mod tests {
         );
         assert_eq!(scrub(&"x".repeat(300), &[]).len(), 203);
         assert_eq!(shown_url("https://h/t?x=1"), "https://h/t");
+        assert_eq!(
+            shown_url("https://id:s3cret@idp.example:8443/oauth/token?k=v"),
+            "https://idp.example:8443/oauth/token"
+        );
+        assert_eq!(shown_url("https://h"), "https://h");
     }
 
     #[test]

@@ -256,11 +256,19 @@ impl Pop3Session {
                 .await?;
         }
         drop(with_ir);
+        // a server that keeps sending `+` lines must not hold the login for ever
+        let mut continuations = 0;
         let reply = loop {
             let mut buf = Vec::new();
             self.raw_line(&mut buf).await?;
             let line = String::from_utf8_lossy(&buf).trim_end().to_string();
             if line == "+" || line.starts_with("+ ") {
+                continuations += 1;
+                if continuations > 4 {
+                    return Err(Pop3Error::Protocol(
+                        "the server kept asking for more during AUTH".into(),
+                    ));
+                }
                 if !initial_sent {
                     self.send_line(initial.expose()).await?;
                     initial_sent = true;

@@ -19,3 +19,9 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+/// The guard of `m`, also when a panic elsewhere poisoned it: mailpump's std mutexes guard plain
+/// values (counters, series, a cache, a timestamp) that a panic cannot leave half-written.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -12,7 +12,8 @@
 //! Memory is bounded whatever the account's size: messages stream from a cursor
 //! ([`Store::export_items`]), and the files of at most [`MAX_JOBS`] messages (and about
 //! [`MAX_JOB_BYTES`]) wait for the blocking pool, where every file read and write happens (none
-//! on the async runtime). Progress goes out on a `watch` channel ([`export_with_progress`]).
+//! on the async runtime). Progress is counted on a [`Tracker`]
+//! (a bar on a terminal, `progress` events elsewhere).
 //!
 //! An account (or `--mailbox`) that is neither configured nor in the database (no message, no
 //! `mailboxes` document) is an error that lists the known ones. An account removed from the
@@ -23,11 +24,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use chrono::NaiveDate;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::parse::sha256_hex;
+use crate::progress::Tracker;
 use crate::store::{ExportItem, Store, StoreError};
 
 /// Messages whose files may wait for, or be in, the blocking pool at once.
@@ -71,17 +72,6 @@ fn list(names: &BTreeSet<String>) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     }
-}
-
-/// How far an export is: messages done of `total` (a count with the export's own filter, taken
-/// when it starts), and the files so far.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ExportProgress {
-    pub done: u64,
-    pub total: u64,
-    pub files_written: usize,
-    pub files_unchanged: usize,
-    pub bytes_written: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -263,19 +253,13 @@ impl Writers {
 }
 
 impl ExportReport {
-    /// Counts one more message (what its writer did) and tells `progress`.
-    fn add(&mut self, done: ExportReport, progress: &watch::Sender<ExportProgress>) {
+    /// Counts one more message (what its writer did) and shows it on `progress`.
+    fn add(&mut self, done: ExportReport, progress: &Tracker) {
         self.messages += 1;
         self.files_written += done.files_written;
         self.files_unchanged += done.files_unchanged;
         self.bytes_written += done.bytes_written;
-        let r = *self;
-        progress.send_modify(|p| {
-            p.done = r.messages as u64;
-            p.files_written = r.files_written;
-            p.files_unchanged = r.files_unchanged;
-            p.bytes_written = r.bytes_written;
-        });
+        progress.inc(1, done.bytes_written);
     }
 }
 
@@ -362,43 +346,16 @@ pub async fn export(
     config: &Config,
 ) -> Result<ExportReport, ExportError> {
     check_known(store, config, options).await?;
-    let (tx, mut rx) = watch::channel(ExportProgress::default());
-    let (account, mailbox) = (
-        options.account.clone(),
-        options.mailbox.clone().unwrap_or_else(|| "*".into()),
-    );
-    // A progress bar on a terminal, `progress` events (kind "export") elsewhere.
-    let shower = tokio::spawn(async move {
-        let mut tracker: Option<crate::progress::Tracker> = None;
-        let mut shown = ExportProgress::default();
-        while rx.changed().await.is_ok() {
-            let p = *rx.borrow_and_update();
-            let t = tracker.get_or_insert_with(|| {
-                crate::progress::Tracker::start("export", &account, &mailbox, p.total)
-            });
-            t.inc(
-                p.done.saturating_sub(shown.done),
-                p.bytes_written.saturating_sub(shown.bytes_written),
-            );
-            shown = p;
-        }
-    });
-    let result = export_with_progress(store, options, tx).await;
-    let _ = shower.await;
-    result
+    run(store, options).await
 }
 
-/// The export itself; `progress` is updated after every message (attach a progress bar or a
-/// log to its receivers). Does not check that the account is known.
-pub async fn export_with_progress(
-    store: &Store,
-    options: &ExportOptions,
-    progress: watch::Sender<ExportProgress>,
-) -> Result<ExportReport, ExportError> {
+/// The export itself, counted on a progress tracker (messages done of a `count_documents`
+/// total with the export's own filter). Does not check that the account is known.
+async fn run(store: &Store, options: &ExportOptions) -> Result<ExportReport, ExportError> {
     let started = Instant::now();
     let (account, mailbox, since) = (&options.account, options.mailbox.as_deref(), options.since);
     let total = store.export_count(account, mailbox, since).await?;
-    progress.send_modify(|p| p.total = total);
+    let progress = Tracker::start("export", account, mailbox.unwrap_or("*"), total);
     let mut items = store.export_items(account, mailbox, since);
     // the current UIDVALIDITY of each mailbox met: one lookup per mailbox
     let mut current: HashMap<String, Option<u32>> = HashMap::new();

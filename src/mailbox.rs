@@ -58,10 +58,7 @@ impl MailboxTask {
     fn record_state(&self, state: &'static str, error: Option<String>) {
         if error.is_some() {
             // the next success must be written at once, or `status` would see the error as newer
-            *self
-                .success_written
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = None;
+            *crate::error::lock(&self.success_written) = None;
         }
         let (store, account, mailbox) = (
             self.ctx.store.clone(),
@@ -79,10 +76,7 @@ impl MailboxTask {
     /// background, at most once per [`SUCCESS_EVERY`] (`status` judges staleness in minutes).
     fn record_success(&self) {
         {
-            let mut last = self
-                .success_written
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut last = crate::error::lock(&self.success_written);
             if last.is_some_and(|t| t.elapsed() < SUCCESS_EVERY) {
                 return;
             }

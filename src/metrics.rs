@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::lock;
 use crate::store::{Store, StoreError};
 
 /// Upper bounds (seconds) of the arrival-to-stored latency histogram.
@@ -85,11 +86,6 @@ pub struct Metrics {
     quarantined: Family<MailboxLabels, Gauge>,
     /// Also the list of known mailboxes: a mailbox's series exist while it has an entry.
     health: Mutex<BTreeMap<(String, String), Health>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave it inconsistent (plain fields).
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn unix(t: SystemTime) -> f64 {

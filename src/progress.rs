@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::error::lock;
+
 /// How often `progress` events are logged unless `--progress-interval` says otherwise.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -67,10 +69,6 @@ pub fn init(mode: Mode) {
         multi,
         live: Mutex::new(Vec::new()),
     });
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 static TICKER: OnceLock<()> = OnceLock::new();

@@ -205,19 +205,14 @@ async fn check_account(
         .await;
 }
 
-/// Every mailbox of `config` with its account, in config order (POP3 has only INBOX).
+/// Every mailbox of `config` with its account, in config order (a POP3 account's `mailboxes`
+/// is always `["INBOX"]`: config allows nothing else).
 fn mailboxes(config: &Config) -> Vec<(Account, String)> {
-    let mut out = Vec::new();
-    for account in &config.accounts {
-        if account.protocol == Protocol::Pop3 {
-            out.push((account.clone(), "INBOX".to_string()));
-        } else {
-            for mailbox in &account.mailboxes {
-                out.push((account.clone(), mailbox.clone()));
-            }
-        }
-    }
-    out
+    config
+        .accounts
+        .iter()
+        .flat_map(|a| a.mailboxes.iter().map(move |m| (a.clone(), m.clone())))
+        .collect()
 }
 
 /// The store line's index among the verdicts.

@@ -162,7 +162,7 @@ static REGISTRY: LazyLock<StdMutex<HashMap<String, Arc<Tokens>>>> =
 /// while the account's `[oauth2]` table stays the same.
 pub fn tokens_for(account: &Account) -> Option<Arc<Tokens>> {
     let config = account.oauth2.as_ref()?;
-    let mut map = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let mut map = crate::error::lock(&REGISTRY);
     if let Some(t) = map.get(&account.name) {
         if t.config == *config {
             return Some(t.clone());

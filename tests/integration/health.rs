@@ -2,7 +2,6 @@
 //! server before the database), and the Docker HEALTHCHECK command against a running daemon.
 
 use std::collections::BTreeMap;
-use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -346,26 +345,11 @@ async fn waiting_for_the_database_the_daemon_pings_the_watchdog_and_stops_at_onc
         }],
     );
     let port = with_metrics(&mp);
-    let sock_path = mp.dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut daemon = Daemon::start_with_env(
-        &mp,
-        &[
-            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "400000"),
-        ],
-    );
-    let recv = |sock: &UnixDatagram| {
-        let mut buf = [0u8; 256];
-        let n = sock.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..n]).to_string()
-    };
+    let (mut daemon, sock) = Daemon::start_notified(&mp);
     let (sock, got) = tokio::task::spawn_blocking(move || {
-        let mut got = vec![recv(&sock)];
+        let mut got = vec![sock.recv()];
         while got.iter().filter(|m| *m == "WATCHDOG=1").count() < 3 {
-            got.push(recv(&sock));
+            got.push(sock.recv());
         }
         (sock, got)
     })
@@ -388,7 +372,7 @@ async fn waiting_for_the_database_the_daemon_pings_the_watchdog_and_stops_at_onc
     assert_eq!(code, 0, "log:\n{}", daemon.raw_log());
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
     let stopping = tokio::task::spawn_blocking(move || loop {
-        let m = recv(&sock);
+        let m = sock.recv();
         if m != "WATCHDOG=1" {
             return m;
         }

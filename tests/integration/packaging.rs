@@ -2,7 +2,6 @@
 //! can be checked: the unit verifies and has its hardening, the Dockerfile copies what exists,
 //! the compose file parses with health checks and file secrets; sd_notify really is sent.
 
-use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use crate::harness::{message, root, AccountSpec, Daemon, Dovecot, Mailpump, TestDb};
@@ -168,28 +167,13 @@ async fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     dc.deliver(&user, &message("x", "y"));
     let db = TestDb::new().await;
     let mp = Mailpump::new(&db, &[AccountSpec::plain("notify", &dc, &user)]);
-    let sock_path = mp.dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut daemon = Daemon::start_with_env(
-        &mp,
-        &[
-            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "400000"),
-        ],
-    );
-    let recv = |sock: &UnixDatagram| {
-        let mut buf = [0u8; 256];
-        let n = sock.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..n]).to_string()
-    };
+    let (mut daemon, sock) = Daemon::start_notified(&mp);
     let sock = tokio::task::spawn_blocking(move || {
-        let mut got = vec![recv(&sock)];
+        let mut got = vec![sock.recv()];
         while got.iter().filter(|m| *m == "WATCHDOG=1").count() < 2
             || !got.iter().any(|m| m.starts_with("STATUS=running"))
         {
-            got.push(recv(&sock));
+            got.push(sock.recv());
         }
         (sock, got)
     })
@@ -203,7 +187,7 @@ async fn the_daemon_tells_systemd_ready_watchdog_and_stopping() {
     );
     daemon.signal("TERM");
     let stopping = tokio::task::spawn_blocking(move || loop {
-        let m = recv(&sock);
+        let m = sock.recv();
         if m != "WATCHDOG=1" && !m.starts_with("STATUS=") {
             return m;
         }

@@ -14,7 +14,37 @@ pub struct Daemon {
     secrets: Vec<String>,
 }
 
+/// The test standing in for systemd: the socket a daemon started by [`Daemon::start_notified`]
+/// sends its sd_notify messages to.
+pub struct Notifications(std::os::unix::net::UnixDatagram);
+
+impl Notifications {
+    /// The next message (blocking, 20 s at most: call from spawn_blocking).
+    pub fn recv(&self) -> String {
+        let mut buf = [0u8; 256];
+        let n = self.0.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    }
+}
+
 impl Daemon {
+    /// Starts the daemon with `NOTIFY_SOCKET` pointing at a socket of the test's and a 400 ms
+    /// `WATCHDOG_USEC`, as systemd's `Type=notify` with `WatchdogSec=` would.
+    pub fn start_notified(mp: &Mailpump) -> (Daemon, Notifications) {
+        let path = mp.dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let daemon = Daemon::start_with_env(
+            mp,
+            &[
+                ("NOTIFY_SOCKET", path.to_str().unwrap()),
+                ("WATCHDOG_USEC", "400000"),
+            ],
+        );
+        (daemon, Notifications(sock))
+    }
+
     pub fn start(mp: &Mailpump) -> Daemon {
         Self::start_with_env(mp, &[])
     }

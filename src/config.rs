@@ -155,6 +155,8 @@ struct RawSettings {
     quarantine_after: Option<i64>,
     quarantine_min_age: Option<String>,
     quarantine_retry: Option<String>,
+    max_connections: Option<i64>,
+    discover_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -173,6 +175,8 @@ struct RawAccount {
     auth: Option<String>,
     oauth2: Option<RawOAuth2>,
     mailboxes: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
+    watch: Option<Vec<String>>,
     delete_after_store: Option<bool>,
     // per-account overrides of [defaults]
     idle: Option<bool>,
@@ -189,6 +193,8 @@ struct RawAccount {
     quarantine_after: Option<i64>,
     quarantine_min_age: Option<String>,
     quarantine_retry: Option<String>,
+    max_connections: Option<i64>,
+    discover_interval: Option<String>,
 }
 
 /// `[accounts.NAME.oauth2]`.
@@ -229,6 +235,8 @@ impl RawAccount {
             quarantine_after: self.quarantine_after,
             quarantine_min_age: self.quarantine_min_age.clone(),
             quarantine_retry: self.quarantine_retry.clone(),
+            max_connections: self.max_connections,
+            discover_interval: self.discover_interval.clone(),
         }
     }
 }
@@ -261,6 +269,10 @@ impl RawSettings {
             quarantine_retry: self
                 .quarantine_retry
                 .or_else(|| base.quarantine_retry.clone()),
+            max_connections: self.max_connections.or(base.max_connections),
+            discover_interval: self
+                .discover_interval
+                .or_else(|| base.discover_interval.clone()),
         }
     }
 }
@@ -384,6 +396,10 @@ pub struct Settings {
     pub quarantine_min_age: Duration,
     /// Quarantined UIDs are tried again on their own this often.
     pub quarantine_retry: Duration,
+    /// IMAP connections this account may hold at once, whatever `watch` asks for.
+    pub max_connections: usize,
+    /// How often the folder list is read again (NOTIFY reports changes sooner where offered).
+    pub discover_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -399,7 +415,12 @@ pub struct Account {
     pub password: Secret,
     /// `auth = "oauth2"`: how to get access tokens and which mechanism logs in with them.
     pub oauth2: Option<OAuth2>,
+    /// Folder selectors: names, `"*"`, globs, special-use names (`crate::folders`).
     pub mailboxes: Vec<String>,
+    /// Selectors of folders left out (default `\\Junk`, `\\Trash` when a wildcard is used).
+    pub exclude: Vec<String>,
+    /// Selectors of the folders that get their own IDLE connection (default `INBOX`).
+    pub watch: Vec<String>,
     pub delete_after_store: bool,
     pub settings: Settings,
 }
@@ -507,6 +528,7 @@ const STRING_KEYS: &[&str] = &[
     "unhealthy_after",
     "quarantine_min_age",
     "quarantine_retry",
+    "discover_interval",
 ];
 
 /// Puts `value` at `path` in `dict`, making the tables on the way.
@@ -928,6 +950,34 @@ fn validate_account(
             list
         }
     };
+    let selectors =
+        |field: &str, list: Option<Vec<String>>| -> Result<Option<Vec<String>>, ConfigError> {
+            let Some(list) = list else { return Ok(None) };
+            if protocol == Protocol::Pop3 {
+                return Err(invalid(key(field), "POP3 has one mailbox: leave it out"));
+            }
+            for m in &list {
+                crate::folders::Selector::parse(m).map_err(|why| invalid(key(field), why))?;
+            }
+            Ok(Some(list))
+        };
+    for m in &mailboxes {
+        crate::folders::Selector::parse(m).map_err(|why| invalid(key("mailboxes"), why))?;
+    }
+    let wildcard = mailboxes.iter().any(|m| {
+        !matches!(
+            crate::folders::Selector::parse(m),
+            Ok(crate::folders::Selector::Name(_))
+        )
+    });
+    let exclude = selectors("exclude", raw.exclude)?.unwrap_or_else(|| {
+        if wildcard {
+            vec!["\\Junk".to_string(), "\\Trash".to_string()]
+        } else {
+            Vec::new()
+        }
+    });
+    let watch = selectors("watch", raw.watch)?.unwrap_or_else(|| vec!["INBOX".to_string()]);
     let delete_after_store = raw.delete_after_store.unwrap_or(false);
     if delete_after_store && protocol == Protocol::Imap {
         return Err(invalid(
@@ -951,6 +1001,8 @@ fn validate_account(
         password,
         oauth2,
         mailboxes,
+        exclude,
+        watch,
         delete_after_store,
         settings,
     })
@@ -1293,6 +1345,23 @@ fn validate_settings(prefix: &str, raw: RawSettings) -> Result<Settings, ConfigE
         quarantine_after,
         quarantine_min_age,
         quarantine_retry: duration_or(&key("quarantine_retry"), raw.quarantine_retry, "1d")?,
+        max_connections: match raw.max_connections {
+            None => 5,
+            Some(n) if (1..=100).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    key("max_connections"),
+                    format!("{n} is outside 1..=100"),
+                ))
+            }
+        },
+        discover_interval: {
+            let d = duration_or(&key("discover_interval"), raw.discover_interval, "5m")?;
+            if d < Duration::from_secs(1) {
+                return Err(invalid(key("discover_interval"), "must be at least 1s"));
+            }
+            d
+        },
     })
 }
 

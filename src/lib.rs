@@ -6,6 +6,9 @@
 //! - [`telemetry`]: the JSON / text log subscriber (async-imap's leaky TRACE output capped).
 //! - [`signals`]: SIGTERM/SIGINT -> shutdown token, SIGHUP -> reload.
 //! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
+//! - [`account`]: an account with folders beyond its watched ones: discovery, the shared
+//!   connection (NOTIFY or a STATUS poll) that follows them, the watched folders' tasks.
+//! - [`folders`]: which folders are synced and how each is followed (selectors); pure.
 //! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
 //! - [`commands`]: one module per command (`run`, `sync`, `check`, `export`, `status`, ...).
 //! - [`sync`]: IMAP's catch-up pass: open, quarantine retry, plan, then the pipeline.
@@ -29,12 +32,14 @@
 //! docs/imap-servers.md and docs/crates.md the server and crate behaviours the code is built
 //! around.
 
+pub mod account;
 pub mod backoff;
 pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod folders;
 pub mod imap;
 pub mod mailbox;
 pub mod metrics;

@@ -47,10 +47,11 @@ pub const STATES: &[&str] = &[
     "syncing",
     "idle",
     "polling",
+    "notify",
     "backoff",
 ];
 /// The states in which a mailbox counts as up.
-const UP_STATES: &[&str] = &["syncing", "idle", "polling"];
+const UP_STATES: &[&str] = &["syncing", "idle", "polling", "notify"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MailboxLabels {

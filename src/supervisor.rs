@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::account::AccountTask;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::budget::Budget;
 use crate::config::{self, Account, Config};
@@ -63,7 +64,7 @@ struct Supervisor {
 
 /// Runs a mailbox task (a fresh future from `run` each time), restarting it with backoff if it
 /// panics: a panic in one mailbox never reaches another.
-async fn supervised<F, Fut>(
+pub(crate) async fn supervised<F, Fut>(
     name: &str,
     mailbox: &str,
     policy: BackoffPolicy,
@@ -92,11 +93,32 @@ where
     }
 }
 
+/// The key of an account run by one [`AccountTask`] (folder sync) instead of one task per
+/// named mailbox: no folder can be called that (`*` is LIST's wildcard).
+pub const ACCOUNT_UNIT: &str = "*";
+
+/// What runs: one task per mailbox of a fixed account (every folder named and watched, see
+/// [`crate::folders::Selection::fixed`]), one [`AccountTask`] per other account.
 fn desired(config: &Config) -> HashMap<Key, Account> {
     let mut out = HashMap::new();
     for account in &config.accounts {
-        for mailbox in &account.mailboxes {
-            out.insert((account.name.clone(), mailbox.clone()), account.clone());
+        let fixed = if account.protocol == config::Protocol::Pop3 {
+            Some(account.mailboxes.clone())
+        } else {
+            crate::folders::Selection::of(account).fixed()
+        };
+        match fixed {
+            Some(names) => {
+                for mailbox in names {
+                    out.insert((account.name.clone(), mailbox), account.clone());
+                }
+            }
+            None => {
+                out.insert(
+                    (account.name.clone(), ACCOUNT_UNIT.to_string()),
+                    account.clone(),
+                );
+            }
         }
     }
     out
@@ -112,6 +134,36 @@ impl Supervisor {
         }
         self.generation += 1;
         let cancel = self.shutdown.child_token();
+        let generation = self.generation;
+        if key.1 == ACCOUNT_UNIT {
+            let task = AccountTask {
+                account: account.clone(),
+                store: self.store.clone(),
+                limits: self.limits,
+                budget: self.budget.clone(),
+                metrics: self.metrics.clone(),
+                policy: self.policy,
+            };
+            let (k, c) = (key.clone(), cancel.clone());
+            self.tasks.spawn(async move {
+                let (name, policy) = (task.account.name.clone(), task.policy);
+                let exit = supervised(&name, ACCOUNT_UNIT, policy, c.clone(), || {
+                    task.clone().run(c.clone())
+                })
+                .await;
+                (k, generation, exit)
+            });
+            tracing::info!(account = %key.0, "account_started");
+            self.running.insert(
+                key,
+                Running {
+                    account,
+                    cancel,
+                    generation,
+                },
+            );
+            return;
+        }
         let task = MailboxTask {
             account: account.clone(),
             mailbox: key.1.clone(),
@@ -128,7 +180,6 @@ impl Supervisor {
             policy: self.policy,
             success_written: Default::default(),
         };
-        let generation = self.generation;
         let k = key.clone();
         let c = cancel.clone();
         self.tasks.spawn(async move {

@@ -1,6 +1,8 @@
 //! `mailpump sync`: one catch-up pass over every configured mailbox, all at once, then exit.
 //! SIGTERM/SIGINT lets each mailbox finish the batch in flight within [`SYNC_GRACE`].
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -63,6 +65,167 @@ async fn record_outcome(
     }
 }
 
+/// Logs and records one mailbox's pass; true when it completed (or stopped cleanly on a
+/// signal) with nothing held back.
+async fn finish(
+    store: &Store,
+    within: Duration,
+    name: &str,
+    mailbox: &str,
+    result: Result<SyncReport, SyncError>,
+    cancel: &CancellationToken,
+) -> bool {
+    let outcome = match &result {
+        Ok(_) if cancel.is_cancelled() => None,
+        Ok(_) => Some(Ok(())),
+        Err(e) => Some(Err(e.to_string())),
+    };
+    if let Some(outcome) = outcome {
+        record_outcome(store, within, name, mailbox, outcome).await;
+    }
+    match result {
+        Ok(r) if cancel.is_cancelled() => {
+            tracing::warn!(
+                account = name,
+                mailbox,
+                fetched = r.fetched,
+                stored = r.stored,
+                last_uid = r.last_uid,
+                "sync_interrupted"
+            );
+            true
+        }
+        Ok(r) => {
+            tracing::info!(
+                account = name,
+                mailbox,
+                fetched = r.fetched,
+                stored = r.stored,
+                replaced = r.replaced,
+                skipped = r.skipped,
+                quarantined = r.quarantined_total,
+                held = r.held,
+                bytes = r.bytes,
+                last_uid = r.last_uid,
+                uidvalidity = r.uidvalidity,
+                elapsed_ms = r.elapsed.as_millis() as u64,
+                "mailbox_synced"
+            );
+            r.held.is_none()
+        }
+        Err(e) => {
+            tracing::error!(account = name, mailbox, error = %e, "mailbox_sync_failed");
+            false
+        }
+    }
+}
+
+/// Folders found on the server, then caught up by at most `max_connections` sessions at
+/// once, each taking the next folder when it is done with one (the first session is the one
+/// that listed them).
+async fn sync_account(
+    account: Account,
+    ctx: Context,
+    options: sync::Options,
+    cancel: CancellationToken,
+    within: Duration,
+) -> bool {
+    let name = account.name.clone();
+    let listed = async {
+        let mut session = Session::connect(&account).await?;
+        tracing::info!(account = %account.name, host = %account.host, port = account.port, "connected");
+        let prefix = crate::folders::personal_prefix(&session.namespaces().await?);
+        let (lists, _) = session.list_folders().await?;
+        let found: Vec<crate::folders::Folder> = lists.iter().map(Into::into).collect();
+        let plan = crate::folders::Selection::of(&account).plan(&found, prefix.as_deref());
+        Ok::<_, crate::imap::ImapError>((session, plan))
+    };
+    let (first, plan) = tokio::select! {
+        _ = cancel.cancelled() => return true,
+        listed = listed => match listed {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(account = %name, error = %e, "folder_list_failed");
+                return false;
+            }
+        },
+    };
+    for (mailbox, reason) in &plan.left_out {
+        tracing::info!(account = %name, mailbox = %mailbox, reason = %reason, "folder_left_out");
+    }
+    tracing::info!(account = %name, synced = plan.synced.len(), left_out = plan.left_out.len(), "folders_discovered");
+    let queue: Arc<Mutex<VecDeque<String>>> =
+        Arc::new(Mutex::new(plan.synced.keys().cloned().collect()));
+    let workers = account
+        .settings
+        .max_connections
+        .min(plan.synced.len())
+        .max(1);
+    let mut tasks = JoinSet::new();
+    let mut first = Some(first);
+    for _ in 0..workers {
+        let (account, queue, cancel) = (account.clone(), queue.clone(), cancel.clone());
+        let ctx = Context {
+            store: ctx.store.scoped(),
+            limits: ctx.limits,
+            budget: ctx.budget.clone(),
+        };
+        let mut session = first.take();
+        tasks.spawn(async move {
+            let mut ok = true;
+            loop {
+                let Some(mailbox) = crate::error::lock(&queue).pop_front() else {
+                    break;
+                };
+                if cancel.is_cancelled() {
+                    break;
+                }
+                let mut s = match session.take() {
+                    Some(s) => s,
+                    None => match tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        s = Session::connect(&account) => s,
+                    } {
+                        Ok(s) => {
+                            tracing::info!(account = %account.name, host = %account.host, port = account.port, "connected");
+                            s
+                        }
+                        Err(e) => {
+                            ok &= finish(&ctx.store, within, &account.name, &mailbox, Err(e.into()), &cancel).await;
+                            continue;
+                        }
+                    },
+                };
+                let result = sync::catch_up(&mut s, &ctx, &account, &mailbox, options, &cancel).await;
+                // a folder the server will not open leaves the session usable
+                let keep = match &result {
+                    Ok(_) => true,
+                    Err(SyncError::Imap(crate::imap::ImapError::Rejected { command, .. })) => {
+                        command == "EXAMINE" || command == "SELECT"
+                    }
+                    Err(_) => false,
+                };
+                ok &= finish(&ctx.store, within, &account.name, &mailbox, result, &cancel).await;
+                if keep {
+                    session = Some(s);
+                }
+            }
+            if let Some(s) = session {
+                s.logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout)).await;
+            }
+            ok
+        });
+    }
+    let mut all_ok = true;
+    while let Some(joined) = tasks.join_next().await {
+        all_ok &= joined.unwrap_or_else(|e| {
+            tracing::error!(account = %name, error = %e, "mailbox_task_panicked");
+            false
+        });
+    }
+    all_ok
+}
+
 /// `mailpump sync`: true when every mailbox completed its pass, or stopped cleanly between
 /// batches because SIGTERM/SIGINT asked it to (what it had fetched is stored).
 pub async fn sync_all(config: &Config, options: sync::Options, cancel: CancellationToken) -> bool {
@@ -79,7 +242,22 @@ pub async fn sync_all(config: &Config, options: sync::Options, cancel: Cancellat
     let (limits, budget) = (super::limits(config), super::budget(config));
     let mut tasks = JoinSet::new();
     for account in &config.accounts {
-        for mailbox in &account.mailboxes {
+        let fixed = match account.protocol {
+            Protocol::Pop3 => Some(account.mailboxes.clone()),
+            Protocol::Imap => crate::folders::Selection::of(account).fixed(),
+        };
+        let Some(mailboxes) = fixed else {
+            let ctx = Context {
+                store: store.clone(),
+                limits,
+                budget: budget.clone(),
+            };
+            let (account, cancel) = (account.clone(), cancel.child_token());
+            let within = config.store.connect_timeout;
+            tasks.spawn(async move { sync_account(account, ctx, options, cancel, within).await });
+            continue;
+        };
+        for mailbox in &mailboxes {
             let ctx = Context {
                 store: store.scoped(),
                 limits,
@@ -90,53 +268,11 @@ pub async fn sync_all(config: &Config, options: sync::Options, cancel: Cancellat
             let within = config.store.connect_timeout;
             tasks.spawn(async move {
                 let result = sync_mailbox(&account, &mailbox, &ctx, options, &cancel).await;
-                let name = account.name.as_str();
-                let outcome = match &result {
-                    Ok(_) if cancel.is_cancelled() => None,
-                    Ok(_) => Some(Ok(())),
-                    Err(e) => Some(Err(e.to_string())),
-                };
-                if let Some(outcome) = outcome {
-                    record_outcome(&ctx.store, within, name, &mailbox, outcome).await;
-                }
-                match result {
-                    Ok(r) if cancel.is_cancelled() => {
-                        tracing::warn!(
-                            account = name,
-                            mailbox,
-                            fetched = r.fetched,
-                            stored = r.stored,
-                            last_uid = r.last_uid,
-                            "sync_interrupted"
-                        );
-                        true
-                    }
-                    Ok(r) => {
-                        tracing::info!(
-                            account = name,
-                            mailbox,
-                            fetched = r.fetched,
-                            stored = r.stored,
-                            replaced = r.replaced,
-                            skipped = r.skipped,
-                            quarantined = r.quarantined_total,
-                            held = r.held,
-                            bytes = r.bytes,
-                            last_uid = r.last_uid,
-                            uidvalidity = r.uidvalidity,
-                            elapsed_ms = r.elapsed.as_millis() as u64,
-                            "mailbox_synced"
-                        );
-                        r.held.is_none()
-                    }
-                    Err(e) => {
-                        tracing::error!(account = name, mailbox, error = %e, "mailbox_sync_failed");
-                        false
-                    }
-                }
+                finish(&ctx.store, within, &account.name, &mailbox, result, &cancel).await
             });
         }
     }
+
     let mut all_ok = true;
     // armed by the first signal; until then far away
     let deadline = tokio::time::sleep(Duration::from_secs(86400 * 365));

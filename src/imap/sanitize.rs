@@ -2,13 +2,20 @@
 //! harmless) but that imap-proto cannot parse:
 //! - untagged responses it does not know (`* XAPPLEPUSHSERVICE ...`): RFC 3501 section 7 asks
 //!   clients to ignore them, imap-proto fails the whole session; they are dropped;
-//! - `* CAPABILITY` lines with repeated spaces: the spaces are collapsed.
+//! - `* CAPABILITY` lines with repeated spaces: the spaces are collapsed;
+//! - `* LIST`, `* LSUB`, `* STATUS` and `* NAMESPACE`, which imap-proto cannot parse once
+//!   extensions add to them (LIST-EXTENDED's `("OLDNAME" (...))`, STATUS `MAILBOXID`,
+//!   NAMESPACE itself): each is taken whole (literals included) into the [`Captured`] queue
+//!   and replaced by [`CAPTURED_MARK`], an untagged OK that wakes a reader without a command
+//!   pending; `imap::listing` parses them.
 //!
 //! Everything else passes byte for byte. Literals (`{n}` at the end of a line) are carried
 //! whole and never inspected, so message bodies cannot be mistaken for responses.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,9 +28,6 @@ const KNOWN: &[&str] = &[
     "BYE",
     "PREAUTH",
     "CAPABILITY",
-    "LIST",
-    "LSUB",
-    "STATUS",
     "SEARCH",
     "SORT",
     "FLAGS",
@@ -37,6 +41,16 @@ const KNOWN: &[&str] = &[
     "METADATA",
     "VANISHED",
 ];
+/// Untagged responses taken whole into the [`Captured`] queue.
+const CAPTURED: &[&str] = &["LIST", "LSUB", "STATUS", "NAMESPACE"];
+/// What a captured response is replaced by in the stream async-imap reads.
+pub const CAPTURED_MARK: &str = "mailpump-captured";
+/// A captured response may not be larger than this (a LIST line is a name and a few flags).
+const MAX_CAPTURED: usize = 1024 * 1024;
+
+/// The raw responses taken out of the stream (each whole, with its literals), oldest first.
+pub type Captured = Arc<Mutex<VecDeque<Vec<u8>>>>;
+
 const KNOWN_NUMBERED: &[&str] = &["EXISTS", "RECENT", "EXPUNGE", "FETCH"];
 /// A single line (not counting literals) longer than this is refused.
 const MAX_LINE: usize = 64 * 1024 * 1024;
@@ -46,6 +60,7 @@ enum Decision {
     Pass,
     Drop,
     Capability,
+    Capture,
 }
 
 #[derive(Debug)]
@@ -61,6 +76,9 @@ pub struct Sanitize<T> {
     /// Literal bytes still to carry.
     literal: u64,
     eof: bool,
+    /// The response being captured, and the queue it goes to once whole.
+    capturing: Vec<u8>,
+    captured: Captured,
 }
 
 /// The `n` of a line ending in `{n}\r\n` or `{n+}\r\n`.
@@ -102,6 +120,7 @@ fn classify(line: &[u8]) -> Decision {
     }
     match word.as_str() {
         "CAPABILITY" => Decision::Capability,
+        w if CAPTURED.contains(&w) => Decision::Capture,
         w if KNOWN.contains(&w) => Decision::Pass,
         _ => Decision::Drop,
     }
@@ -131,7 +150,14 @@ impl<T> Sanitize<T> {
             decision: None,
             literal: 0,
             eof: false,
+            capturing: Vec::new(),
+            captured: Captured::default(),
         }
+    }
+
+    /// The queue captured responses go to.
+    pub fn captured(&self) -> Captured {
+        self.captured.clone()
     }
 
     pub fn get_mut(&mut self) -> &mut T {
@@ -143,8 +169,15 @@ impl<T> Sanitize<T> {
         while !input.is_empty() {
             if self.literal > 0 {
                 let n = (self.literal as usize).min(input.len());
-                if self.decision != Some(Decision::Drop) {
-                    self.out.extend_from_slice(&input[..n]);
+                match self.decision {
+                    Some(Decision::Drop) => {}
+                    Some(Decision::Capture) => self.capturing.extend_from_slice(&input[..n]),
+                    _ => self.out.extend_from_slice(&input[..n]),
+                }
+                if self.capturing.len() > MAX_CAPTURED {
+                    return Err(io::Error::other(
+                        "a LIST or STATUS response larger than 1 MiB",
+                    ));
                 }
                 self.literal -= n as u64;
                 input = &input[n..];
@@ -169,10 +202,27 @@ impl<T> Sanitize<T> {
                         Decision::Drop => {
                             tracing::debug!(line = %String::from_utf8_lossy(&line[..line.len().min(80)]).trim_end(), "unknown_response_ignored")
                         }
+                        Decision::Capture => {
+                            self.capturing.extend_from_slice(&line);
+                            if self.capturing.len() > MAX_CAPTURED {
+                                return Err(io::Error::other(
+                                    "a LIST or STATUS response larger than 1 MiB",
+                                ));
+                            }
+                        }
                     }
                     match literal_length(&line) {
                         Some(n) => self.literal = n,
-                        None => self.decision = None,
+                        None => {
+                            if self.decision == Some(Decision::Capture) {
+                                let whole = std::mem::take(&mut self.capturing);
+                                crate::error::lock(&self.captured).push_back(whole);
+                                self.out.extend_from_slice(
+                                    format!("* OK {CAPTURED_MARK}\r\n").as_bytes(),
+                                );
+                            }
+                            self.decision = None
+                        }
                     }
                 }
             }

@@ -8,7 +8,8 @@ use async_imap::imap_proto::{self, AttributeValue, MailboxDatum, Response, Respo
 use chrono::{DateTime, FixedOffset, NaiveDate};
 use tokio::io::BufWriter;
 
-use super::sanitize::Sanitize;
+use super::listing::{self, ListEntry, Listing, Namespace, StatusEntry};
+use super::sanitize::{Captured, Sanitize, CAPTURED_MARK};
 use super::{starttls, utf7, ImapError};
 use crate::config::{Account, Security};
 use crate::net::{self, NetError, Transport};
@@ -46,6 +47,27 @@ pub struct Session {
     /// and not again when IDLE starts: forgetting it would leave the mail waiting until the
     /// next event or the IDLE refresh.
     changed: bool,
+    /// LIST, STATUS and NAMESPACE responses taken out of the stream by `sanitize`.
+    captured: Captured,
+    /// Those that arrived outside a command that asked for them (NOTIFY's news): kept for
+    /// [`Session::take_listings`] while a LIST or STATUS of ours runs.
+    held: Vec<Listing>,
+}
+
+/// At most this many captured responses wait to be read (a server that streams STATUS lines
+/// nobody asked for must not grow memory); the oldest go first.
+const MAX_WAITING_LISTINGS: usize = 100_000;
+
+/// Why [`Session::wait_news`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The server sent something about the folders (NOTIFY's STATUS or LIST, or a change of
+    /// the selected mailbox): read it with [`Session::take_listings`] / `take_changed`.
+    News,
+    /// The deadline passed.
+    Deadline,
+    /// Shutdown was requested.
+    Cancelled,
 }
 
 /// Hints added to errors for providers with known requirements (docs/imap-servers.md).
@@ -453,7 +475,9 @@ impl Session {
     ) -> Result<Session, ImapError> {
         let timeout = account.settings.command_timeout;
         let connect_timeout = account.settings.connect_timeout;
-        let mut client = async_imap::Client::new(BufWriter::new(Sanitize::new(transport)));
+        let sanitize = Sanitize::new(transport);
+        let captured = sanitize.captured();
+        let mut client = async_imap::Client::new(BufWriter::new(sanitize));
         if !greeting_read {
             // async-imap does not read the greeting itself; authenticate() hangs without this.
             let greeting = next_response!(
@@ -488,6 +512,8 @@ impl Session {
             capabilities: HashSet::new(),
             timeout,
             changed: false,
+            captured,
+            held: Vec::new(),
         };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
@@ -504,6 +530,236 @@ impl Session {
             }
         }
         Ok(session)
+    }
+
+    /// The LIST, STATUS and NAMESPACE responses received since the last call, parsed, oldest
+    /// first (malformed ones are skipped).
+    pub fn take_listings(&mut self) -> Vec<Listing> {
+        let mut out = std::mem::take(&mut self.held);
+        out.extend(self.captured_now());
+        out
+    }
+
+    /// What `sanitize` captured since the last look, parsed.
+    fn captured_now(&mut self) -> Vec<Listing> {
+        let raw: Vec<Vec<u8>> = crate::error::lock(&self.captured).drain(..).collect();
+        raw.iter().filter_map(|r| listing::parse(r)).collect()
+    }
+
+    /// Keeps what arrived so far for `take_listings`, before a command whose own answers are
+    /// read from the capture.
+    fn hold_listings(&mut self) {
+        let now = self.captured_now();
+        self.held.extend(now);
+        let excess = self.held.len().saturating_sub(MAX_WAITING_LISTINGS);
+        self.held.drain(..excess);
+    }
+
+    fn cap_listings(&self) {
+        let mut queue = crate::error::lock(&self.captured);
+        let excess = queue.len().saturating_sub(MAX_WAITING_LISTINGS);
+        queue.drain(..excess);
+    }
+
+    /// NAMESPACE's personal namespaces (RFC 2342); empty where the server lacks it.
+    pub async fn namespaces(&mut self) -> Result<Vec<Namespace>, ImapError> {
+        if !self.has_capability("NAMESPACE") {
+            return Ok(Vec::new());
+        }
+        self.hold_listings();
+        self.command("NAMESPACE", |_| Ok(())).await?;
+        let mut found = Vec::new();
+        for l in self.captured_now() {
+            match l {
+                Listing::Namespace(ns) => found = ns,
+                other => self.held.push(other),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every folder: `LIST "" "*"`, with RFC 6154 special-use attributes and, where the
+    /// server has LIST-STATUS (RFC 5819), each folder's STATUS in the same command.
+    pub async fn list_folders(&mut self) -> Result<(Vec<ListEntry>, Vec<StatusEntry>), ImapError> {
+        let mut returns = Vec::new();
+        if self.has_capability("SPECIAL-USE") && self.has_capability("LIST-EXTENDED") {
+            returns.push("SPECIAL-USE".to_string());
+        }
+        if self.has_capability("LIST-STATUS") {
+            returns.push(format!("STATUS ({})", self.status_items()));
+        }
+        let command = if returns.is_empty() {
+            "LIST \"\" \"*\"".to_string()
+        } else {
+            format!("LIST \"\" \"*\" RETURN ({})", returns.join(" "))
+        };
+        self.hold_listings();
+        self.command(&command, |_| Ok(())).await?;
+        let (mut lists, mut statuses) = (Vec::new(), Vec::new());
+        for l in self.captured_now() {
+            match l {
+                // a rename NOTIFY announced meanwhile: its old name matters to the caller
+                Listing::List(e) if e.old_name.is_some() => self.held.push(Listing::List(e)),
+                Listing::List(e) => lists.push(e),
+                Listing::Status(s) => {
+                    self.held.push(Listing::Status(s.clone()));
+                    statuses.push(s)
+                }
+                Listing::Namespace(_) => {}
+            }
+        }
+        Ok((lists, statuses))
+    }
+
+    /// The STATUS items mailpump asks for.
+    fn status_items(&self) -> &'static str {
+        match (
+            self.has_capability("CONDSTORE"),
+            self.has_capability("OBJECTID"),
+        ) {
+            (true, true) => "MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ MAILBOXID",
+            (true, false) => "MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ",
+            (false, true) => "MESSAGES UIDNEXT UIDVALIDITY MAILBOXID",
+            (false, false) => "MESSAGES UIDNEXT UIDVALIDITY",
+        }
+    }
+
+    /// `STATUS` of every folder in `names`, pipelined (up to 100 commands per write). A folder
+    /// the server refuses (deleted meanwhile) is left out of the answer.
+    pub async fn status_many(&mut self, names: &[String]) -> Result<Vec<StatusEntry>, ImapError> {
+        let items = self.status_items();
+        self.hold_listings();
+        let asked: HashSet<&String> = names.iter().collect();
+        let mut out = Vec::new();
+        for chunk in names.chunks(100) {
+            let mut tags = Vec::new();
+            for name in chunk {
+                let command = format!("STATUS {} ({items})", utf7::mailbox_arg(name));
+                let tag = match tokio::time::timeout(self.timeout, self.inner.run_command(&command))
+                    .await
+                {
+                    Err(_) => {
+                        return Err(NetError::Timeout {
+                            what: "sending STATUS".into(),
+                            after: self.timeout,
+                        }
+                        .into())
+                    }
+                    Ok(Err(e)) => return Err(map_async_imap(e)),
+                    Ok(Ok(tag)) => tag,
+                };
+                tags.push(tag);
+            }
+            while !tags.is_empty() {
+                let response = next_response!(
+                    self.inner.read_response(),
+                    self.timeout,
+                    "the replies to STATUS"
+                );
+                match response.parsed() {
+                    Response::Done {
+                        tag,
+                        status,
+                        outcome,
+                    } => {
+                        let Some(i) = tags.iter().position(|t| t == tag) else {
+                            return Err(ImapError::Protocol(format!(
+                                "reply for unknown tag {tag:?} while waiting for STATUS"
+                            )));
+                        };
+                        tags.swap_remove(i);
+                        if *status != Status::Ok {
+                            tracing::debug!(
+                                text = outcome.information.as_deref().unwrap_or(""),
+                                "status_refused"
+                            );
+                        }
+                    }
+                    Response::Data {
+                        status: Status::Bye,
+                        outcome,
+                    } => return Err(bye(outcome.information.as_deref())),
+                    other => {
+                        if announces_change(other, false) {
+                            self.changed = true;
+                        }
+                    }
+                }
+            }
+            for l in self.captured_now() {
+                match l {
+                    Listing::Status(s) if asked.contains(&s.name) => out.push(s),
+                    other => self.held.push(other),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `NOTIFY SET` (RFC 5465) for new mail, expunges, flag changes and folder changes in every
+    /// personal folder. Dovecot then sends `* STATUS` for a folder that changed and `* LIST`
+    /// for one created, renamed or deleted.
+    pub async fn notify_set(&mut self) -> Result<(), ImapError> {
+        self.command(
+            "NOTIFY SET (selected (MessageNew MessageExpunge FlagChange)) (personal (MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange))",
+            |_| Ok(()),
+        )
+        .await
+    }
+
+    /// Leaves the selected folder (UNSELECT, RFC 3691) where the server has it; Dovecot's
+    /// NOTIFY is reliably prompt only for a connection with nothing selected.
+    pub async fn unselect(&mut self) -> Result<bool, ImapError> {
+        if !self.has_capability("UNSELECT") {
+            return Ok(false);
+        }
+        self.command("UNSELECT", |_| Ok(())).await?;
+        Ok(true)
+    }
+
+    /// Waits, with no command pending, until the server sends news (a captured LIST or
+    /// STATUS, or a change of the selected mailbox), `deadline` passes, or `cancel` fires.
+    /// Reading is cancel-safe: partial data stays in async-imap's buffer.
+    pub async fn wait_news(
+        &mut self,
+        deadline: tokio::time::Instant,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<WaitEnd, ImapError> {
+        self.cap_listings();
+        if !self.held.is_empty() || !crate::error::lock(&self.captured).is_empty() || self.changed {
+            return Ok(WaitEnd::News);
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(WaitEnd::Cancelled),
+                _ = tokio::time::sleep_until(deadline) => return Ok(WaitEnd::Deadline),
+                read = self.inner.read_response() => {
+                    let response = match read {
+                        Err(e) => return Err(ImapError::from_read(e)),
+                        Ok(None) => return Err(NetError::Closed.into()),
+                        Ok(Some(r)) => r,
+                    };
+                    match response.parsed() {
+                        Response::Data { status: Status::Bye, outcome } => {
+                            return Err(bye(outcome.information.as_deref()))
+                        }
+                        Response::Data { status: Status::Ok, outcome }
+                            if outcome.information.as_deref() == Some(CAPTURED_MARK) =>
+                        {
+                            return Ok(WaitEnd::News)
+                        }
+                        Response::Done { tag, .. } => {
+                            return Err(ImapError::Protocol(format!("a tagged reply {tag:?} with no command pending")))
+                        }
+                        other if announces_change(other, false) => {
+                            self.changed = true;
+                            return Ok(WaitEnd::News);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Whether the server announced a change since the mailbox was opened, and forget it.
@@ -640,6 +896,7 @@ impl Session {
         .await?;
         // What the mailbox held until now is what the SEARCH that follows sees.
         self.changed = false;
+        self.cap_listings();
         let uidvalidity = uidvalidity
             .ok_or_else(|| ImapError::Protocol(format!("{verb} {mailbox} gave no UIDVALIDITY")))?;
         Ok(MailboxInfo {

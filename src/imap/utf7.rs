@@ -38,6 +38,48 @@ pub fn encode_mailbox(name: &str) -> String {
     out
 }
 
+/// Decodes a mailbox name as the server sent it (`&XfJT0ZAB-` -> `已发送`). None when the name
+/// is not valid modified UTF-7 (a server that sends raw UTF-8, or a broken encoding): the
+/// caller keeps the bytes as they came.
+pub fn decode_mailbox(wire: &str) -> Option<String> {
+    let mut out = String::with_capacity(wire.len());
+    let mut rest = wire;
+    while let Some(amp) = rest.find('&') {
+        let (plain, tail) = rest.split_at(amp);
+        if !plain.chars().all(|c| (' '..='~').contains(&c)) {
+            return None;
+        }
+        out.push_str(plain);
+        let tail = &tail[1..];
+        let end = tail.find('-')?;
+        let (b64, after) = (&tail[..end], &tail[end + 1..]);
+        if b64.is_empty() {
+            out.push('&');
+        } else {
+            let bytes = MUTF7.decode(b64).ok()?;
+            if bytes.len() % 2 != 0 {
+                return None;
+            }
+            let units: Vec<u16> = bytes
+                .chunks(2)
+                .map(|p| u16::from_be_bytes([p[0], p[1]]))
+                .collect();
+            let text = String::from_utf16(&units).ok()?;
+            // RFC 3501: printable US-ASCII must not be encoded
+            if text.chars().any(|c| (' '..='~').contains(&c)) {
+                return None;
+            }
+            out.push_str(&text);
+        }
+        rest = after;
+    }
+    if !rest.chars().all(|c| (' '..='~').contains(&c)) {
+        return None;
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
 /// An IMAP quoted string.
 pub fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
@@ -66,6 +108,33 @@ mod tests {
             "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
         );
         assert_eq!(encode_mailbox("已发送"), "&XfJT0ZAB-");
+    }
+
+    #[test]
+    fn decoding_reverses_encoding_and_refuses_what_is_not_modified_utf7() {
+        for name in [
+            "INBOX",
+            "Tom & Jerry",
+            "~peter/mail/台北/日本語",
+            "已发送",
+            "Entwürfe",
+            "a&b&c😀",
+        ] {
+            assert_eq!(decode_mailbox(&encode_mailbox(name)).as_deref(), Some(name));
+        }
+        assert_eq!(decode_mailbox("Entw&APw-rfe").as_deref(), Some("Entwürfe"));
+        assert_eq!(decode_mailbox("&-").as_deref(), Some("&"));
+        assert_eq!(decode_mailbox("broken&XfJT0ZAB"), None, "no closing dash");
+        assert_eq!(
+            decode_mailbox("已发送"),
+            None,
+            "raw UTF-8 is not modified UTF-7"
+        );
+        assert_eq!(
+            decode_mailbox("&AGEAYgBj-"),
+            None,
+            "encoded ASCII is not canonical"
+        );
     }
 
     #[test]

@@ -376,6 +376,117 @@ impl Store {
     }
 }
 
+/// A folder the account's folder sync knew, as `mailboxes` remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderRecord {
+    pub mailbox: String,
+    pub state: Option<String>,
+    /// How it was followed (`idle`, `notify`, `status poll`); None for a folder only ever
+    /// named in the config by a fixed account.
+    pub followed_by: Option<String>,
+    /// RFC 8474's MAILBOXID, where the server has it.
+    pub mailbox_id: Option<String>,
+}
+
+impl Store {
+    /// Notes that folder sync follows this folder, and how (`idle`, `notify`, `status poll`);
+    /// a folder that was marked deleted and is back loses the mark.
+    pub async fn note_followed(
+        &self,
+        account: &str,
+        mailbox: &str,
+        followed_by: &str,
+        mailbox_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let now = bson::DateTime::now();
+        let mut set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "followed_by": followed_by,
+            "followed_at": now,
+            "updated_at": now,
+        };
+        if let Some(id) = mailbox_id {
+            set.insert("mailbox_id", id);
+        }
+        let (coll, id) = (self.mailboxes.clone(), Self::mailbox_id(account, mailbox));
+        self.guarded("folder note", async move {
+            coll.update_one(
+                doc! {"_id": id},
+                doc! {"$set": set, "$setOnInsert": {"quarantined": []}, "$unset": {"deleted_at": "", "renamed_to": ""}},
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Marks a folder that disappeared from the server: `state: "deleted"` and `deleted_at`,
+    /// or `state: "renamed"` with `renamed_to` where the server told the new name. Its
+    /// documents stay.
+    pub async fn mark_deleted(
+        &self,
+        account: &str,
+        mailbox: &str,
+        renamed_to: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let now = bson::DateTime::now();
+        let mut set = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "state": if renamed_to.is_some() { "renamed" } else { "deleted" },
+            "state_at": now,
+            "deleted_at": now,
+            "updated_at": now,
+        };
+        if let Some(to) = renamed_to {
+            set.insert("renamed_to", to);
+        }
+        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "deletion mark")
+            .await
+    }
+
+    /// Notes on a new folder the one it was renamed from.
+    pub async fn note_renamed_from(
+        &self,
+        account: &str,
+        mailbox: &str,
+        from: &str,
+    ) -> Result<(), StoreError> {
+        let set = doc! {"account": account, "mailbox": mailbox, "renamed_from": from};
+        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "rename note")
+            .await
+    }
+
+    /// Every folder of `account` that folder sync followed and that is not marked deleted.
+    pub async fn followed_folders(&self, account: &str) -> Result<Vec<FolderRecord>, StoreError> {
+        use futures::TryStreamExt;
+        let coll = self.mailboxes.clone();
+        let account = account.to_string();
+        let docs: Vec<Document> = self
+            .guarded("folder list read", async move {
+                coll.find(doc! {"account": account, "followed_by": {"$exists": true}, "deleted_at": {"$exists": false}})
+                    .projection(doc! {"mailbox": 1, "state": 1, "followed_by": 1, "mailbox_id": 1})
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(FolderRecord {
+                    mailbox: d.get_str("mailbox").ok()?.to_string(),
+                    state: d.get_str("state").ok().map(str::to_string),
+                    followed_by: d.get_str("followed_by").ok().map(str::to_string),
+                    mailbox_id: d.get_str("mailbox_id").ok().map(str::to_string),
+                })
+            })
+            .collect())
+    }
+}
+
 /// The key of one UID's failure count inside `mailboxes.failures`.
 fn failure_key(uidvalidity: u32, uid: u32) -> String {
     format!("{uidvalidity}-{uid}")

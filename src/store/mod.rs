@@ -27,7 +27,7 @@ mod pop3;
 mod reads;
 
 pub use blobs::CHUNK_SIZE;
-pub use mailboxes::{Checkpoint, FailureCount, MailboxRecord, MailboxStatus};
+pub use mailboxes::{Checkpoint, FailureCount, FolderRecord, MailboxRecord, MailboxStatus};
 pub use messages::{message_document, minimal_document, CommitReport, ReadyMessage};
 pub use pop3::Pop3Entry;
 pub use reads::{ExportCursor, ExportItem, MailboxSummary, EXPORT_QUEUE};

@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod export;
 mod faults;
+mod folders;
 mod golden;
 mod health;
 mod hostile;

@@ -3,6 +3,7 @@
 pub mod daemon;
 pub mod dovecot;
 pub mod idp;
+pub mod imapc;
 pub mod mailpump;
 pub mod mongo;
 pub mod proxy;

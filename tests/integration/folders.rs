@@ -1,0 +1,295 @@
+//! Whole-account folder sync against a real Dovecot: `"*"`, globs, special-use names and
+//! `exclude` over 200+ nested folders with non-ASCII names; in the daemon, folders followed by
+//! one shared connection (NOTIFY on Dovecot, a STATUS poll where NOTIFY is switched off),
+//! created, renamed and deleted while it runs, within `max_connections` counted server-side.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use bson::doc;
+
+use crate::harness::imapc::{server_connections, ImapClient};
+use crate::harness::{message, AccountSpec, Daemon, Dovecot, Mailpump, TestDb};
+
+const SOON: Duration = Duration::from_secs(30);
+
+/// Dovecot with special-use folders (it takes them only from its config).
+const SPECIAL_USE: &str = r#"
+namespace inbox {
+  inbox = yes
+  separator = .
+  mailbox Junk {
+    special_use = \Junk
+    auto = create
+  }
+  mailbox Trash {
+    special_use = \Trash
+    auto = create
+  }
+  mailbox Sent {
+    special_use = \Sent
+    auto = create
+  }
+  mailbox Archive {
+    special_use = \Archive
+    auto = create
+  }
+}
+"#;
+
+/// 212 folders: 10 projects x 10 subfolders (one level deeper under each), non-ASCII names,
+/// the special-use ones. Returns the folders that hold one message each.
+fn many_folders() -> Vec<String> {
+    let mut out = vec![
+        "Sent".to_string(),
+        "Archive".into(),
+        "Junk".into(),
+        "Trash".into(),
+        "已发送".into(),
+        "Entwürfe".into(),
+        "Tom & Jerry".into(),
+    ];
+    for p in 0..10 {
+        for s in 0..10 {
+            out.push(format!("Projects.p{p}.s{s}"));
+            out.push(format!("Projects.p{p}.s{s}.深"));
+        }
+    }
+    out.push("Archive.2024".into());
+    out.push("Archive.2024.03".into());
+    out.push("Other".into());
+    out
+}
+
+async fn stored_by_mailbox(db: &TestDb, account: &str) -> BTreeSet<String> {
+    db.messages(doc! {"account": account})
+        .await
+        .iter()
+        .map(|d| d.get_str("mailbox").unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_folder_of_an_account_is_synced_but_junk_and_trash() {
+    let mut dc = Dovecot::start_with(SPECIAL_USE);
+    let user = dc.add_user("whole", "pw-whole");
+    dc.deliver(&user, &message("inbox", "x"));
+    let folders = many_folders();
+    for f in &folders {
+        dc.deliver_to(&user, Some(f), &message(f, "x"), "", None);
+    }
+    assert!(folders.len() > 200);
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("whole", &dc, &user).with("mailboxes = [\"*\"]")],
+    );
+    let run = mp.run(&["sync"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let stored = stored_by_mailbox(&db, "whole").await;
+    let mut want: BTreeSet<String> = folders
+        .iter()
+        .filter(|f| *f != "Junk" && *f != "Trash")
+        .cloned()
+        .collect();
+    want.insert("INBOX".into());
+    assert_eq!(
+        stored, want,
+        "every folder but \\Junk and \\Trash, names in UTF-8"
+    );
+    assert_eq!(
+        db.count("messages", doc! {"account": "whole"}).await as usize,
+        want.len()
+    );
+    let left_out: Vec<String> = run
+        .events("folder_left_out")
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["mailbox"].as_str().unwrap(),
+                e["reason"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        left_out
+            .iter()
+            .any(|l| l.starts_with("Junk excluded by \"\\\\Junk\"")),
+        "{left_out:?}"
+    );
+    let connected = run.events("connected").len();
+    assert!(
+        connected <= 5,
+        "max_connections = 5 sessions, saw {connected}"
+    );
+
+    // a second pass fetches nothing
+    let again = mp.run(&["sync"]);
+    assert_eq!(again.code(), 0);
+    let fetched: u64 = again
+        .events("mailbox_synced")
+        .iter()
+        .map(|e| e["fetched"].as_u64().unwrap())
+        .sum();
+    assert_eq!(fetched, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn globs_special_use_and_exclude_select_what_they_say() {
+    let mut dc = Dovecot::start_with(SPECIAL_USE);
+    let user = dc.add_user("pick", "pw-pick");
+    for f in many_folders() {
+        dc.deliver_to(&user, Some(&f), &message(&f, "x"), "", None);
+    }
+    dc.deliver(&user, &message("inbox", "x"));
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("pick", &dc, &user)
+            .with("mailboxes = [\"\\\\Sent\", \"Projects/p1/*\", \"Archive/**\"]")
+            .with("exclude = [\"Projects/p1/s9\", \"Archive/2024/*\"]")],
+    );
+    let run = mp.run(&["sync"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let stored = stored_by_mailbox(&db, "pick").await;
+    let mut want: BTreeSet<String> = (0..9).map(|s| format!("Projects.p1.s{s}")).collect();
+    want.insert("Sent".into());
+    want.insert("Archive".into());
+    want.insert("Archive.2024".into());
+    assert_eq!(stored, want);
+}
+
+/// The daemon on Dovecot with NOTIFY: a message appended to a folder that is not watched is
+/// stored at once; a folder created, renamed and deleted while it runs is followed; the
+/// account never holds more than `max_connections` connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
+    let mut dc = Dovecot::start_with(SPECIAL_USE);
+    let user = dc.add_user("live", "pw-live");
+    for f in ["Work", "Work.Deep", "Lists", "已发送"] {
+        dc.deliver_to(&user, Some(f), &message(f, "old"), "", None);
+    }
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("live", &dc, &user)
+            .with("mailboxes = [\"*\"]")
+            .with("max_connections = 3")
+            // a safety sweep far away: what arrives sooner came through NOTIFY
+            .with("discover_interval = \"10m\"")
+            .with("poll_interval = \"10m\"")],
+    );
+    let daemon = Daemon::start(&mp);
+    daemon
+        .wait_for_log(SOON, "folders watching", |l| {
+            l.iter().filter(|e| e["message"] == "watching").count() >= 6
+        })
+        .await;
+    let connected = daemon.events("follower_connected");
+    assert_eq!(connected[0]["mode"], "notify", "{connected:?}");
+    crate::harness::eventually(SOON, "the backfill", || async {
+        db.count("messages", doc! {"account": "live"}).await == 4
+    })
+    .await;
+
+    let mut other = ImapClient::login(dc.imap_port, "live", "pw-live");
+    let mut latencies = Vec::new();
+    for (i, folder) in ["Work.Deep", "已发送", "Lists"].iter().enumerate() {
+        let subject = format!("live-{i}");
+        let started = Instant::now();
+        other.append(folder, &message(&subject, "new"));
+        crate::harness::eventually(SOON, "new mail in a folder that is not watched", || async {
+            db.count("messages", doc! {"mailbox": *folder, "subject": &subject})
+                .await
+                == 1
+        })
+        .await;
+        latencies.push(started.elapsed());
+    }
+    eprintln!("APPEND to stored over NOTIFY: {latencies:?}");
+    assert!(
+        latencies.iter().all(|l| *l < Duration::from_secs(20)),
+        "NOTIFY, not the 10 minute sweep: {latencies:?}"
+    );
+
+    // a folder created while the daemon runs
+    other.create("Fresh");
+    other.append("Fresh", &message("fresh", "x"));
+    crate::harness::eventually(SOON, "mail in a folder created meanwhile", || async {
+        db.count("messages", doc! {"mailbox": "Fresh"}).await == 1
+    })
+    .await;
+    // renamed: the old record says where it went, the new name is synced
+    // Dovecot merges NOTIFY events less than ~0.5 s apart: space them as a person would
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    other.rename("Lists", "Lists2");
+    crate::harness::eventually(SOON, "a renamed folder recorded", || async {
+        db.mailbox("live/Lists")
+            .await
+            .is_some_and(|d| d.get_str("renamed_to").ok() == Some("Lists2"))
+    })
+    .await;
+    crate::harness::eventually(SOON, "the new name synced", || async {
+        db.count("messages", doc! {"mailbox": "Lists2"}).await >= 1
+    })
+    .await;
+    // deleted: marked, its documents stay
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    other.delete("Work.Deep");
+    crate::harness::eventually(SOON, "a deleted folder marked", || async {
+        db.mailbox("live/Work.Deep").await.is_some_and(|d| {
+            d.get_str("state").ok() == Some("deleted") && d.get_datetime("deleted_at").is_ok()
+        })
+    })
+    .await;
+    assert_eq!(db.count("messages", doc! {"mailbox": "Work.Deep"}).await, 2);
+
+    // the raw client is the one connection that is not mailpump's
+    let held = server_connections(dc.imap_port) - 1;
+    assert!(held <= 3, "max_connections = 3, the server counts {held}");
+    assert_eq!(held, 2, "INBOX's IDLE and the follower");
+    let record = db.mailbox("live/Work").await.unwrap();
+    assert_eq!(record.get_str("followed_by").unwrap(), "notify");
+    let record = db.mailbox("live/INBOX").await.unwrap();
+    assert_eq!(record.get_str("followed_by").unwrap(), "idle");
+    daemon.signal("TERM");
+}
+
+/// Without NOTIFY (switched off in Dovecot's capability list, as Cyrus and Courier lack it),
+/// the follower sweeps with STATUS every `poll_interval` and catches up what moved.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_notify_the_folders_are_swept_every_poll_interval() {
+    let caps = "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT THREAD=REFERENCES MULTIAPPEND UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 LITERAL+\n";
+    let mut dc = Dovecot::start_with(caps);
+    let user = dc.add_user("sweep", "pw-sweep");
+    for f in ["A", "B", "C.D"] {
+        dc.deliver_to(&user, Some(f), &message(f, "old"), "", None);
+    }
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("sweep", &dc, &user)
+            .with("mailboxes = [\"*\"]")
+            .with("poll_interval = \"2s\"")],
+    );
+    let daemon = Daemon::start(&mp);
+    daemon
+        .wait_for_log(SOON, "folders watching", |l| {
+            l.iter().filter(|e| e["message"] == "watching").count() >= 4
+        })
+        .await;
+    assert_eq!(
+        daemon.events("follower_connected")[0]["mode"],
+        "status poll"
+    );
+    let mut other = ImapClient::login(dc.imap_port, "sweep", "pw-sweep");
+    other.append("C.D", &message("swept", "new"));
+    dc.deliver_to(&user, Some("B"), &message("swept-b", "new"), "", None);
+    crate::harness::eventually(SOON, "new mail found by the STATUS sweep", || async {
+        db.count("messages", doc! {"account": "sweep"}).await == 5
+    })
+    .await;
+    // a folder made behind the server's back is found by the next discovery
+    daemon.signal("TERM");
+}

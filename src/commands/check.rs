@@ -152,8 +152,15 @@ async fn check_account(
     account: Account,
     mailboxes: Vec<(usize, String)>,
     tx: mpsc::UnboundedSender<(usize, Result<String, String>)>,
+    folder_lines: mpsc::UnboundedSender<String>,
 ) {
     let started = Instant::now();
+    if account.protocol == Protocol::Imap && crate::folders::Selection::of(&account).fixed().is_none() {
+        let Some((i, _)) = mailboxes.first() else { return };
+        let verdict = check_folders(&account, &folder_lines).await;
+        let _ = tx.send((*i, verdict));
+        return;
+    }
     if account.protocol == Protocol::Pop3 {
         let result = async {
             let mut s = crate::pop3::Pop3Session::connect(&account).await?;
@@ -205,13 +212,99 @@ async fn check_account(
         .await;
 }
 
+/// Folder sync: the folders the server lists, each synced one EXAMINEd and printed with how
+/// the daemon would follow it, each left out printed with the reason. One connection.
+async fn check_folders(
+    account: &Account,
+    lines: &mpsc::UnboundedSender<String>,
+) -> Result<String, String> {
+    let started = Instant::now();
+    let mut session = Session::connect(account).await.map_err(|e| e.to_string())?;
+    let prefix = crate::folders::personal_prefix(&session.namespaces().await.map_err(|e| e.to_string())?);
+    let (listed, _) = session.list_folders().await.map_err(|e| e.to_string())?;
+    let found: Vec<crate::folders::Folder> = listed.iter().map(Into::into).collect();
+    let plan = crate::folders::Selection::of(account).plan(&found, prefix.as_deref());
+    let shared_by = if session.has_capability("NOTIFY") {
+        "NOTIFY"
+    } else {
+        "STATUS poll"
+    };
+    let (mut failed, mut watched, mut shared) = (0, 0, 0);
+    for (name, follow) in &plan.synced {
+        let how = match follow {
+            crate::folders::Follow::Watch => {
+                watched += 1;
+                "IDLE"
+            }
+            crate::folders::Follow::Shared => {
+                shared += 1;
+                shared_by
+            }
+        };
+        let line = match crate::sync::examine(&mut session, name).await {
+            Ok(info) => Line {
+                name: format!("{}/{name}", account.name),
+                result: Ok(format!(
+                    "{} messages, uidvalidity {}, followed by {how}",
+                    info.exists, info.uidvalidity
+                )),
+                hint: None,
+            },
+            Err(e) => {
+                failed += 1;
+                let text = e.to_string();
+                Line {
+                    name: format!("{}/{name}", account.name),
+                    hint: hint(account, &text),
+                    result: Err(text),
+                }
+            }
+        };
+        let _ = lines.send(line.to_string());
+    }
+    for (name, why) in &plan.left_out {
+        let _ = lines.send(format!("- {}/{name}  left out: {why}", account.name));
+    }
+    if !plan.demoted.is_empty() {
+        let _ = lines.send(format!(
+            "- {}: max_connections = {} leaves no own connection for {} watched folder(s): followed by {shared_by} instead",
+            account.name,
+            account.settings.max_connections,
+            plan.demoted.len()
+        ));
+    }
+    session
+        .logout(LOGOUT_TIMEOUT.min(account.settings.command_timeout))
+        .await;
+    let summary = format!(
+        "{} folders synced ({watched} by IDLE, {shared} by {shared_by}, {} connections at most), {} left out ({} ms)",
+        plan.synced.len(),
+        (watched + usize::from(shared > 0)).min(account.settings.max_connections),
+        plan.left_out.len(),
+        started.elapsed().as_millis()
+    );
+    if failed > 0 {
+        Err(format!("{failed} of {} folders could not be opened; {summary}", plan.synced.len()))
+    } else {
+        Ok(summary)
+    }
+}
+
 /// Every mailbox of `config` with its account, in config order (a POP3 account's `mailboxes`
 /// is always `["INBOX"]`: config allows nothing else).
+/// A folder-sync account has one entry, `*`, whose verdict sums up its folders.
 fn mailboxes(config: &Config) -> Vec<(Account, String)> {
     config
         .accounts
         .iter()
-        .flat_map(|a| a.mailboxes.iter().map(move |m| (a.clone(), m.clone())))
+        .flat_map(|a| {
+            let names = match a.protocol {
+                Protocol::Pop3 => Some(a.mailboxes.clone()),
+                Protocol::Imap => crate::folders::Selection::of(a).fixed(),
+            }
+            .unwrap_or_else(|| vec![crate::supervisor::ACCOUNT_UNIT.to_string()]);
+            names.into_iter().map(move |m| (a.clone(), m))
+        })
         .collect()
 }
 
@@ -223,6 +316,7 @@ const STORE: usize = usize::MAX;
 pub async fn check(config: &Config, deadline: Duration) -> bool {
     let all = mailboxes(config);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let (folder_tx, mut folder_rx) = mpsc::unbounded_channel::<String>();
     let mut tasks = JoinSet::new();
     {
         let (tx, store) = (tx.clone(), config.store.clone());
@@ -237,9 +331,10 @@ pub async fn check(config: &Config, deadline: Duration) -> bool {
             .filter(|(_, (a, _))| a.name == account.name)
             .map(|(i, (_, m))| (i, m.clone()))
             .collect();
-        tasks.spawn(check_account(account.clone(), mine, tx.clone()));
+        tasks.spawn(check_account(account.clone(), mine, tx.clone(), folder_tx.clone()));
     }
     drop(tx);
+    drop(folder_tx);
     let mut pending: Vec<bool> = vec![true; all.len()];
     let mut store_pending = true;
     let mut all_ok = true;
@@ -247,6 +342,11 @@ pub async fn check(config: &Config, deadline: Duration) -> bool {
     tokio::pin!(timer);
     loop {
         let (i, result) = tokio::select! {
+            biased;
+            Some(line) = folder_rx.recv() => {
+                println!("{line}");
+                continue;
+            }
             verdict = rx.recv() => match verdict {
                 Some(v) => v,
                 None => break, // every check has answered

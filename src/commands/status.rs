@@ -100,6 +100,9 @@ impl Row {
             "last_error_at": s.last_error_at.map(time),
             "quarantined": s.quarantined,
             "failing_uids": s.failing_uids,
+            "followed_by": s.followed_by,
+            "deleted_at": s.deleted_at.map(time),
+            "renamed_to": s.renamed_to,
         })
     }
 }
@@ -130,12 +133,31 @@ fn rows(
     };
     let mut out = Vec::new();
     for account in &config.accounts {
-        for mailbox in &account.mailboxes {
-            out.push(row(
-                (account.name.clone(), mailbox.clone()),
-                true,
-                &mut by_id,
-            ));
+        let fixed = match account.protocol {
+            crate::config::Protocol::Pop3 => Some(account.mailboxes.clone()),
+            crate::config::Protocol::Imap => crate::folders::Selection::of(account).fixed(),
+        };
+        match fixed {
+            Some(names) => {
+                for mailbox in names {
+                    out.push(row((account.name.clone(), mailbox), true, &mut by_id));
+                }
+            }
+            None => {
+                // folder sync: every folder the database knows of the account (found by the
+                // daemon or by `sync`), in name order; one marked deleted or renamed on the
+                // server is history, judged by nothing
+                let mut found: Vec<(String, String)> = by_id
+                    .keys()
+                    .filter(|k| k.0 == account.name)
+                    .cloned()
+                    .collect();
+                found.sort();
+                for key in found {
+                    let deleted = by_id[&key].deleted_at.is_some();
+                    out.push(row(key, !deleted, &mut by_id));
+                }
+            }
         }
     }
     let rest: BTreeSet<(String, String)> = by_id.keys().chain(counts.keys()).cloned().collect();
@@ -157,6 +179,7 @@ fn table(rows: &[Row]) -> String {
         "".to_string(),
         "MAILBOX".into(),
         "STATE".into(),
+        "FOLLOWED".into(),
         "UIDVALIDITY".into(),
         "LAST_UID".into(),
         "MESSAGES".into(),
@@ -168,8 +191,11 @@ fn table(rows: &[Row]) -> String {
     for r in rows {
         let s = &r.summary;
         let mut name = format!("{}/{}", s.account, s.mailbox);
-        if !r.configured {
-            name.push_str(" (not configured)");
+        match (&s.renamed_to, s.deleted_at) {
+            (Some(to), _) => name.push_str(&format!(" (renamed to {to})")),
+            (None, Some(_)) => name.push_str(" (deleted on the server)"),
+            _ if !r.configured => name.push_str(" (not configured)"),
+            _ => {}
         }
         lines.push([
             match (r.failing(), r.configured) {
@@ -181,6 +207,7 @@ fn table(rows: &[Row]) -> String {
             .to_string(),
             name,
             s.state.clone().unwrap_or_else(dash),
+            s.followed_by.clone().unwrap_or_else(dash),
             s.uidvalidity.map_or_else(dash, |v| v.to_string()),
             s.last_uid.map_or_else(dash, |v| v.to_string()),
             r.messages.to_string(),
@@ -190,7 +217,7 @@ fn table(rows: &[Row]) -> String {
             s.last_error.clone().unwrap_or_else(dash),
         ]);
     }
-    let mut widths = [0usize; 10];
+    let mut widths = [0usize; 11];
     widths[0] = "STALE".len();
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {

@@ -200,7 +200,7 @@ impl Store {
         let docs: Vec<Document> = self
             .guarded("status read", async move {
                 coll.find(doc! {})
-                    .projection(doc! {"failures": 1, "quarantined.uid": 1, "account": 1, "mailbox": 1, "state": 1, "last_uid": 1, "uidvalidity": 1, "last_success_at": 1, "last_error": 1, "last_error_at": 1, "state_at": 1, "updated_at": 1})
+                    .projection(doc! {"failures": 1, "quarantined.uid": 1, "account": 1, "mailbox": 1, "state": 1, "last_uid": 1, "uidvalidity": 1, "last_success_at": 1, "last_error": 1, "last_error_at": 1, "state_at": 1, "updated_at": 1, "followed_by": 1, "deleted_at": 1, "renamed_to": 1})
                     .await?
                     .try_collect()
                     .await
@@ -297,6 +297,11 @@ pub struct MailboxSummary {
     pub state_at: Option<DateTime<Utc>>,
     pub quarantined: usize,
     pub failing_uids: usize,
+    /// How folder sync follows it (`idle`, `notify`, `status poll`).
+    pub followed_by: Option<String>,
+    /// When folder sync found it gone from the server.
+    pub deleted_at: Option<DateTime<Utc>>,
+    pub renamed_to: Option<String>,
 }
 
 impl MailboxSummary {
@@ -322,6 +327,9 @@ impl MailboxSummary {
             state_at: date("state_at").or_else(|| date("updated_at")),
             quarantined: d.get_array("quarantined").map_or(0, |q| q.len()),
             failing_uids: d.get_document("failures").map_or(0, |f| f.len()),
+            followed_by: string("followed_by"),
+            deleted_at: date("deleted_at"),
+            renamed_to: string("renamed_to"),
         })
     }
 

@@ -39,6 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             internal_date: None,
             size,
             parsed: parse::parse(raw, Limits::default()),
+            gmail: None,
         });
     }
     let store = Store::connect(&StoreConfig {

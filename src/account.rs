@@ -205,6 +205,7 @@ impl AccountTask {
             if class == ErrorClass::Fatal {
                 tracing::error!(account, error = %text, "account_follower_stopped");
                 for name in folders.plan.shared() {
+                    tracing::error!(account, mailbox = %name, error = %text, "mailbox_stopped");
                     let (a, m, t) = (account.clone(), name.clone(), text.clone());
                     self.spawn_store(move |s| async move {
                         s.set_state(&a, &m, "error", Some(&t)).await

@@ -767,6 +767,7 @@ mod tests {
             internal_date: None,
             size: raw.len() as u64,
             parsed: parse(raw, limits),
+            gmail: None,
         };
         let d = crate::store::message_document("a", "INBOX", 1, &ready, bson::DateTime::now());
         (crate::store::encoded_size(&d), ready.parsed)
@@ -886,6 +887,7 @@ mod tests {
                 internal_date: None,
                 size: raw.len() as u64,
                 parsed,
+                gmail: None,
             };
             let doc =
                 crate::store::message_document("a", "INBOX", 1, &ready, bson::DateTime::now());

@@ -48,6 +48,7 @@ pub struct FetchedMessage {
     pub internal_date: Option<DateTime<FixedOffset>>,
     pub size: u64,
     pub body: Vec<u8>,
+    pub gmail: Option<crate::store::GmailIds>,
 }
 
 /// Why a pass (IMAP catch-up or POP3 poll) failed.
@@ -352,6 +353,7 @@ pub async fn parse_batch(
                     internal_date: m.internal_date,
                     size: m.size,
                     parsed: parse::parse(m.body, limits),
+                    gmail: m.gmail,
                 })
                 .collect::<Vec<_>>()
         }));
@@ -431,6 +433,7 @@ mod tests {
                         internal_date: None,
                         size: 40,
                         body: format!("Subject: m{uid}\r\n\r\nbody\r\n").into_bytes(),
+                        gmail: None,
                     })
                     .collect(),
             })

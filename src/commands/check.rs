@@ -155,8 +155,12 @@ async fn check_account(
     folder_lines: mpsc::UnboundedSender<String>,
 ) {
     let started = Instant::now();
-    if account.protocol == Protocol::Imap && crate::folders::Selection::of(&account).fixed().is_none() {
-        let Some((i, _)) = mailboxes.first() else { return };
+    if account.protocol == Protocol::Imap
+        && crate::folders::Selection::of(&account).fixed().is_none()
+    {
+        let Some((i, _)) = mailboxes.first() else {
+            return;
+        };
         let verdict = check_folders(&account, &folder_lines).await;
         let _ = tx.send((*i, verdict));
         return;
@@ -220,7 +224,8 @@ async fn check_folders(
 ) -> Result<String, String> {
     let started = Instant::now();
     let mut session = Session::connect(account).await.map_err(|e| e.to_string())?;
-    let prefix = crate::folders::personal_prefix(&session.namespaces().await.map_err(|e| e.to_string())?);
+    let prefix =
+        crate::folders::personal_prefix(&session.namespaces().await.map_err(|e| e.to_string())?);
     let (listed, _) = session.list_folders().await.map_err(|e| e.to_string())?;
     let found: Vec<crate::folders::Folder> = listed.iter().map(Into::into).collect();
     let plan = crate::folders::Selection::of(account).plan(&found, prefix.as_deref());
@@ -284,7 +289,10 @@ async fn check_folders(
         started.elapsed().as_millis()
     );
     if failed > 0 {
-        Err(format!("{failed} of {} folders could not be opened; {summary}", plan.synced.len()))
+        Err(format!(
+            "{failed} of {} folders could not be opened; {summary}",
+            plan.synced.len()
+        ))
     } else {
         Ok(summary)
     }
@@ -331,7 +339,12 @@ pub async fn check(config: &Config, deadline: Duration) -> bool {
             .filter(|(_, (a, _))| a.name == account.name)
             .map(|(i, (_, m))| (i, m.clone()))
             .collect();
-        tasks.spawn(check_account(account.clone(), mine, tx.clone(), folder_tx.clone()));
+        tasks.spawn(check_account(
+            account.clone(),
+            mine,
+            tx.clone(),
+            folder_tx.clone(),
+        ));
     }
     drop(tx);
     drop(folder_tx);

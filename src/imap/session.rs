@@ -981,16 +981,31 @@ impl Session {
     pub async fn fetch_bodies(&mut self, uids: &[u32]) -> Result<Vec<FetchedMessage>, ImapError> {
         let wanted: HashSet<u32> = uids.iter().copied().collect();
         let mut out = Vec::with_capacity(uids.len());
+        let gmail = self.has_capability("X-GM-EXT-1");
         let cmd = format!(
-            "UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])",
-            uid_set(uids)
+            "UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE{} BODY.PEEK[])",
+            uid_set(uids),
+            if gmail {
+                " X-GM-MSGID X-GM-THRID X-GM-LABELS"
+            } else {
+                ""
+            }
         );
         self.command(&cmd, |r| {
             if let Response::Fetch(_, attrs) = r {
                 let (mut uid, mut flags, mut date, mut size, mut body) =
                     (None, Vec::new(), None, None, None);
+                let (mut msgid, mut thrid, mut labels) = (None, None, Vec::new());
                 for a in attrs {
                     match a {
+                        AttributeValue::GmailMsgId(id) => msgid = Some(*id),
+                        AttributeValue::GmailThrId(id) => thrid = Some(*id),
+                        AttributeValue::GmailLabels(l) => {
+                            labels = l
+                                .iter()
+                                .map(|s| utf7::decode_mailbox(s).unwrap_or_else(|| s.to_string()))
+                                .collect()
+                        }
                         AttributeValue::Uid(u) => uid = Some(*u),
                         AttributeValue::Flags(f) => {
                             flags = f.iter().map(|s| s.to_string()).collect()
@@ -1013,6 +1028,11 @@ impl Session {
                             internal_date: date,
                             size: size.unwrap_or(body.len() as u64),
                             body,
+                            gmail: msgid.map(|msgid| crate::store::GmailIds {
+                                msgid,
+                                thrid: thrid.unwrap_or(0),
+                                labels,
+                            }),
                         });
                     }
                 }

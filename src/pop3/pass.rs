@@ -54,6 +54,7 @@ impl Source for Pop3Source<'_> {
                 internal_date: None,
                 size: body.len() as u64,
                 body,
+                gmail: None,
             });
             ids.push((l.number, l.uidl));
         }

@@ -20,6 +20,19 @@ pub struct ReadyMessage {
     pub internal_date: Option<DateTime<FixedOffset>>,
     pub size: u64,
     pub parsed: ParsedMessage,
+    /// Gmail's identifiers (X-GM-EXT-1), where the server has them.
+    pub gmail: Option<GmailIds>,
+}
+
+/// What Gmail says of a message besides RFC 3501 (X-GM-EXT-1): stored as `gmail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GmailIds {
+    /// X-GM-MSGID: the same in every folder (label) the message appears in.
+    pub msgid: u64,
+    /// X-GM-THRID: the conversation.
+    pub thrid: u64,
+    /// X-GM-LABELS, UTF-8 (`\\Inbox`, `\\Important`, user labels).
+    pub labels: Vec<String>,
 }
 
 /// What one [`Store::commit_batch`] wrote.
@@ -312,6 +325,13 @@ pub fn message_document(
         "parse_errors": &p.parse_errors,
         "stored_at": stored_at,
     };
+    if let Some(g) = &m.gmail {
+        // Gmail's ids are 63-bit in practice; BSON's Int64 holds them
+        d.insert(
+            "gmail",
+            doc! {"msgid": g.msgid as i64, "thrid": g.thrid as i64, "labels": &g.labels},
+        );
+    }
     if let Some(r) = &p.text_blob {
         d.insert("text_blob", to_bson(r));
     }
@@ -335,6 +355,7 @@ mod tests {
             internal_date: None,
             size: raw.len() as u64,
             parsed: parse(raw, Limits::default()),
+            gmail: None,
         }
     }
 

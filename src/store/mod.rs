@@ -28,7 +28,7 @@ mod reads;
 
 pub use blobs::CHUNK_SIZE;
 pub use mailboxes::{Checkpoint, FailureCount, FolderRecord, MailboxRecord, MailboxStatus};
-pub use messages::{message_document, minimal_document, CommitReport, ReadyMessage};
+pub use messages::{message_document, minimal_document, CommitReport, GmailIds, ReadyMessage};
 pub use pop3::Pop3Entry;
 pub use reads::{ExportCursor, ExportItem, MailboxSummary, EXPORT_QUEUE};
 

@@ -436,6 +436,7 @@ async fn a_mailbox_deleted_and_recreated() {
         &db,
         &[AccountSpec::plain("recreate", &dc, &user)
             .with("mailboxes = [\"Work\"]")
+            .with("watch = [\"Work\"]")
             .with("poll_interval = \"1s\"")],
     );
     let daemon = Daemon::start(&mp);

@@ -179,6 +179,7 @@ fn every_malformed_message_parses_to_a_storable_document_with_its_raw_bytes() {
             internal_date: None,
             size: raw.len() as u64,
             parsed,
+            gmail: None,
         };
         let doc = mailpump::store::message_document("a", "INBOX", 1, &ready, bson::DateTime::now());
         let size = bson::to_vec(&doc).expect("the document encodes").len();

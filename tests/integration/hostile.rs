@@ -32,6 +32,8 @@ enum Fault {
     NoUidValidity,
     /// 163.com: SELECT/EXAMINE refused with "Unsafe Login" unless the client sent ID first.
     RequireId,
+    /// Gmail: X-GM-EXT-1 (message and thread ids, labels), special-use folders, LIST-EXTENDED.
+    Gmail,
 }
 
 /// Starts the server; returns its port and every command line it received.
@@ -81,8 +83,14 @@ async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
                             Fault::RequireId => {
                                 format!("* CAPABILITY IMAP4rev1 ID\r\n{tag} OK\r\n")
                             }
+                            Fault::Gmail => format!("* CAPABILITY IMAP4rev1 IDLE NAMESPACE ID X-GM-EXT-1 SPECIAL-USE LIST-EXTENDED UIDPLUS\r\n{tag} OK\r\n"),
                             _ => format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK\r\n"),
                         }
+                    } else if upper.starts_with("NAMESPACE") {
+                        format!("* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n{tag} OK\r\n")
+                    } else if upper.starts_with("LIST") {
+                        // as Gmail answers, with the special-use attributes asked for
+                        format!("* LIST (\\HasNoChildren) \"/\" \"INBOX\"\r\n* LIST (\\HasChildren \\Noselect) \"/\" \"[Gmail]\"\r\n* LIST (\\All \\HasNoChildren) \"/\" \"[Gmail]/All Mail\"\r\n* LIST (\\HasNoChildren \\Sent) \"/\" \"[Gmail]/Sent Mail\"\r\n* LIST (\\HasNoChildren \\Trash) \"/\" \"[Gmail]/Trash\"\r\n* LIST (\\HasNoChildren) \"/\" \"&XfJT0ZAB-\"\r\n{tag} OK Success\r\n")
                     } else if upper.starts_with("ID ") {
                         format!("* ID (\"name\" \"scripted\")\r\n{tag} OK ID completed\r\n")
                     } else if fault == Fault::RequireId
@@ -110,7 +118,11 @@ async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
                             _ => format!("* SEARCH 1\r\n{tag} OK\r\n"),
                         }
                     } else if upper.starts_with("UID FETCH") && upper.contains("BODY.PEEK[]") {
-                        let head = "* 1 FETCH (UID 1 FLAGS () INTERNALDATE \"01-Jun-2020 10:00:00 +0000\" RFC822.SIZE";
+                        let head = if upper.contains("X-GM-MSGID") {
+                            "* 1 FETCH (X-GM-THRID 1266894439832287888 X-GM-MSGID 1278455344230334865 X-GM-LABELS (\\Inbox \\Important \"&XfJT0ZAB-\" Work) UID 1 FLAGS () INTERNALDATE \"01-Jun-2020 10:00:00 +0000\" RFC822.SIZE"
+                        } else {
+                            "* 1 FETCH (UID 1 FLAGS () INTERNALDATE \"01-Jun-2020 10:00:00 +0000\" RFC822.SIZE"
+                        };
                         match fault {
                             Fault::FetchNo => format!("{tag} NO [UNAVAILABLE] System Error\r\n"),
                             Fault::ShortLiteral => {
@@ -225,6 +237,50 @@ async fn the_well_behaved_script_syncs() {
     let (run, db) = sync_against(Fault::None).await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
     assert_eq!(db.count("messages", doc! {}).await, 1);
+}
+
+/// Gmail's shape: `mailboxes = ["\\All"]` finds `[Gmail]/All Mail` by its special-use
+/// attribute, and X-GM-EXT-1 gives every document its message id, thread id and labels.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gmail_style_server_is_synced_from_all_mail_with_its_ids_and_labels() {
+    let (port, seen) = server(Fault::Gmail).await;
+    let db = TestDb::new().await;
+    let spec = AccountSpec {
+        name: "gm".into(),
+        port,
+        security: "plain",
+        username: "u".into(),
+        password: "p".into(),
+        extra: vec![
+            "command_timeout = \"3s\"".into(),
+            "mailboxes = [\"\\\\All\"]".into(),
+        ],
+    };
+    let mp = Mailpump::new(&db, &[spec]);
+    let run = tokio::time::timeout(Duration::from_secs(30), mp.run_async(&["sync"]))
+        .await
+        .expect("mailpump hung");
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let docs = db.messages(doc! {}).await;
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs[0].get_str("mailbox").unwrap(), "[Gmail]/All Mail");
+    let gmail = docs[0].get_document("gmail").unwrap();
+    assert_eq!(gmail.get_i64("msgid").unwrap(), 1278455344230334865);
+    assert_eq!(gmail.get_i64("thrid").unwrap(), 1266894439832287888);
+    let labels: Vec<&str> = gmail
+        .get_array("labels")
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["\\Inbox", "\\Important", "已发送", "Work"]);
+    let commands = seen.lock().unwrap().join("\n");
+    assert!(commands.contains("RETURN (SPECIAL-USE)"), "{commands}");
+    assert!(
+        commands.contains("EXAMINE \"[Gmail]/All Mail\""),
+        "{commands}"
+    );
+    assert!(!commands.contains("EXAMINE \"INBOX\""), "{commands}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -354,6 +354,7 @@ async fn invalid_grant_stops_one_account_while_another_goes_on() {
     );
     a.extra
         .insert(0, "mailboxes = [\"INBOX\", \"Other\"]".into());
+    a.extra.insert(0, "watch = [\"INBOX\", \"Other\"]".into());
     let b = account(
         "bob",
         &dc,

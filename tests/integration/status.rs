@@ -31,8 +31,10 @@ async fn after_a_good_sync_status_exits_0_with_the_checkpoint_and_the_count() {
     assert!(lines[0].contains("LAST_UID") && lines[0].contains("MESSAGES"));
     let cells: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(&cells[..2], &["ok", "stan/INBOX"], "{text}");
-    // STATE is `-` (sync writes no daemon state), then UIDVALIDITY, LAST_UID, MESSAGES
-    assert_eq!(&cells[4..6], &["4", "4"], "{text}");
+    // STATE and FOLLOWED are `-` (sync writes no daemon state), then UIDVALIDITY, LAST_UID,
+    // MESSAGES
+    assert_eq!(&cells[2..4], &["-", "-"], "{text}");
+    assert_eq!(&cells[5..7], &["4", "4"], "{text}");
     let col = |l: &str, name: &str| l.find(name).unwrap();
     assert_eq!(
         lines[1][col(lines[0], "LAST_UID")..]

@@ -283,7 +283,7 @@ EOF
   if [ -n "$extra" ]; then
     local keys
     keys=$(sed -n 's/^\([A-Za-z0-9_-]*\):.*/\1/p' "$extra" | paste -sd '|' -)
-    [ -n "$keys" ] && conf=$(printf '%s\n' "$conf" | grep -Ev "^($keys):")
+    if [ -n "$keys" ]; then conf=$(printf '%s\n' "$conf" | grep -Ev "^($keys):"); fi
     conf=$(printf '%s\n%s\n' "$conf" "$(cat "$extra")")
   fi
   printf '%s\n' "$conf" > "$dir/imapd.conf"
@@ -375,7 +375,7 @@ EOF
     cat "$MP_SERVERS_ROOT/etc/courier/imapd"
     # realtime IDLE through gamin (the stock 0 polls every IMAP_IDLE_TIMEOUT s)
     echo "IMAP_ENHANCEDIDLE=1"
-    [ -n "$extra" ] && cat "$extra"
+    if [ -n "$extra" ]; then cat "$extra"; fi
   } > "$conf/imapd"
   [ -f "$conf/passwd" ] || cp /etc/passwd "$conf/passwd"
   [ -f "$conf/userdb" ] || install -m 600 /dev/null "$conf/userdb"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with a Rust toolchain:
-#   - installs what it needs (Dovecot, OpenSSL headers, the SecantusDB venv),
+#   - installs what it needs (Dovecot, OpenSSL headers, the SecantusDB venv) and unpacks Cyrus
+#     and Courier IMAP into a cache,
 #   - starts SecantusDB on 127.0.0.1 with its state in a temp dir (unless
 #     MAILPUMP_TEST_MONGODB_URI already points at a MongoDB),
 #   - runs cargo fmt --check, clippy -D warnings, and every test (each integration test starts
@@ -13,6 +14,10 @@ source deploy/services.sh
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 mp_install
+# Cyrus and Courier for the servers tests: unpacked into a cache, never installed (they conflict
+# with dovecot-imapd as packages). A few seconds the first time, instant after.
+mp_cyrus_install
+mp_courier_install
 
 WORK=$(mktemp -d /tmp/mailpump-test.XXXXXX)
 chmod 755 "$WORK"
@@ -21,7 +26,8 @@ SECANTUS_PID=""
 
 cleanup() {
   local rc=$?
-  # Dovecots of tests that died before their Drop ran: each left its master PID file.
+  # Dovecots (and Cyruses, and Courier namespaces: DIR/pid) of tests that died before their
+  # Drop ran: each left its PID file.
   local pidfile
   for pidfile in "$WORK"/*/run/master.pid "$WORK"/*/pid; do
     [ -f "$pidfile" ] && mp_stop_pid "$(cat "$pidfile")"

@@ -1,6 +1,7 @@
 //! The one integration test binary: the real `mailpump` binary against a real Dovecot (started
-//! per test by `harness::Dovecot`) and a real MongoDB-protocol server (`MAILPUMP_TEST_MONGODB_URI`,
-//! started by deploy/test.sh), plus the golden parse fixtures.
+//! per test by `harness::Dovecot`; Cyrus and Courier in servers.rs) and a real MongoDB-protocol
+//! server (`MAILPUMP_TEST_MONGODB_URI`, started by deploy/test.sh), plus the golden parse
+//! fixtures.
 
 mod harness;
 
@@ -18,6 +19,7 @@ mod packaging;
 mod pop3;
 mod progress;
 mod promises;
+mod servers;
 mod status;
 mod sync;
 mod transport;

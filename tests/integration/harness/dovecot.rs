@@ -47,7 +47,8 @@ pub struct Dovecot {
     delivered: u64,
 }
 
-fn services(args: &[&str]) {
+/// Runs deploy/services.sh with `args`; its stdout (a PID, for the start commands).
+pub fn services(args: &[&str]) -> String {
     let out = Command::new("bash")
         .arg(root().join("deploy/services.sh"))
         .args(args)
@@ -58,6 +59,13 @@ fn services(args: &[&str]) {
         "services.sh {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An unprivileged uid of its own for a test user (inotify limits are per uid), unique within
+/// this test process and, by the process id, apart from other test processes.
+pub fn next_uid() -> u32 {
+    20000 + (std::process::id() % 1000) * 100 + NEXT_UID.fetch_add(1, Ordering::Relaxed) % 100
 }
 
 impl Dovecot {
@@ -229,9 +237,7 @@ impl Dovecot {
     }
 
     pub fn add_user(&mut self, name: &str, password: &str) -> User {
-        let uid = 20000
-            + (std::process::id() % 1000) * 100
-            + NEXT_UID.fetch_add(1, Ordering::Relaxed) % 100;
+        let uid = next_uid();
         services(&[
             "add-user",
             self.path().to_str().unwrap(),

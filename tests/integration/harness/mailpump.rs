@@ -21,9 +21,13 @@ pub struct AccountSpec {
 
 impl AccountSpec {
     pub fn plain(name: &str, dovecot: &Dovecot, user: &User) -> AccountSpec {
+        Self::on_port(name, dovecot.imap_port, user)
+    }
+    /// A plain-IMAP account for `user` on any server listening on 127.0.0.1:`port`.
+    pub fn on_port(name: &str, port: u16, user: &User) -> AccountSpec {
         AccountSpec {
             name: name.to_string(),
-            port: dovecot.imap_port,
+            port,
             security: "plain",
             username: user.name.clone(),
             password: user.password.clone(),

@@ -1,5 +1,8 @@
-//! Test helpers: a Dovecot per test, the database, the mailpump binary, and log reading.
+//! Test helpers: a Dovecot (or Cyrus, or Courier) per test, the database, the mailpump binary,
+//! and log reading.
 
+pub mod courier;
+pub mod cyrus;
 pub mod daemon;
 pub mod dovecot;
 pub mod idp;
@@ -7,14 +10,18 @@ pub mod imapc;
 pub mod mailpump;
 pub mod mongo;
 pub mod proxy;
+pub mod rawimap;
 pub mod reliability;
 pub mod secantus;
 
+pub use courier::Courier;
+pub use cyrus::Cyrus;
 pub use daemon::{eventually, Daemon};
 pub use dovecot::{Dovecot, User};
 pub use idp::Idp;
 pub use mailpump::{AccountSpec, Mailpump};
 pub use mongo::TestDb;
+pub use rawimap::{ImapServer, RawImap};
 
 use std::path::PathBuf;
 

@@ -105,6 +105,10 @@ fn name_matches(written: &str, folder: &Folder, namespace: Option<&str>) -> bool
     if same_name(written, &folder.name) {
         return true;
     }
+    let without_prefix = namespace.and_then(|p| folder.name.strip_prefix(p));
+    if without_prefix == Some(written) {
+        return true;
+    }
     let Some(d) = folder
         .delimiter
         .filter(|d| *d != '/' && written.contains('/'))
@@ -112,10 +116,7 @@ fn name_matches(written: &str, folder: &Folder, namespace: Option<&str>) -> bool
         return false;
     };
     let translated = written.replace('/', &d.to_string());
-    translated == folder.name
-        || namespace
-            .and_then(|p| folder.name.strip_prefix(p))
-            .is_some_and(|rest| rest == translated)
+    translated == folder.name || without_prefix == Some(translated.as_str())
 }
 
 fn same_name(a: &str, b: &str) -> bool {
@@ -444,6 +445,17 @@ mod tests {
         assert!(Selector::parse("已*")
             .unwrap()
             .matches(&folder("已发送", '.', &[]), None));
+    }
+
+    #[test]
+    fn names_may_leave_out_the_namespace_and_write_slash_for_the_delimiter() {
+        let courier = |n: &str| folder(n, '.', &[]);
+        let name = |t: &str| Selector::parse(t).unwrap();
+        assert!(name("已发送").matches(&courier("INBOX.已发送"), Some("INBOX.")));
+        assert!(name("Archive/2024").matches(&courier("INBOX.Archive.2024"), Some("INBOX.")));
+        assert!(name("Archive/2024").matches(&courier("Archive.2024"), None));
+        assert!(!name("Archive").matches(&courier("INBOX.Archive.2024"), Some("INBOX.")));
+        assert!(name("inbox").matches(&courier("INBOX"), Some("INBOX.")));
     }
 
     #[test]

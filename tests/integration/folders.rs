@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use bson::doc;
 
-use crate::harness::imapc::{server_connections, ImapClient};
+use crate::harness::rawimap::server_connections;
+use crate::harness::RawImap;
 use crate::harness::{message, AccountSpec, Daemon, Dovecot, Mailpump, TestDb};
 
 const SOON: Duration = Duration::from_secs(30);
@@ -193,7 +194,7 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
     })
     .await;
 
-    let mut other = ImapClient::login(dc.imap_port, "live", "pw-live");
+    let mut other = RawImap::login(dc.imap_port, &user);
     let mut latencies = Vec::new();
     for (i, folder) in ["Work.Deep", "已发送", "Lists"].iter().enumerate() {
         let subject = format!("live-{i}");
@@ -283,7 +284,7 @@ async fn without_notify_the_folders_are_swept_every_poll_interval() {
         daemon.events("follower_connected")[0]["mode"],
         "status poll"
     );
-    let mut other = ImapClient::login(dc.imap_port, "sweep", "pw-sweep");
+    let mut other = RawImap::login(dc.imap_port, &user);
     other.append("C.D", &message("swept", "new"));
     dc.deliver_to(&user, Some("B"), &message("swept-b", "new"), "", None);
     crate::harness::eventually(SOON, "new mail found by the STATUS sweep", || async {

@@ -6,7 +6,6 @@ pub mod cyrus;
 pub mod daemon;
 pub mod dovecot;
 pub mod idp;
-pub mod imapc;
 pub mod mailpump;
 pub mod mongo;
 pub mod proxy;

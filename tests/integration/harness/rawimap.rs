@@ -120,6 +120,16 @@ impl RawImap {
             .unwrap_or_else(|lines| panic!("CREATE {folder}: {lines:?}"));
     }
 
+    pub fn delete(&mut self, folder: &str) {
+        self.command(&format!("DELETE {}", mailbox_arg(folder)))
+            .unwrap_or_else(|lines| panic!("DELETE {folder}: {lines:?}"));
+    }
+
+    pub fn rename(&mut self, from: &str, to: &str) {
+        self.command(&format!("RENAME {} {}", mailbox_arg(from), mailbox_arg(to)))
+            .unwrap_or_else(|lines| panic!("RENAME {from} {to}: {lines:?}"));
+    }
+
     /// APPEND with a synchronizing literal (Courier has no LITERAL+); the new message's UID
     /// when the server tells it (APPENDUID).
     pub fn append(&mut self, folder: &str, bytes: &[u8]) -> Option<u32> {
@@ -159,6 +169,33 @@ impl RawImap {
     pub fn logout(mut self) {
         let _ = self.command("LOGOUT");
     }
+}
+
+/// Established TCP connections whose local port is `port`, from the kernel's table: the
+/// server's side of every client connection to it (for Dovecot, which keeps no per-user list
+/// a test can read).
+pub fn server_connections(port: u16) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // 01 = ESTABLISHED
+            if local_port == Some(port) && *state == "01" {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// A real IMAP server started for one test. The folder helpers speak IMAP as `user`.

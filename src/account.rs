@@ -44,6 +44,10 @@ use crate::pipeline::{Context, SyncError};
 use crate::store::Store;
 use crate::sync;
 
+/// A followed folder missing from a listing is looked for again this soon: gone only when
+/// the second listing agrees.
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
+
 /// How long LOGOUT may take when the follower ends on purpose.
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -105,8 +109,11 @@ struct Discovery {
 /// The watched folders' tasks.
 #[derive(Default)]
 struct Watchers {
-    tasks: JoinSet<(String, Exit)>,
-    running: HashMap<String, CancellationToken>,
+    tasks: JoinSet<(String, u64, Exit)>,
+    /// The running task of each folder, with its generation: a task that ends is forgotten
+    /// only if it is still the folder's current one.
+    running: HashMap<String, (u64, CancellationToken)>,
+    generation: u64,
     /// One store scope per folder for the whole run (a restarted task settles its
     /// predecessor's writes).
     scopes: HashMap<String, Store>,
@@ -134,6 +141,10 @@ struct Folders {
     live: HashSet<String>,
     /// The DB's followed folders were compared with the first listing.
     reconciled: bool,
+    /// Followed folders missing from the last listing (marked gone after two).
+    misses: HashMap<String, u32>,
+    /// When a sweep last recorded `last_success_at` for the quiet shared folders.
+    sweep_success_at: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -250,9 +261,14 @@ impl AccountTask {
     fn reaped(
         &self,
         watchers: &mut Watchers,
-        joined: Result<(String, Exit), tokio::task::JoinError>,
+        joined: Result<(String, u64, Exit), tokio::task::JoinError>,
     ) {
-        let Ok((name, exit)) = joined else { return };
+        let Ok((name, generation, exit)) = joined else {
+            return;
+        };
+        if watchers.running.get(&name).map(|(g, _)| *g) != Some(generation) {
+            return; // an older task of a folder that was stopped and started again
+        }
         watchers.running.remove(&name);
         if let Exit::Fatal(error) = exit {
             tracing::error!(account = %self.account.name, mailbox = %name, error = %error, "mailbox_task_ended");
@@ -288,19 +304,23 @@ impl AccountTask {
             self.account.name.clone(),
             name.to_string(),
         );
+        watchers.generation += 1;
+        let generation = watchers.generation;
         watchers.tasks.spawn(async move {
             let exit = crate::supervisor::supervised(&account, &mailbox, policy, c.clone(), || {
                 task.clone().run(c.clone())
             })
             .await;
-            (mailbox, exit)
+            (mailbox, generation, exit)
         });
-        watchers.running.insert(name.to_string(), token);
+        watchers
+            .running
+            .insert(name.to_string(), (generation, token));
         tracing::info!(account = %self.account.name, mailbox = name, "mailbox_started");
     }
 
     fn stop_watcher(&self, watchers: &mut Watchers, name: &str) {
-        if let Some(token) = watchers.running.remove(name) {
+        if let Some((_, token)) = watchers.running.remove(name) {
             token.cancel();
             tracing::info!(account = %self.account.name, mailbox = name, "mailbox_stopping");
         }
@@ -331,9 +351,9 @@ impl AccountTask {
         f: &mut Folders,
         w: &mut Watchers,
         cancel: &CancellationToken,
-    ) {
+    ) -> bool {
         let account = self.name().to_string();
-        let plan = Selection::of(&self.account).plan(&found.folders, prefix);
+        let mut plan = Selection::of(&self.account).plan(&found.folders, prefix);
         let listed: HashSet<&str> = found
             .folders
             .iter()
@@ -358,21 +378,29 @@ impl AccountTask {
                 Err(e) => tracing::warn!(account, error = %e, "folder_records_unread"),
             }
         }
-        let new_ids: HashMap<&String, &String> = found
-            .ids
-            .iter()
-            .filter(|(n, _)| !before.contains_key(*n))
-            .map(|(n, i)| (i, n))
-            .collect();
+        // MAILBOXID survives a rename (RFC 8474): another listed folder with the old one's id
+        let by_id: HashMap<&String, &String> = found.ids.iter().map(|(n, i)| (i, n)).collect();
+        let mut keep = Vec::new();
         for (old, old_id) in &before {
             if plan.synced.contains_key(old) || listed.contains(old.as_str()) {
+                f.misses.remove(old);
                 continue;
             }
             let renamed_to = f.renames.remove(old).or_else(|| {
                 old_id
                     .as_ref()
-                    .and_then(|id| new_ids.get(id).map(|n| (*n).clone()))
+                    .and_then(|id| by_id.get(id).map(|n| (*n).clone()))
+                    .filter(|n| n != old)
             });
+            // one listing without it is not proof (a server's LIST can glitch, a rename may
+            // not show its MAILBOXID yet): it is gone when the next listing agrees
+            let misses = f.misses.entry(old.clone()).or_insert(0);
+            *misses += 1;
+            if renamed_to.is_none() && *misses < 2 {
+                keep.push(old.clone());
+                continue;
+            }
+            f.misses.remove(old);
             self.stop_watcher(w, old);
             f.dirty.remove(old);
             f.seen.remove(old);
@@ -394,6 +422,12 @@ impl AccountTask {
             });
         }
         f.renames.clear();
+        for name in &keep {
+            if let Some(follow) = f.plan.synced.get(name) {
+                plan.synced.insert(name.clone(), *follow);
+            }
+        }
+        let recheck = !keep.is_empty();
         // a folder no longer selected (config unchanged: its attributes changed) just stops
         for old in f.plan.synced.keys() {
             if !plan.synced.contains_key(old) && listed.contains(old.as_str()) {
@@ -434,7 +468,7 @@ impl AccountTask {
         }
         f.left_out_logged = plan.left_out.clone();
         if !plan.demoted.is_empty() && plan.demoted != f.plan.demoted {
-            tracing::warn!(account, folders = ?plan.demoted, max_connections = self.account.settings.max_connections, "watch_limited: these folders are followed by the shared connection instead");
+            tracing::warn!(account, folders = ?plan.demoted, max_connections = self.account.settings.max_connections, "watch_limited");
         }
         for s in &found.statuses {
             if plan.shared().any(|n| *n == s.name)
@@ -457,6 +491,7 @@ impl AccountTask {
                 "folders_discovered"
             );
         }
+        recheck
     }
 
     /// What the server sent meanwhile: STATUS news queues a catch-up, LIST news a discovery.
@@ -484,19 +519,33 @@ impl AccountTask {
         rediscover
     }
 
-    /// A sweep without LIST-STATUS: STATUS of every shared folder, pipelined.
-    async fn sweep(&self, session: &mut Session, f: &mut Folders) -> Result<(), ImapError> {
-        let names: Vec<String> = f.plan.shared().cloned().collect();
-        for s in session.status_many(&names).await? {
-            if f.seen.entry(s.name.clone()).or_default().update(&s) {
+    /// A sweep: the STATUS of every shared folder (one LIST-STATUS where the server has it,
+    /// else pipelined STATUS commands); a folder whose numbers moved is queued.
+    async fn sweep(
+        &self,
+        session: &mut Session,
+        f: &mut Folders,
+        list_status: bool,
+    ) -> Result<(), ImapError> {
+        let statuses = if list_status {
+            session.list_folders().await?.1
+        } else {
+            let names: Vec<String> = f.plan.shared().cloned().collect();
+            session.status_many(&names).await?
+        };
+        for s in statuses {
+            let shared = f.plan.synced.get(&s.name) == Some(&Follow::Shared);
+            if shared && f.seen.entry(s.name.clone()).or_default().update(&s) {
                 f.dirty.insert(s.name);
             }
         }
         Ok(())
     }
 
-    /// One catch-up of a shared folder. A folder the server will not open is that folder's
-    /// error only (recorded, retried at the next sweep); every other error ends the session.
+    /// One catch-up of a shared folder; true when the folder is selected afterwards. A folder
+    /// the server will not open or serve (a tagged NO/BAD, an outage of that folder) is that
+    /// folder's error only: recorded, and retried at the next sweep, while the other folders go
+    /// on. Errors of the connection or the database end the session.
     async fn catch_up(
         &self,
         session: &mut Session,
@@ -505,7 +554,7 @@ impl AccountTask {
         name: &str,
         mode: Mode,
         cancel: &CancellationToken,
-    ) -> Result<(), SyncError> {
+    ) -> Result<bool, SyncError> {
         let account = self.name();
         let ctx = Context {
             store: scope.clone(),
@@ -526,13 +575,12 @@ impl AccountTask {
             .await
             {
                 Ok(r) => r,
-                Err(SyncError::Imap(ImapError::Rejected {
-                    command,
-                    status,
-                    text,
-                    ..
-                })) if command == "EXAMINE" || command == "SELECT" => {
-                    let error = format!("{command} answered {status} {text}");
+                Err(
+                    e @ (SyncError::Imap(ImapError::Rejected { .. }) | SyncError::Outage { .. }),
+                ) => {
+                    // a failed EXAMINE leaves nothing selected (RFC 3501)
+                    let opened = !matches!(&e, SyncError::Imap(ImapError::Rejected { command, .. }) if command == "EXAMINE" || command == "SELECT");
+                    let error = e.to_string();
                     tracing::warn!(account, mailbox = name, error = %error, "folder_unavailable");
                     self.metrics.failure(account, name, &error);
                     f.live.remove(name);
@@ -542,7 +590,7 @@ impl AccountTask {
                     self.spawn_store(move |s| async move {
                         s.set_state(&a, &m, "error", Some(&error)).await
                     });
-                    return Ok(());
+                    return Ok(opened);
                 }
                 Err(e) => return Err(e),
             };
@@ -599,8 +647,13 @@ impl AccountTask {
                     "watching"
                 );
             }
-            if cancel.is_cancelled() || !session.take_changed() || passes >= MAX_IMMEDIATE_PASSES {
-                return Ok(());
+            if cancel.is_cancelled() || !session.take_changed() {
+                return Ok(true);
+            }
+            if passes >= MAX_IMMEDIATE_PASSES {
+                // news still: the folder's turn comes again after the others'
+                f.dirty.insert(name.to_string());
+                return Ok(true);
             }
             passes += 1;
         }
@@ -640,10 +693,11 @@ impl AccountTask {
         // The snapshot comes before the catch-ups: mail arriving after it shows in the next
         // sweep or NOTIFY event, never between the two.
         let found = self.discover(&mut session).await?;
-        self.apply(found, prefix.as_deref(), mode, f, w, cancel)
+        let recheck = self
+            .apply(found, prefix.as_deref(), mode, f, w, cancel)
             .await;
         if !list_status {
-            self.sweep(&mut session, f).await?;
+            self.sweep(&mut session, f, false).await?;
         }
         // anything may have arrived while this connection was down
         f.dirty.extend(f.plan.shared().cloned());
@@ -654,7 +708,12 @@ impl AccountTask {
         let now = tokio::time::Instant::now();
         let (mut next_sweep, mut next_discover) =
             (now + sweep_every, now + settings.discover_interval);
+        if recheck {
+            next_discover = now + RECHECK_AFTER;
+        }
         let mut selected: Option<String> = None;
+        // a catch-up ran on this connection since it last waited
+        let mut caught_up = false;
         let mut rediscover = false;
         loop {
             while let Some(name) = f.dirty.pop_first() {
@@ -662,9 +721,11 @@ impl AccountTask {
                     session.logout(LOGOUT_TIMEOUT).await;
                     return Ok(());
                 }
-                self.catch_up(&mut session, f, scope, &name, mode, cancel)
+                let opened = self
+                    .catch_up(&mut session, f, scope, &name, mode, cancel)
                     .await?;
-                selected = Some(name);
+                selected = opened.then_some(name);
+                caught_up = true;
                 rediscover |= self.absorb(&mut session, f);
                 while let Some(joined) = w.tasks.try_join_next() {
                     self.reaped(w, joined);
@@ -677,16 +738,35 @@ impl AccountTask {
             if rediscover {
                 rediscover = false;
                 let found = self.discover(&mut session).await?;
-                self.apply(found, prefix.as_deref(), mode, f, w, cancel)
-                    .await;
+                if self
+                    .apply(found, prefix.as_deref(), mode, f, w, cancel)
+                    .await
+                {
+                    next_discover = next_discover.min(tokio::time::Instant::now() + RECHECK_AFTER);
+                }
                 rediscover |= self.absorb(&mut session, f);
                 continue;
             }
-            if selected.is_some() && mode == Mode::Notify {
+            if caught_up && mode == Mode::Notify {
+                caught_up = false;
                 // NOTIFY is prompt only for a connection with nothing selected
-                if session.unselect().await? {
-                    selected = None;
+                if let Some(name) = selected.take() {
+                    // news of that folder announced meanwhile is its own wake-up
+                    let mut changed = session.take_changed();
+                    match session.unselect().await {
+                        Ok(true) => changed |= session.take_changed(),
+                        Ok(false) => selected = Some(name.clone()),
+                        // BAD "No mailbox selected": nothing was
+                        Err(ImapError::Rejected { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    if changed {
+                        f.dirty.insert(name);
+                    }
                 }
+                // and Dovecot holds back (up to 30 s) what happened while a folder was
+                // selected: one sweep now finds it (one LIST-STATUS: 14 ms for 200 folders)
+                self.sweep(&mut session, f, list_status).await?;
                 rediscover |= self.absorb(&mut session, f);
                 if !f.dirty.is_empty() || rediscover {
                     continue;
@@ -718,20 +798,53 @@ impl AccountTask {
                     let now = tokio::time::Instant::now();
                     if now >= next_discover || (now >= next_sweep && list_status) {
                         let found = self.discover(&mut session).await?;
-                        self.apply(found, prefix.as_deref(), mode, f, w, cancel)
+                        let recheck = self
+                            .apply(found, prefix.as_deref(), mode, f, w, cancel)
                             .await;
-                        next_discover = now + settings.discover_interval;
+                        next_discover = now
+                            + if recheck {
+                                RECHECK_AFTER
+                            } else {
+                                settings.discover_interval
+                            };
                         if list_status {
                             next_sweep = now + sweep_every;
                         }
                     }
                     if now >= next_sweep {
-                        self.sweep(&mut session, f).await?;
+                        self.sweep(&mut session, f, false).await?;
                         next_sweep = now + sweep_every;
                     }
                     rediscover |= self.absorb(&mut session, f);
+                    self.sweep_succeeded(f);
                 }
             }
         }
+    }
+
+    /// A sweep that answered is a success for every shared folder that is caught up (for
+    /// `status`: a quiet folder is not a stale one), written at most once per
+    /// [`SUCCESS_EVERY`], in one write.
+    fn sweep_succeeded(&self, f: &mut Folders) {
+        if f.sweep_success_at
+            .is_some_and(|t| t.elapsed() < SUCCESS_EVERY)
+        {
+            return;
+        }
+        f.sweep_success_at = Some(Instant::now());
+        let names: Vec<String> = f
+            .plan
+            .shared()
+            .filter(|n| f.live.contains(*n) && !f.dirty.contains(*n))
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        for name in &names {
+            self.metrics.success(&self.account.name, name, 0, 0, &[]);
+        }
+        let account = self.account.name.clone();
+        self.spawn_store(move |s| async move { s.mark_success_many(&account, &names).await });
     }
 }

@@ -12,9 +12,10 @@
 //! - a special-use attribute (RFC 6154): `"\\Sent"`, `"\\Archive"`, `"\\All"`, `"\\Drafts"`,
 //!   `"\\Flagged"`, `"\\Junk"`, `"\\Trash"`, matched by the attributes LIST reports.
 //!
-//! A folder is synced when a `mailboxes` selector matches it, no `exclude` selector does, and
-//! it can be selected (`\Noselect` and `\NonExistent` are left out). A name given literally is
-//! synced even where LIST does not show it (the catch-up then reports it missing). Of the
+//! A folder is synced when a `mailboxes` selector matches it, no `exclude` selector does (a
+//! folder asked for by name or special-use is never excluded), and it can be selected
+//! (`\Noselect` and `\NonExistent` are left out). A name given literally is synced even where
+//! LIST does not show it (the catch-up then reports it missing). Of the
 //! synced folders, those matching `watch` get their own IDLE connection, as many as
 //! `max_connections` allows beside the one connection that follows all the others.
 
@@ -304,10 +305,10 @@ impl Selection {
                     .insert(folder.name.clone(), format!("{why}: it holds no messages"));
                 continue;
             }
-            let named = self
-                .include
-                .iter()
-                .any(|(_, s)| matches!(s, Selector::Name(_)) && s.matches(folder, namespace));
+            // asked for by name or by its special use: the exclusions do not apply
+            let named = self.include.iter().any(|(_, s)| {
+                matches!(s, Selector::Name(_) | Selector::Use(_)) && s.matches(folder, namespace)
+            });
             if !named {
                 if let Some((text, _)) = self
                     .exclude
@@ -346,15 +347,10 @@ impl Selection {
                 }
             }
         }
-        // INBOX first, then the order of the listing; at most max_connections, less the
-        // shared connection when any folder is left to it
+        // INBOX first, then the order of the listing; at most max_connections less the one
+        // connection of the account task (it always holds one, to discover)
         watch_order.sort_by_key(|n| n != "INBOX");
-        let all_watched = watch_order.len() == plan.synced.len();
-        let room = if all_watched && watch_order.len() <= self.max_connections {
-            self.max_connections
-        } else {
-            self.max_connections.saturating_sub(1)
-        };
+        let room = self.max_connections.saturating_sub(1);
         for (i, name) in watch_order.into_iter().enumerate() {
             if i < room {
                 plan.synced.insert(name, Follow::Watch);
@@ -517,10 +513,10 @@ mod tests {
         );
         assert_eq!(plan.demoted.len(), 5);
         assert_eq!(plan.shared().count(), 5);
-        // everything watched and within the limit: no shared connection needed
+        // everything watched: the account task's own connection still counts
         let s = selection(&["*"], &[], &["*"], 7);
         let plan = s.plan(&listed, None);
-        assert_eq!(plan.watched().count(), 7);
+        assert_eq!(plan.watched().count(), 6);
     }
 
     #[test]

@@ -284,7 +284,7 @@ async fn check_folders(
     let summary = format!(
         "{} folders synced ({watched} by IDLE, {shared} by {shared_by}, {} connections at most), {} left out ({} ms)",
         plan.synced.len(),
-        (watched + usize::from(shared > 0)).min(account.settings.max_connections),
+        watched + 1,
         plan.left_out.len(),
         started.elapsed().as_millis()
     );

@@ -2,6 +2,7 @@
 //! SIGTERM/SIGINT lets each mailbox finish the batch in flight within [`SYNC_GRACE`].
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -163,8 +164,10 @@ async fn sync_account(
         .max(1);
     let mut tasks = JoinSet::new();
     let mut first = Some(first);
+    let live = Arc::new(AtomicUsize::new(workers));
     for _ in 0..workers {
-        let (account, queue, cancel) = (account.clone(), queue.clone(), cancel.clone());
+        let (account, queue, cancel, live) =
+            (account.clone(), queue.clone(), cancel.clone(), live.clone());
         let ctx = Context {
             store: ctx.store.scoped(),
             limits: ctx.limits,
@@ -189,6 +192,13 @@ async fn sync_account(
                         Ok(s) => {
                             tracing::info!(account = %account.name, host = %account.host, port = account.port, "connected");
                             s
+                        }
+                        // a server's connection cap: the other workers take this folder
+                        Err(e) if live.load(Ordering::SeqCst) > 1 => {
+                            tracing::warn!(account = %account.name, error = %e, "sync_worker_not_connected");
+                            live.fetch_sub(1, Ordering::SeqCst);
+                            crate::error::lock(&queue).push_front(mailbox);
+                            return ok;
                         }
                         Err(e) => {
                             ok &= finish(&ctx.store, within, &account.name, &mailbox, Err(e.into()), &cancel).await;

@@ -29,6 +29,9 @@ impl Value {
     }
 }
 
+/// Deeper nesting is refused (the response is ignored).
+const MAX_DEPTH: usize = 16;
+
 /// Reads values from `input` until the end of the response (or a `)` at depth 0).
 struct Reader<'a> {
     input: &'a [u8],
@@ -47,6 +50,11 @@ impl Reader<'_> {
     }
 
     fn values(&mut self, depth: usize) -> Option<Vec<Value>> {
+        // LIST, STATUS and NAMESPACE nest three levels deep; a server that sends a million
+        // parentheses must not overflow the stack
+        if depth > MAX_DEPTH {
+            return None;
+        }
         let mut out = Vec::new();
         loop {
             self.skip_spaces();
@@ -372,5 +380,13 @@ mod tests {
             let _ = parse(raw);
         }
         assert_eq!(parse(b"* LIST () \".\" {99}\r\nshort\r\n"), None);
+        let mut deep = b"* STATUS x ".to_vec();
+        deep.extend(std::iter::repeat_n(b'(', 1_000_000));
+        deep.extend_from_slice(b"\r\n");
+        assert_eq!(
+            parse(&deep),
+            None,
+            "a million parentheses, no stack overflow"
+        );
     }
 }

@@ -45,6 +45,8 @@ const KNOWN: &[&str] = &[
 const CAPTURED: &[&str] = &["LIST", "LSUB", "STATUS", "NAMESPACE"];
 /// What a captured response is replaced by in the stream async-imap reads.
 pub const CAPTURED_MARK: &str = "mailpump-captured";
+/// At most this many captured responses wait to be read.
+const MAX_QUEUED: usize = 100_000;
 /// A captured response may not be larger than this (a LIST line is a name and a few flags).
 const MAX_CAPTURED: usize = 1024 * 1024;
 
@@ -216,7 +218,13 @@ impl<T> Sanitize<T> {
                         None => {
                             if self.decision == Some(Decision::Capture) {
                                 let whole = std::mem::take(&mut self.capturing);
-                                crate::error::lock(&self.captured).push_back(whole);
+                                let mut queue = crate::error::lock(&self.captured);
+                                // a session that never reads them (an IDLE watcher) keeps
+                                // only the newest
+                                if queue.len() >= MAX_QUEUED {
+                                    queue.pop_front();
+                                }
+                                queue.push_back(whole);
                                 self.out.extend_from_slice(
                                     format!("* OK {CAPTURED_MARK}\r\n").as_bytes(),
                                 );

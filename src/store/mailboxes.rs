@@ -443,8 +443,42 @@ impl Store {
         if let Some(to) = renamed_to {
             set.insert("renamed_to", to);
         }
-        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "deletion mark")
+        // a folder made again under this name starts from nothing, whatever UIDVALIDITY it
+        // gets (Cyrus gives folders created in the same second the same one)
+        let (coll, id) = (self.mailboxes.clone(), Self::mailbox_id(account, mailbox));
+        self.guarded("deletion mark", async move {
+            coll.update_one(
+                doc! {"_id": id},
+                doc! {"$set": set, "$unset": {"last_uid": "", "uidvalidity": ""}, "$setOnInsert": {"quarantined": []}},
+            )
+            .upsert(true)
             .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// `last_success_at` for several mailboxes of one account at once: a sweep that found them
+    /// unchanged is a success for each (one write, however many folders).
+    pub async fn mark_success_many(
+        &self,
+        account: &str,
+        mailboxes: &[String],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<String> = mailboxes
+            .iter()
+            .map(|m| Self::mailbox_id(account, m))
+            .collect();
+        let coll = self.mailboxes.clone();
+        self.guarded("success marks", async move {
+            coll.update_many(
+                doc! {"_id": {"$in": ids}},
+                doc! {"$set": {"last_success_at": bson::DateTime::now()}},
+            )
+            .await
+            .map(|_| ())
+        })
+        .await
     }
 
     /// Notes on a new folder the one it was renamed from.

@@ -168,9 +168,26 @@ async fn globs_special_use_and_exclude_select_what_they_say() {
 async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
     let mut dc = Dovecot::start_with(SPECIAL_USE);
     let user = dc.add_user("live", "pw-live");
-    for f in ["Work", "Work.Deep", "Lists", "已发送"] {
-        dc.deliver_to(&user, Some(f), &message(f, "old"), "", None);
+    // four folders and 200 more, nested and non-ASCII, all followed by the one shared connection
+    let more: Vec<String> = many_folders()
+        .into_iter()
+        .filter(|f| !["已发送", "Junk", "Trash"].contains(&f.as_str()))
+        .collect();
+    // through IMAP, as mail reaches a Dovecot in production: Dovecot's NOTIFY is late (up
+    // to its 30 s timer) for a while after it first indexes hundreds of folders written
+    // behind its back
+    let mut setup = RawImap::login(dc.imap_port, &user);
+    for f in ["Work", "Work.Deep", "Lists", "已发送"]
+        .iter()
+        .chain(more.iter().map(|s| s.as_str()).collect::<Vec<_>>().iter())
+    {
+        if !["Sent", "Archive"].contains(f) {
+            setup.create(f);
+        }
+        setup.append(f, &message(f, "old"));
     }
+    setup.logout();
+    let backfill = 4 + more.len() as u64;
     let db = TestDb::new().await;
     let mp = Mailpump::new(
         &db,
@@ -189,8 +206,8 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
         .await;
     let connected = daemon.events("follower_connected");
     assert_eq!(connected[0]["mode"], "notify", "{connected:?}");
-    crate::harness::eventually(SOON, "the backfill", || async {
-        db.count("messages", doc! {"account": "live"}).await == 4
+    crate::harness::eventually(SOON, "the backfill of 211 folders", || async {
+        db.count("messages", doc! {"account": "live"}).await == backfill
     })
     .await;
 
@@ -200,17 +217,24 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
         let subject = format!("live-{i}");
         let started = Instant::now();
         other.append(folder, &message(&subject, "new"));
-        crate::harness::eventually(SOON, "new mail in a folder that is not watched", || async {
-            db.count("messages", doc! {"mailbox": *folder, "subject": &subject})
-                .await
-                == 1
-        })
+        crate::harness::eventually(
+            Duration::from_secs(45),
+            "new mail in a folder that is not watched",
+            || async {
+                db.count("messages", doc! {"mailbox": *folder, "subject": &subject})
+                    .await
+                    == 1
+            },
+        )
         .await;
         latencies.push(started.elapsed());
     }
     eprintln!("APPEND to stored over NOTIFY: {latencies:?}");
+    // Stored long before the 10 minute sweep: NOTIFY did it. How soon is measured by
+    // `bash deploy/bench.sh folders` (p95 0.53 s over 30 samples); under this test harness
+    // Dovecot often sends the STATUS only at its 30 s idle-check timer (BENCHMARKS.md).
     assert!(
-        latencies.iter().all(|l| *l < Duration::from_secs(20)),
+        latencies.iter().all(|l| *l < Duration::from_secs(45)),
         "NOTIFY, not the 10 minute sweep: {latencies:?}"
     );
 
@@ -291,6 +315,75 @@ async fn without_notify_the_folders_are_swept_every_poll_interval() {
         db.count("messages", doc! {"account": "sweep"}).await == 5
     })
     .await;
-    // a folder made behind the server's back is found by the next discovery
+    daemon.signal("TERM");
+}
+
+/// `watch = ["*"]` asks for a connection per folder; `max_connections` wins, the rest are
+/// followed by the shared connection, and `check` and `status` say who follows what.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_wins_over_watch_and_check_and_status_tell_how_folders_are_followed() {
+    let mut dc = Dovecot::start_with(SPECIAL_USE);
+    let user = dc.add_user("cap", "pw-cap");
+    for f in ["A", "B", "C", "D", "E"] {
+        dc.deliver_to(&user, Some(f), &message(f, "x"), "", None);
+    }
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::plain("cap", &dc, &user)
+            .with("mailboxes = [\"*\"]")
+            .with("watch = [\"*\"]")
+            .with("max_connections = 3")],
+    );
+    let check = mp.run_async(&["check"]).await;
+    let text = check.stdout();
+    assert_eq!(check.code(), 0, "{text}");
+    assert!(text.contains("✓ cap/INBOX  0 messages"), "{text}");
+    assert!(text.contains("followed by IDLE"), "{text}");
+    assert!(text.contains("followed by NOTIFY"), "{text}");
+    assert!(
+        text.contains("- cap/Junk  left out: excluded by \"\\\\Junk\""),
+        "{text}"
+    );
+    assert!(text.contains("max_connections = 3"), "{text}");
+    assert!(
+        text.contains(
+            "✓ cap/*  8 folders synced (2 by IDLE, 6 by NOTIFY, 3 connections at most), 2 left out"
+        ),
+        "{text}"
+    );
+
+    let daemon = Daemon::start(&mp);
+    crate::harness::eventually(SOON, "the backfill", || async {
+        db.count("messages", doc! {"account": "cap"}).await == 5
+    })
+    .await;
+    daemon
+        .wait_for_log(SOON, "every folder watching", |l| {
+            l.iter().filter(|e| e["message"] == "watching").count() >= 8
+        })
+        .await;
+    assert_eq!(daemon.events("watch_limited").len(), 1);
+    let held = server_connections(dc.imap_port);
+    assert_eq!(held, 3, "max_connections = 3, whatever watch says");
+
+    let status = mp.run_async(&["status", "--json"]).await;
+    let rows: Vec<serde_json::Value> = status
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let followed = |m: &str| {
+        rows.iter()
+            .find(|r| r["mailbox"] == m)
+            .map(|r| r["followed_by"].clone())
+    };
+    assert_eq!(followed("INBOX"), Some("idle".into()), "{rows:?}");
+    let by: BTreeSet<String> = rows
+        .iter()
+        .map(|r| r["followed_by"].as_str().unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(by, ["idle", "notify"].map(String::from).into(), "{rows:?}");
+    assert!(rows.iter().all(|r| r["configured"] == true), "{rows:?}");
     daemon.signal("TERM");
 }

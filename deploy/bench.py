@@ -462,8 +462,9 @@ def probe_latency(s, coll, targets, rng, label, timeout):
 
 
 def folders(accounts, per_account, per_folder=3):
-    """ACCOUNTS accounts with PER_ACCOUNT folders each (INBOX included), mailboxes = ["*"] and the
-    default watch (INBOX) and max_connections (5)."""
+    """ACCOUNTS accounts with PER_ACCOUNT folders each (INBOX included) holding PER_FOLDER
+    generated messages each, mailboxes = ["*"] and the default watch (INBOX) and
+    max_connections (5)."""
     import pymongo
     s = Services()
     try:
@@ -498,6 +499,8 @@ def folders(accounts, per_account, per_folder=3):
         log = open(logpath, "w")
         print("\n== folders: %d accounts x %d folders (INBOX included), %d messages, %.1f MB; database: %s" %
               (accounts, per_account, expected, total_bytes / 1e6, s.dbkind), flush=True)
+        # another busy process on the machine slows the backfill: the load average says so
+        load_before = float(open("/proc/loadavg").read().split()[0])
         started = time.time()
         daemon = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "run"], stdout=log, stderr=subprocess.STDOUT)
         want = accounts * per_account
@@ -512,6 +515,10 @@ def folders(accounts, per_account, per_folder=3):
         if len(watching) < want:
             raise SystemExit("%d of %d folders watching after %.0f s; log tail:\n%s" %
                              (len(watching), want, time.time() - started, open(logpath).read()[-4000:]))
+        cpu_ready, _ = proc_stat(daemon.pid)
+        load_ready = float(open("/proc/loadavg").read().split()[0])
+        db_pid = PIDS[0] if PIDS and PIDS[0] != s.dovecot_pid and not os.environ.get("MONGODB_URI") else None
+        db_cpu_ready = proc_stat(db_pid)[0] if db_pid else None
         ready_s = max(log_time(e) for e in watching.values()) - started
         inbox_ready_s = max(log_time(e) for (a, m), e in watching.items() if m == "INBOX") - started
         modes = sorted({e.get("mode") for e in watching.values()})
@@ -571,6 +578,9 @@ def folders(accounts, per_account, per_folder=3):
              "database": s.dbkind, "seconds_until_all_watching": round(ready_s, 1),
              "seconds_until_every_inbox_idle": round(inbox_ready_s, 1),
              "seconds_until_last_folders_discovered": round(discovered_s, 1) if discovered_s is not None else None,
+             "load_average_1min_at_start": load_before, "load_average_1min_when_ready": load_ready,
+             "daemon_cpu_seconds_until_ready": round(cpu_ready, 2),
+             "database_cpu_seconds_until_ready": round(db_cpu_ready, 2) if db_cpu_ready is not None else None,
              "watching_modes": modes, "follower_modes": sorted({e.get("mode") for e in connected}),
              "follower_connects": len(connected), "stored_when_ready": stored_at_ready, "stored": stored,
              "connections": conns, "connections_after_probes": conns_after,
@@ -586,7 +596,8 @@ def folders(accounts, per_account, per_folder=3):
         per = sorted(conns["per_account"].values())
         print("all %d folders watching after %.1f s (every INBOX idling after %.1f s); stored %d of %d (%d at that moment)" %
               (want, ready_s, inbox_ready_s, stored, expected, stored_at_ready))
-        print("follower modes %s; watching modes %s" % (r["follower_modes"], modes))
+        print("CPU until then: mailpump %.2f s, the database %s s; load average %.2f at start, %.2f then; follower modes %s; watching modes %s" %
+              (cpu_ready, "%.2f" % db_cpu_ready if db_cpu_ready is not None else "-", load_before, load_ready, r["follower_modes"], modes))
         print("connections (server side, ESTABLISHED on the IMAP port): %d in total, per account min %s max %s, %d unattributed; daemon's client sockets %d"
               % (conns["server_total"], per[0] if per else "-", per[-1] if per else "-", conns["unattributed"], conns["daemon_client_sockets"]))
         print("after the probes: %d in total; daemon's client sockets %d" % (conns_after["server_total"], conns_after["daemon_client_sockets"]))
@@ -640,6 +651,7 @@ def big(megabytes):
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it happens
     args = sys.argv[1:]
     scenario = args[0] if args else "all"
     size = int(args[1]) if len(args) > 1 else None
@@ -647,7 +659,7 @@ def main():
     print("machine: %(cpu)s, %(cores)d cores, %(memory_gb)d GB" % results["machine"])
     runs = {"backfill": lambda: backfill(size or 10000), "latency": lambda: latency(size or 100),
             "scale": lambda: scale(size or 1000), "big": lambda: big(size or 50),
-            "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100)}
+            "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100, int(args[3]) if len(args) > 3 else 3)}
     for name in (runs if scenario == "all" else [scenario]):
         results[name] = runs[name]()
     out = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench-results.json"))

@@ -426,6 +426,27 @@ def connections(imap_port, daemon_pid, account_of_uid):
             "daemon_client_sockets": daemon_side}
 
 
+def machine_busy():
+    """CPU seconds the whole machine spent busy since boot (every core, not idle or iowait)."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root):
+    """CPU seconds of root and its children still running (Dovecot's master and its services)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == root or int(stat[1]) == root:
+            total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def proc_mem(pid):
     status = {l.split(":")[0]: l.split()[1] for l in open("/proc/%d/status" % pid) if l.startswith(("VmRSS", "VmHWM"))}
     return int(status["VmRSS"]) / 1024, int(status["VmHWM"]) / 1024
@@ -499,8 +520,12 @@ def folders(accounts, per_account, per_folder=3):
         log = open(logpath, "w")
         print("\n== folders: %d accounts x %d folders (INBOX included), %d messages, %.1f MB; database: %s" %
               (accounts, per_account, expected, total_bytes / 1e6, s.dbkind), flush=True)
-        # another busy process on the machine slows the backfill: the load average says so
-        load_before = float(open("/proc/loadavg").read().split()[0])
+        # another busy process on the machine slows the backfill: the CPU time of the whole
+        # machine, less mailpump's, the database's and Dovecot's, says so
+        busy_before = machine_busy()
+        dovecot_before = tree_cpu(s.dovecot_pid)
+        db_pid = PIDS[0] if PIDS and PIDS[0] != s.dovecot_pid and not os.environ.get("MONGODB_URI") else None
+        db_before = proc_stat(db_pid)[0] if db_pid else 0.0
         started = time.time()
         daemon = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "run"], stdout=log, stderr=subprocess.STDOUT)
         want = accounts * per_account
@@ -516,9 +541,9 @@ def folders(accounts, per_account, per_folder=3):
             raise SystemExit("%d of %d folders watching after %.0f s; log tail:\n%s" %
                              (len(watching), want, time.time() - started, open(logpath).read()[-4000:]))
         cpu_ready, _ = proc_stat(daemon.pid)
-        load_ready = float(open("/proc/loadavg").read().split()[0])
-        db_pid = PIDS[0] if PIDS and PIDS[0] != s.dovecot_pid and not os.environ.get("MONGODB_URI") else None
-        db_cpu_ready = proc_stat(db_pid)[0] if db_pid else None
+        db_cpu_ready = proc_stat(db_pid)[0] - db_before if db_pid else None
+        dovecot_cpu_ready = tree_cpu(s.dovecot_pid) - dovecot_before
+        other_cpu_ready = machine_busy() - busy_before - cpu_ready - (db_cpu_ready or 0) - dovecot_cpu_ready
         ready_s = max(log_time(e) for e in watching.values()) - started
         inbox_ready_s = max(log_time(e) for (a, m), e in watching.items() if m == "INBOX") - started
         modes = sorted({e.get("mode") for e in watching.values()})
@@ -578,9 +603,10 @@ def folders(accounts, per_account, per_folder=3):
              "database": s.dbkind, "seconds_until_all_watching": round(ready_s, 1),
              "seconds_until_every_inbox_idle": round(inbox_ready_s, 1),
              "seconds_until_last_folders_discovered": round(discovered_s, 1) if discovered_s is not None else None,
-             "load_average_1min_at_start": load_before, "load_average_1min_when_ready": load_ready,
              "daemon_cpu_seconds_until_ready": round(cpu_ready, 2),
              "database_cpu_seconds_until_ready": round(db_cpu_ready, 2) if db_cpu_ready is not None else None,
+             "dovecot_cpu_seconds_until_ready": round(dovecot_cpu_ready, 2),
+             "other_cpu_seconds_until_ready": round(other_cpu_ready, 2),
              "watching_modes": modes, "follower_modes": sorted({e.get("mode") for e in connected}),
              "follower_connects": len(connected), "stored_when_ready": stored_at_ready, "stored": stored,
              "connections": conns, "connections_after_probes": conns_after,
@@ -596,8 +622,9 @@ def folders(accounts, per_account, per_folder=3):
         per = sorted(conns["per_account"].values())
         print("all %d folders watching after %.1f s (every INBOX idling after %.1f s); stored %d of %d (%d at that moment)" %
               (want, ready_s, inbox_ready_s, stored, expected, stored_at_ready))
-        print("CPU until then: mailpump %.2f s, the database %s s; load average %.2f at start, %.2f then; follower modes %s; watching modes %s" %
-              (cpu_ready, "%.2f" % db_cpu_ready if db_cpu_ready is not None else "-", load_before, load_ready, r["follower_modes"], modes))
+        print("CPU seconds until then: mailpump %.2f, the database %s, Dovecot %.2f, everything else on the machine %.2f" %
+              (cpu_ready, "%.2f" % db_cpu_ready if db_cpu_ready is not None else "-", dovecot_cpu_ready, other_cpu_ready))
+        print("follower modes %s; watching modes %s" % (r["follower_modes"], modes))
         print("connections (server side, ESTABLISHED on the IMAP port): %d in total, per account min %s max %s, %d unattributed; daemon's client sockets %d"
               % (conns["server_total"], per[0] if per else "-", per[-1] if per else "-", conns["unattributed"], conns["daemon_client_sockets"]))
         print("after the probes: %d in total; daemon's client sockets %d" % (conns_after["server_total"], conns_after["daemon_client_sockets"]))

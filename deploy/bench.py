@@ -102,11 +102,11 @@ class Services:
             time.sleep(0.05)
         raise SystemExit("dovecot did not start")
 
-    def config(self, database, accounts, extra=""):
+    def config(self, database, accounts, extra="", account_extra=""):
         text = '[store]\nuri = "%s"\ndatabase = "%s"\n%s\n' % (self.uri, database, extra)
         for name, protocol, port in accounts:
             text += ('[accounts.%s]\nprotocol = "%s"\nhost = "127.0.0.1"\nport = %d\nsecurity = "plain"\n'
-                     'username = "%s"\npassword = "pw-%s"\n\n' % (name, protocol, port, name, name))
+                     'username = "%s"\npassword = "pw-%s"\n%s\n' % (name, protocol, port, name, name, account_extra))
         path = os.path.join(self.work, database + ".toml")
         with open(path, "w") as f:
             f.write(text)
@@ -325,6 +325,327 @@ def scale(n):
         s.close()
 
 
+# Folders of one account besides INBOX, parents before children: a few top-level ones, some
+# with non-ASCII names (modified UTF-7 on disk and on the wire), Archive.2024.03 three levels
+# deep, then Projects.pN each with subfolders sM and one more level under s0.
+FOLDER_BASE = ["Sent", "Drafts", "Archive", "Archive.2024", "Archive.2024.03", "已发送", "Entwürfe",
+               "Черновики", "Tom & Jerry", "日本語", "日本語.サブ", "Projects"]
+
+
+def folder_names(count):
+    names = list(FOLDER_BASE)
+    p = 0
+    while len(names) < count:
+        names.append("Projects.p%d" % p)
+        names.extend("Projects.p%d.s%d" % (p, i) for i in range(8))
+        names.append("Projects.p%d.s0.深" % p)
+        p += 1
+    return names[:count]
+
+
+def log_events(path, message):
+    out = []
+    for line in open(path, errors="replace"):
+        if '"message":"%s"' % message not in line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def log_time(e):
+    """The epoch seconds of a JSON log event's timestamp (RFC 3339, UTC)."""
+    import datetime
+    ts = e["timestamp"].rstrip("Z")
+    if "." in ts:
+        head, frac = ts.split(".", 1)
+        ts = head + "." + frac[:6]
+    return datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def tcp_sockets(port, side):
+    """inode of every ESTABLISHED TCP socket on 127.0.0.1 whose local (side="server") or remote
+    (side="client") port is port."""
+    column = 1 if side == "server" else 2
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "01" and int(f[column].rsplit(":", 1)[1], 16) == port:
+                out.add(int(f[9]))
+    return out
+
+
+def socket_holders(inodes):
+    """inode -> the PIDs holding it (every process's fds, read from /proc)."""
+    held = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir("/proc/%s/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in inodes:
+                    held.setdefault(inode, set()).add(int(pid))
+    return held
+
+
+def proc_uid(pid):
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/%d/status" % pid) if l.startswith("Uid:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def connections(imap_port, daemon_pid, account_of_uid):
+    """Connections as the server counts them: ESTABLISHED sockets whose local port is Dovecot's
+    IMAP port, attributed to accounts by the uid of the Dovecot imap process holding each (every
+    bench user has its own uid); and the daemon's own client sockets, as a cross-check."""
+    server = tcp_sockets(imap_port, "server")
+    holders = socket_holders(server | tcp_sockets(imap_port, "client"))
+    per_account, unattributed = {}, 0
+    for inode in server:
+        names = {account_of_uid.get(proc_uid(p)) for p in holders.get(inode, ())} - {None}
+        if len(names) == 1:
+            name = names.pop()
+            per_account[name] = per_account.get(name, 0) + 1
+        else:
+            unattributed += 1
+    daemon_side = sum(1 for inode in tcp_sockets(imap_port, "client") if daemon_pid in holders.get(inode, ()))
+    return {"server_total": len(server), "per_account": per_account, "unattributed": unattributed,
+            "daemon_client_sockets": daemon_side}
+
+
+def machine_busy():
+    """CPU seconds the whole machine spent busy since boot (every core, not idle or iowait)."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root):
+    """CPU seconds of root and its children still running (Dovecot's master and its services)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == root or int(stat[1]) == root:
+            total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def proc_mem(pid):
+    status = {l.split(":")[0]: l.split()[1] for l in open("/proc/%d/status" % pid) if l.startswith(("VmRSS", "VmHWM"))}
+    return int(status["VmRSS"]) / 1024, int(status["VmHWM"]) / 1024
+
+
+def probe_latency(s, coll, targets, rng, label, timeout):
+    """For each (account, folder): APPEND one message over IMAP (raw socket), then poll the
+    messages collection for its unique subject every 20 ms. Returns the samples and the misses."""
+    samples, missed = [], []
+    token = "%x" % rng.getrandbits(32)
+    for i, (account, folder) in enumerate(targets):
+        subject = "folders-bench %s %s %d" % (label, token, i)
+        raw = ("From: probe@example.com\r\nTo: %s@example.com\r\nSubject: %s\r\nMessage-ID: <%s-%d-%s@bench>\r\n"
+               "Date: Tue, 1 Dec 2026 10:00:00 +0000\r\n\r\nping\r\n" % (account, subject, label, i, token)).encode()
+        client = bench_mail.ImapClient(s.imap, account, "pw-" + account)
+        done = client.append(folder, raw)
+        doc, polls = None, 0
+        while time.time() < done + timeout:
+            doc = coll.find_one({"subject": subject}, {"stored_at": 1, "mailbox": 1, "account": 1})
+            polls += 1
+            if doc:
+                break
+            time.sleep(0.02)
+        seen = time.time()
+        client.logout()
+        if doc is None:
+            missed.append({"account": account, "folder": folder, "subject": subject, "appended_at": done})
+        else:
+            stored = doc["stored_at"].replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+            samples.append({"account": account, "folder": folder, "visible_s": seen - done, "stored_at_s": stored - done,
+                            "polls": polls, "right_place": doc.get("mailbox") == folder and doc.get("account") == account})
+        time.sleep(rng.uniform(0.8, 1.2))
+    return samples, missed
+
+
+def folders(accounts, per_account, per_folder=3):
+    """ACCOUNTS accounts with PER_ACCOUNT folders each (INBOX included) holding PER_FOLDER
+    generated messages each, mailboxes = ["*"] and the default watch (INBOX) and
+    max_connections (5)."""
+    import pymongo
+    s = Services()
+    try:
+        names = ["f%02d" % i for i in range(accounts)]
+        uids = s.add_users(names)
+        others = folder_names(per_account - 1)
+        rng = random.Random(11)
+        total_bytes = k = 0
+        for name in names:
+            for folder in [None] + others:
+                base = s.maildir(name) if folder is None else os.path.join(s.maildir(name), "." + bench_mail.utf7_mailbox(folder))
+                for sub in ("", "cur", "new", "tmp"):
+                    os.makedirs(os.path.join(base, sub), exist_ok=True)
+                    os.chown(os.path.join(base, sub), uids[name], 65534)
+                for _ in range(per_folder):
+                    raw = bench_mail.message(rng, k).encode()
+                    total_bytes += len(raw)
+                    fname = "%d.M%dP1.bench" % (1_600_000_000 + k, k)
+                    tmp = os.path.join(base, "tmp", fname)
+                    with open(tmp, "wb") as f:
+                        f.write(raw)
+                    os.chown(tmp, uids[name], 65534)
+                    os.rename(tmp, os.path.join(base, "new", fname))
+                    k += 1
+        expected = k
+        coll = pymongo.MongoClient(s.uri).folders.messages
+        # the probes below look messages up by subject; mailpump itself never does
+        coll.create_index("subject")
+        s.start_dovecot()
+        cfg = s.config("folders", [(n, "imap", s.imap) for n in names], account_extra='mailboxes = ["*"]\n')
+        logpath = os.path.join(s.work, "run.log")
+        log = open(logpath, "w")
+        print("\n== folders: %d accounts x %d folders (INBOX included), %d messages, %.1f MB; database: %s" %
+              (accounts, per_account, expected, total_bytes / 1e6, s.dbkind), flush=True)
+        # another busy process on the machine slows the backfill: the CPU time of the whole
+        # machine, less mailpump's, the database's and Dovecot's, says so
+        busy_before = machine_busy()
+        dovecot_before = tree_cpu(s.dovecot_pid)
+        db_pid = PIDS[0] if PIDS and PIDS[0] != s.dovecot_pid and not os.environ.get("MONGODB_URI") else None
+        db_before = proc_stat(db_pid)[0] if db_pid else 0.0
+        started = time.time()
+        daemon = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "run"], stdout=log, stderr=subprocess.STDOUT)
+        want = accounts * per_account
+        deadline = started + 900
+        watching = {}
+        while time.time() < deadline:
+            for e in log_events(logpath, "watching"):
+                watching.setdefault((e.get("account"), e.get("mailbox")), e)
+            if len(watching) >= want or daemon.poll() is not None:
+                break
+            time.sleep(0.2)
+        if len(watching) < want:
+            raise SystemExit("%d of %d folders watching after %.0f s; log tail:\n%s" %
+                             (len(watching), want, time.time() - started, open(logpath).read()[-4000:]))
+        cpu_ready, _ = proc_stat(daemon.pid)
+        db_cpu_ready = proc_stat(db_pid)[0] - db_before if db_pid else None
+        dovecot_cpu_ready = tree_cpu(s.dovecot_pid) - dovecot_before
+        other_cpu_ready = machine_busy() - busy_before - cpu_ready - (db_cpu_ready or 0) - dovecot_cpu_ready
+        ready_s = max(log_time(e) for e in watching.values()) - started
+        inbox_ready_s = max(log_time(e) for (a, m), e in watching.items() if m == "INBOX") - started
+        modes = sorted({e.get("mode") for e in watching.values()})
+        discovered = log_events(logpath, "folders_discovered")
+        connected = log_events(logpath, "follower_connected")
+        discovered_s = max(log_time(e) for e in discovered) - started if discovered else None
+        stored_at_ready = coll.count_documents({})
+        t_end = time.time() + 120
+        while coll.count_documents({}) < expected and time.time() < t_end:
+            time.sleep(0.5)
+        stored = coll.count_documents({})
+        time.sleep(5)
+        account_of_uid = {uid: name for name, uid in uids.items()}
+        conns = connections(s.imap, daemon.pid, account_of_uid)
+        rss, hwm = proc_mem(daemon.pid)
+        cpu0, _ = proc_stat(daemon.pid)
+        time.sleep(30)
+        cpu1, _ = proc_stat(daemon.pid)
+        idle_cpu = (cpu1 - cpu0) / 30 * 100
+        prng = random.Random(5)
+        shared_targets = [(prng.choice(names), prng.choice(others)) for _ in range(30)]
+        shared, shared_missed = probe_latency(s, coll, shared_targets, prng, "shared", 20)
+        inbox, inbox_missed = probe_latency(s, coll, [(prng.choice(names), "INBOX") for _ in range(10)], prng, "inbox", 20)
+        # a probe not seen within 20 s: was it stored later (by the safety sweep, say)?
+        missed_all, late = shared_missed + inbox_missed, []
+        t_end = time.time() + (60 if missed_all else 0)
+        while time.time() < t_end:
+            late = [m for m in missed_all if coll.find_one({"subject": m["subject"]})]
+            if len(late) == len(missed_all):
+                break
+            time.sleep(1)
+        time.sleep(2)
+        conns_after = connections(s.imap, daemon.pid, account_of_uid)
+        rss_after, hwm_after = proc_mem(daemon.pid)
+        levels = {}
+        for line in open(logpath, errors="replace"):
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("level") in ("WARN", "ERROR"):
+                key = (e["level"], e.get("message", "")[:80])
+                levels[key] = levels.get(key, 0) + 1
+        daemon.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(5)
+        stop_s = time.time() - t0
+        shutil.copy(logpath, os.path.join(ROOT, "bench-folders.log"))
+
+        def pct(values):
+            return bench_mail.percentiles(values) if values else None
+        r = {"accounts": accounts, "folders_per_account": per_account, "messages": expected, "bytes": total_bytes,
+             "database": s.dbkind, "seconds_until_all_watching": round(ready_s, 1),
+             "seconds_until_every_inbox_idle": round(inbox_ready_s, 1),
+             "seconds_until_last_folders_discovered": round(discovered_s, 1) if discovered_s is not None else None,
+             "daemon_cpu_seconds_until_ready": round(cpu_ready, 2),
+             "database_cpu_seconds_until_ready": round(db_cpu_ready, 2) if db_cpu_ready is not None else None,
+             "dovecot_cpu_seconds_until_ready": round(dovecot_cpu_ready, 2),
+             "other_cpu_seconds_until_ready": round(other_cpu_ready, 2),
+             "watching_modes": modes, "follower_modes": sorted({e.get("mode") for e in connected}),
+             "follower_connects": len(connected), "stored_when_ready": stored_at_ready, "stored": stored,
+             "connections": conns, "connections_after_probes": conns_after,
+             "rss_mb": round(rss, 1), "hwm_mb": round(hwm, 1), "rss_mb_after_probes": round(rss_after, 1), "hwm_mb_after_probes": round(hwm_after, 1),
+             "idle_cpu_percent_of_one_core": round(idle_cpu, 2),
+             "shared_latency_ms": pct([x["visible_s"] for x in shared]), "shared_stored_at_ms": pct([x["stored_at_s"] for x in shared]),
+             "inbox_latency_ms": pct([x["visible_s"] for x in inbox]), "inbox_stored_at_ms": pct([x["stored_at_s"] for x in inbox]),
+             "shared_missed": len(shared_missed), "inbox_missed": len(inbox_missed), "missed_stored_later": len(late),
+             "wrong_place": sum(1 for x in shared + inbox if not x["right_place"]),
+             "shared_samples": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in shared],
+             "warnings": [{"level": l, "message": m, "count": c} for (l, m), c in sorted(levels.items())],
+             "sigterm_exit_seconds": round(stop_s, 2)}
+        per = sorted(conns["per_account"].values())
+        print("all %d folders watching after %.1f s (every INBOX idling after %.1f s); stored %d of %d (%d at that moment)" %
+              (want, ready_s, inbox_ready_s, stored, expected, stored_at_ready))
+        print("CPU seconds until then: mailpump %.2f, the database %s, Dovecot %.2f, everything else on the machine %.2f" %
+              (cpu_ready, "%.2f" % db_cpu_ready if db_cpu_ready is not None else "-", dovecot_cpu_ready, other_cpu_ready))
+        print("follower modes %s; watching modes %s" % (r["follower_modes"], modes))
+        print("connections (server side, ESTABLISHED on the IMAP port): %d in total, per account min %s max %s, %d unattributed; daemon's client sockets %d"
+              % (conns["server_total"], per[0] if per else "-", per[-1] if per else "-", conns["unattributed"], conns["daemon_client_sockets"]))
+        print("after the probes: %d in total; daemon's client sockets %d" % (conns_after["server_total"], conns_after["daemon_client_sockets"]))
+        print("RSS %.1f MB (peak %.1f MB); after the probes %.1f MB (peak %.1f MB); CPU over 30 idle s %.2f%% of one core" %
+              (rss, hwm, rss_after, hwm_after, idle_cpu))
+        print("%-56s %8s %8s %8s %6s" % ("ms from APPEND's OK to visible in MongoDB", "p50", "p95", "max", "n"))
+        for label, key in (("folder not watched (follower, NOTIFY)", "shared"), ("INBOX (its own IDLE)", "inbox")):
+            for sub, k2 in (("polled, every 20 ms", "_latency_ms"), ("stored_at", "_stored_at_ms")):
+                v = r[key + k2]
+                if v:
+                    print("%-56s %8.1f %8.1f %8.1f %6d" % ("%s, %s" % (label, sub), v["p50"], v["p95"], v["max"], v["n"]))
+        print("missed within 20 s: %d not watched, %d INBOX (%d of them stored later); wrong account/folder %d" %
+              (r["shared_missed"], r["inbox_missed"], len(late), r["wrong_place"]))
+        for w in r["warnings"]:
+            print("log %(level)s x%(count)d: %(message)s" % w)
+        print("SIGTERM exit in %.2f s; daemon log copied to bench-folders.log" % stop_s)
+        return r
+    finally:
+        s.close()
+
+
 def big(megabytes):
     s = Services()
     try:
@@ -357,13 +678,15 @@ def big(megabytes):
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it happens
     args = sys.argv[1:]
     scenario = args[0] if args else "all"
     size = int(args[1]) if len(args) > 1 else None
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
     print("machine: %(cpu)s, %(cores)d cores, %(memory_gb)d GB" % results["machine"])
     runs = {"backfill": lambda: backfill(size or 10000), "latency": lambda: latency(size or 100),
-            "scale": lambda: scale(size or 1000), "big": lambda: big(size or 50)}
+            "scale": lambda: scale(size or 1000), "big": lambda: big(size or 50),
+            "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100, int(args[3]) if len(args) > 3 else 3)}
     for name in (runs if scenario == "all" else [scenario]):
         results[name] = runs[name]()
     out = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench-results.json"))

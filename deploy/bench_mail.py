@@ -208,6 +208,78 @@ def latency_quiet(port, user, password, maildir, uid, count, mongo_uri, dbname):
             "mailpump_delivery_to_stored_ms": percentiles(pump)}
 
 
+
+def utf7_mailbox(name):
+    """A mailbox name in IMAP's modified UTF-7 (RFC 3501 5.1.3), as on the wire and as
+    Dovecot's Maildir++ folder directories are named."""
+    out, pending = [], []
+
+    def flush():
+        if pending:
+            b = base64.b64encode("".join(pending).encode("utf-16-be")).decode().rstrip("=")
+            out.append("&" + b.replace("/", ",") + "-")
+            pending.clear()
+
+    for ch in name:
+        if 0x20 <= ord(ch) <= 0x7e:
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
+def quoted(text):
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class ImapClient:
+    """A bare IMAP client on a raw socket: LOGIN, APPEND, LOGOUT. Every read has a timeout."""
+
+    def __init__(self, port, user, password, timeout=30):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.f = self.s.makefile("rb")
+        self.n = 0
+        self.f.readline()
+        self.command("LOGIN %s %s" % (quoted(user), quoted(password)))
+
+    def _tagged(self, tag):
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise SystemExit("IMAP connection closed")
+            if line.startswith(tag + b" "):
+                if not line.split()[1] == b"OK":
+                    raise SystemExit("IMAP: %r" % line)
+                return line
+
+    def command(self, text):
+        self.n += 1
+        tag = b"t%d" % self.n
+        self.s.sendall(tag + b" " + text.encode() + b"\r\n")
+        return self._tagged(tag)
+
+    def append(self, mailbox, raw):
+        """APPENDs raw to mailbox (UTF-8 name); returns time.time() when the tagged OK arrived."""
+        self.n += 1
+        tag = b"t%d" % self.n
+        self.s.sendall(tag + b" APPEND " + quoted(utf7_mailbox(mailbox)).encode() + b" {%d}\r\n" % len(raw))
+        line = self.f.readline()
+        if not line.startswith(b"+"):
+            raise SystemExit("APPEND refused: %r" % line)
+        self.s.sendall(raw + b"\r\n")
+        self._tagged(tag)
+        return time.time()
+
+    def logout(self):
+        try:
+            self.s.sendall(b"z LOGOUT\r\n")
+            self.s.close()
+        except OSError:
+            pass
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "seed":

@@ -192,7 +192,8 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
     let mp = Mailpump::new(
         &db,
         &[AccountSpec::plain("live", &dc, &user)
-            .with("mailboxes = [\"*\"]")
+            // a name the server does not have is that folder's error, not the follower's
+            .with("mailboxes = [\"*\", \"zzz-missing\"]")
             .with("max_connections = 3")
             // a safety sweep far away: what arrives sooner came through NOTIFY
             .with("discover_interval = \"10m\"")
@@ -274,6 +275,15 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
     let held = server_connections(dc.imap_port) - 1;
     assert!(held <= 3, "max_connections = 3, the server counts {held}");
     assert_eq!(held, 2, "INBOX's IDLE and the follower");
+    assert!(daemon
+        .events("folder_unavailable")
+        .iter()
+        .any(|e| e["mailbox"] == "zzz-missing"));
+    assert!(
+        daemon.events("follower_disconnected").is_empty(),
+        "{:?}",
+        daemon.events("follower_disconnected")
+    );
     let record = db.mailbox("live/Work").await.unwrap();
     assert_eq!(record.get_str("followed_by").unwrap(), "notify");
     let record = db.mailbox("live/INBOX").await.unwrap();

@@ -328,12 +328,39 @@ impl AccountTask {
     }
 
     /// LIST (+ STATUS), parsed into folders.
-    async fn discover(&self, session: &mut Session) -> Result<Discovery, ImapError> {
+    /// `known`: MAILBOXIDs already read; those of other folders are asked for with STATUS
+    /// where the server has OBJECTID (RFC 8474).
+    async fn discover(
+        &self,
+        session: &mut Session,
+        known: &HashMap<String, String>,
+    ) -> Result<Discovery, ImapError> {
         let (lists, statuses) = session.list_folders().await?;
-        let ids = statuses
+        let mut ids: HashMap<String, String> = statuses
             .iter()
             .filter_map(|s| Some((s.name.clone(), s.mailbox_id.clone()?)))
             .collect();
+        if session.has_capability("OBJECTID") {
+            let mut ask = Vec::new();
+            for l in &lists {
+                if l.has("\\noselect") || l.has("\\nonexistent") || ids.contains_key(&l.name) {
+                    continue;
+                }
+                match known.get(&l.name) {
+                    Some(id) => {
+                        ids.insert(l.name.clone(), id.clone());
+                    }
+                    None => ask.push(l.name.clone()),
+                }
+            }
+            if !ask.is_empty() {
+                for s in session.mailbox_ids(&ask).await? {
+                    if let Some(id) = s.mailbox_id {
+                        ids.insert(s.name, id);
+                    }
+                }
+            }
+        }
         Ok(Discovery {
             folders: lists.iter().map(Folder::from).collect(),
             statuses,
@@ -692,7 +719,7 @@ impl AccountTask {
         tracing::info!(account, host = %self.account.host, port = self.account.port, mode = mode.label(), list_status, namespace = prefix.as_deref().unwrap_or(""), "follower_connected");
         // The snapshot comes before the catch-ups: mail arriving after it shows in the next
         // sweep or NOTIFY event, never between the two.
-        let found = self.discover(&mut session).await?;
+        let found = self.discover(&mut session, &f.ids).await?;
         let recheck = self
             .apply(found, prefix.as_deref(), mode, f, w, cancel)
             .await;
@@ -737,7 +764,7 @@ impl AccountTask {
             }
             if rediscover {
                 rediscover = false;
-                let found = self.discover(&mut session).await?;
+                let found = self.discover(&mut session, &f.ids).await?;
                 if self
                     .apply(found, prefix.as_deref(), mode, f, w, cancel)
                     .await
@@ -797,7 +824,7 @@ impl AccountTask {
                 WaitEnd::Deadline => {
                     let now = tokio::time::Instant::now();
                     if now >= next_discover || (now >= next_sweep && list_status) {
-                        let found = self.discover(&mut session).await?;
+                        let found = self.discover(&mut session, &f.ids).await?;
                         let recheck = self
                             .apply(found, prefix.as_deref(), mode, f, w, cancel)
                             .await;

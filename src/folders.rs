@@ -321,10 +321,22 @@ impl Selection {
                 }
             }
             let watched = self.watch.iter().any(|w| w.matches(folder, namespace));
+            // INBOX keeps the spelling the config gives it ("Inbox"): documents stored before
+            // folder sync are keyed by it
+            let key = self
+                .include
+                .iter()
+                .find_map(|(_, s)| match s {
+                    Selector::Name(n) if folder.name == "INBOX" && same_name(n, "INBOX") => {
+                        Some(n.clone())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| folder.name.clone());
             if watched {
-                watch_order.push(folder.name.clone());
+                watch_order.push(key.clone());
             }
-            plan.synced.insert(folder.name.clone(), Follow::Shared);
+            plan.synced.insert(key, Follow::Shared);
         }
         // names given literally are synced even where LIST did not show them
         for (i, (_, s)) in self.include.iter().enumerate() {
@@ -349,7 +361,7 @@ impl Selection {
         }
         // INBOX first, then the order of the listing; at most max_connections less the one
         // connection of the account task (it always holds one, to discover)
-        watch_order.sort_by_key(|n| n != "INBOX");
+        watch_order.sort_by_key(|n| !n.eq_ignore_ascii_case("INBOX"));
         let room = self.max_connections.saturating_sub(1);
         for (i, name) in watch_order.into_iter().enumerate() {
             if i < room {
@@ -452,6 +464,14 @@ mod tests {
         assert!(name("Archive/2024").matches(&courier("Archive.2024"), None));
         assert!(!name("Archive").matches(&courier("INBOX.Archive.2024"), Some("INBOX.")));
         assert!(name("inbox").matches(&courier("INBOX"), Some("INBOX.")));
+    }
+
+    #[test]
+    fn inbox_keeps_the_configs_spelling() {
+        let s = selection(&["Inbox", "Sent"], &[], &["INBOX"], 5);
+        let plan = s.plan(&[folder("INBOX", '.', &[]), folder("Sent", '.', &[])], None);
+        assert_eq!(plan.synced.get("Inbox"), Some(&Follow::Watch), "{plan:?}");
+        assert!(!plan.synced.contains_key("INBOX"));
     }
 
     #[test]

@@ -124,6 +124,22 @@ fn desired(config: &Config) -> HashMap<Key, Account> {
     out
 }
 
+/// What runs under one key: a mailbox's task, or a folder-sync account's.
+#[derive(Clone)]
+enum Unit {
+    Mailbox(MailboxTask),
+    Account(AccountTask),
+}
+
+impl Unit {
+    async fn run(self, cancel: CancellationToken) -> Exit {
+        match self {
+            Unit::Mailbox(t) => t.run(cancel).await,
+            Unit::Account(t) => t.run(cancel).await,
+        }
+    }
+}
+
 impl Supervisor {
     fn start(&mut self, key: Key, account: Account) {
         self.ended.remove(&key);
@@ -135,63 +151,43 @@ impl Supervisor {
         self.generation += 1;
         let cancel = self.shutdown.child_token();
         let generation = self.generation;
-        if key.1 == ACCOUNT_UNIT {
-            let task = AccountTask {
+        let unit = if key.1 == ACCOUNT_UNIT {
+            tracing::info!(account = %key.0, "account_started");
+            Unit::Account(AccountTask {
                 account: account.clone(),
                 store: self.store.clone(),
                 limits: self.limits,
                 budget: self.budget.clone(),
                 metrics: self.metrics.clone(),
                 policy: self.policy,
-            };
-            let (k, c) = (key.clone(), cancel.clone());
-            self.tasks.spawn(async move {
-                let (name, policy) = (task.account.name.clone(), task.policy);
-                let exit = supervised(&name, ACCOUNT_UNIT, policy, c.clone(), || {
-                    task.clone().run(c.clone())
-                })
-                .await;
-                (k, generation, exit)
-            });
-            tracing::info!(account = %key.0, "account_started");
-            self.running.insert(
-                key,
-                Running {
-                    account,
-                    cancel,
-                    generation,
+            })
+        } else {
+            tracing::info!(account = %key.0, mailbox = %key.1, "mailbox_started");
+            Unit::Mailbox(MailboxTask {
+                account: account.clone(),
+                mailbox: key.1.clone(),
+                ctx: Context {
+                    store: self
+                        .scopes
+                        .entry(key.clone())
+                        .or_insert_with(|| self.store.scoped())
+                        .clone(),
+                    limits: self.limits,
+                    budget: self.budget.clone(),
                 },
-            );
-            return;
-        }
-        let task = MailboxTask {
-            account: account.clone(),
-            mailbox: key.1.clone(),
-            ctx: Context {
-                store: self
-                    .scopes
-                    .entry(key.clone())
-                    .or_insert_with(|| self.store.scoped())
-                    .clone(),
-                limits: self.limits,
-                budget: self.budget.clone(),
-            },
-            metrics: self.metrics.clone(),
-            policy: self.policy,
-            success_written: Default::default(),
+                metrics: self.metrics.clone(),
+                policy: self.policy,
+                success_written: Default::default(),
+            })
         };
-        let k = key.clone();
-        let c = cancel.clone();
+        let (k, c, policy) = (key.clone(), cancel.clone(), self.policy);
         self.tasks.spawn(async move {
-            let (name, mailbox, policy) =
-                (task.account.name.clone(), task.mailbox.clone(), task.policy);
-            let exit = supervised(&name, &mailbox, policy, c.clone(), || {
-                task.clone().run(c.clone())
+            let exit = supervised(&k.0, &k.1, policy, c.clone(), || {
+                unit.clone().run(c.clone())
             })
             .await;
             (k, generation, exit)
         });
-        tracing::info!(account = %key.0, mailbox = %key.1, "mailbox_started");
         self.running.insert(
             key,
             Running {

@@ -247,7 +247,16 @@ pub fn parse(raw: &[u8]) -> Option<Listing> {
                     "UIDVALIDITY" => entry.uidvalidity = small,
                     "UNSEEN" => entry.unseen = small,
                     "HIGHESTMODSEQ" => entry.highestmodseq = number,
-                    "MAILBOXID" => entry.mailbox_id = value.list().first().and_then(|v| v.text()),
+                    // RFC 8474 objectid: 1*255 of ALPHA / DIGIT / "_" / "-"
+                    "MAILBOXID" => {
+                        entry.mailbox_id =
+                            value.list().first().and_then(|v| v.text()).filter(|id| {
+                                (1..=255).contains(&id.len())
+                                    && id.bytes().all(|b| {
+                                        b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+                                    })
+                            })
+                    }
                     _ => {}
                 }
             }
@@ -334,6 +343,13 @@ mod tests {
         assert_eq!(s.name, "已发送");
         assert_eq!(s.mailbox_id.as_deref(), Some("F2212ea87-6097-4256"));
         assert_eq!(s.uidnext, Some(7));
+        // Cyrus 3.6 inside LIST-STATUS: bytes that are no objectid
+        let Some(Listing::Status(s)) =
+            parse(b"* STATUS INBOX (MESSAGES 0 MAILBOXID (0\x07\x08WrU) HIGHESTMODSEQ 1)\r\n")
+        else {
+            panic!()
+        };
+        assert_eq!((s.mailbox_id, s.messages), (None, Some(0)));
         // Courier answers HIGHESTMODSEQ with an empty list
         let Some(Listing::Status(s)) = parse(b"* STATUS INBOX.x ()\r\n") else {
             panic!()

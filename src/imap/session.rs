@@ -586,7 +586,9 @@ impl Session {
             returns.push("SPECIAL-USE".to_string());
         }
         if self.has_capability("LIST-STATUS") {
-            returns.push(format!("STATUS ({})", self.status_items()));
+            // not MAILBOXID: Cyrus 3.6 answers it with garbage bytes beside other items
+            let items = self.status_items().replace(" MAILBOXID", "");
+            returns.push(format!("STATUS ({items})"));
         }
         let command = if returns.is_empty() {
             "LIST \"\" \"*\"".to_string()
@@ -627,7 +629,21 @@ impl Session {
     /// `STATUS` of every folder in `names`, pipelined (up to 100 commands per write). A folder
     /// the server refuses (deleted meanwhile) is left out of the answer.
     pub async fn status_many(&mut self, names: &[String]) -> Result<Vec<StatusEntry>, ImapError> {
-        let items = self.status_items();
+        // MAILBOXID only on its own: Cyrus 3.6 answers it with garbage bytes beside other items
+        let items = self.status_items().replace(" MAILBOXID", "");
+        self.status_of(names, &items).await
+    }
+
+    /// `STATUS name (MAILBOXID)` (RFC 8474) of every folder in `names`, pipelined.
+    pub async fn mailbox_ids(&mut self, names: &[String]) -> Result<Vec<StatusEntry>, ImapError> {
+        self.status_of(names, "MAILBOXID").await
+    }
+
+    async fn status_of(
+        &mut self,
+        names: &[String],
+        items: &str,
+    ) -> Result<Vec<StatusEntry>, ImapError> {
         self.hold_listings();
         let asked: HashSet<&String> = names.iter().collect();
         let mut out = Vec::new();

@@ -13,6 +13,9 @@ use crate::harness::RawImap;
 use crate::harness::{message, AccountSpec, Daemon, Dovecot, Mailpump, TestDb};
 
 const SOON: Duration = Duration::from_secs(30);
+/// How long Dovecot may hold a NOTIFY event in this harness: its 30 s idle-check timer, twice,
+/// on a loaded CI machine (the benchmark measures the real latency).
+const HELD: Duration = Duration::from_secs(90);
 
 /// Dovecot with special-use folders (it takes them only from its config).
 const SPECIAL_USE: &str = r#"
@@ -218,15 +221,11 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
         let subject = format!("live-{i}");
         let started = Instant::now();
         other.append(folder, &message(&subject, "new"));
-        crate::harness::eventually(
-            Duration::from_secs(45),
-            "new mail in a folder that is not watched",
-            || async {
-                db.count("messages", doc! {"mailbox": *folder, "subject": &subject})
-                    .await
-                    == 1
-            },
-        )
+        crate::harness::eventually(HELD, "new mail in a folder that is not watched", || async {
+            db.count("messages", doc! {"mailbox": *folder, "subject": &subject})
+                .await
+                == 1
+        })
         .await;
         latencies.push(started.elapsed());
     }
@@ -235,14 +234,14 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
     // `bash deploy/bench.sh folders` (p95 0.53 s over 30 samples); under this test harness
     // Dovecot often sends the STATUS only at its 30 s idle-check timer (BENCHMARKS.md).
     assert!(
-        latencies.iter().all(|l| *l < Duration::from_secs(45)),
+        latencies.iter().all(|l| *l < HELD),
         "NOTIFY, not the 10 minute sweep: {latencies:?}"
     );
 
     // a folder created while the daemon runs
     other.create("Fresh");
     other.append("Fresh", &message("fresh", "x"));
-    crate::harness::eventually(SOON, "mail in a folder created meanwhile", || async {
+    crate::harness::eventually(HELD, "mail in a folder created meanwhile", || async {
         db.count("messages", doc! {"mailbox": "Fresh"}).await == 1
     })
     .await;
@@ -250,17 +249,13 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
     // Dovecot merges NOTIFY events less than ~0.5 s apart: space them as a person would
     tokio::time::sleep(Duration::from_millis(1500)).await;
     other.rename("Lists", "Lists2");
-    crate::harness::eventually(
-        Duration::from_secs(45),
-        "a renamed folder recorded",
-        || async {
-            db.mailbox("live/Lists")
-                .await
-                .is_some_and(|d| d.get_str("renamed_to").ok() == Some("Lists2"))
-        },
-    )
+    crate::harness::eventually(HELD, "a renamed folder recorded", || async {
+        db.mailbox("live/Lists")
+            .await
+            .is_some_and(|d| d.get_str("renamed_to").ok() == Some("Lists2"))
+    })
     .await;
-    crate::harness::eventually(SOON, "the new name synced", || async {
+    crate::harness::eventually(HELD, "the new name synced", || async {
         db.count("messages", doc! {"mailbox": "Lists2"}).await >= 1
     })
     .await;
@@ -268,15 +263,11 @@ async fn the_daemon_follows_every_folder_with_notify_on_one_extra_connection() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     other.delete("Work.Deep");
     // (NOTIFY's LIST, then a second listing 2 s later; Dovecot may hold the LIST 30 s here)
-    crate::harness::eventually(
-        Duration::from_secs(45),
-        "a deleted folder marked",
-        || async {
-            db.mailbox("live/Work.Deep").await.is_some_and(|d| {
-                d.get_str("state").ok() == Some("deleted") && d.get_datetime("deleted_at").is_ok()
-            })
-        },
-    )
+    crate::harness::eventually(HELD, "a deleted folder marked", || async {
+        db.mailbox("live/Work.Deep").await.is_some_and(|d| {
+            d.get_str("state").ok() == Some("deleted") && d.get_datetime("deleted_at").is_ok()
+        })
+    })
     .await;
     assert_eq!(db.count("messages", doc! {"mailbox": "Work.Deep"}).await, 2);
 

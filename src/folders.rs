@@ -374,6 +374,15 @@ impl Selection {
     }
 }
 
+/// The mailboxes of an account that runs one task per mailbox (POP3's one, or an IMAP account
+/// whose selection is [`Selection::fixed`]); None for an account that needs folder sync.
+pub fn fixed_mailboxes(account: &Account) -> Option<Vec<String>> {
+    match account.protocol {
+        crate::config::Protocol::Pop3 => Some(account.mailboxes.clone()),
+        crate::config::Protocol::Imap => Selection::of(account).fixed(),
+    }
+}
+
 /// The personal namespace's prefix, if the server named one.
 pub fn personal_prefix(namespaces: &[Namespace]) -> Option<String> {
     namespaces

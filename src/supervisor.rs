@@ -102,12 +102,7 @@ pub const ACCOUNT_UNIT: &str = "*";
 fn desired(config: &Config) -> HashMap<Key, Account> {
     let mut out = HashMap::new();
     for account in &config.accounts {
-        let fixed = if account.protocol == config::Protocol::Pop3 {
-            Some(account.mailboxes.clone())
-        } else {
-            crate::folders::Selection::of(account).fixed()
-        };
-        match fixed {
+        match crate::folders::fixed_mailboxes(account) {
             Some(names) => {
                 for mailbox in names {
                     out.insert((account.name.clone(), mailbox), account.clone());

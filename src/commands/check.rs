@@ -155,9 +155,7 @@ async fn check_account(
     folder_lines: mpsc::UnboundedSender<String>,
 ) {
     let started = Instant::now();
-    if account.protocol == Protocol::Imap
-        && crate::folders::Selection::of(&account).fixed().is_none()
-    {
+    if crate::folders::fixed_mailboxes(&account).is_none() {
         let Some((i, _)) = mailboxes.first() else {
             return;
         };
@@ -306,11 +304,8 @@ fn mailboxes(config: &Config) -> Vec<(Account, String)> {
         .accounts
         .iter()
         .flat_map(|a| {
-            let names = match a.protocol {
-                Protocol::Pop3 => Some(a.mailboxes.clone()),
-                Protocol::Imap => crate::folders::Selection::of(a).fixed(),
-            }
-            .unwrap_or_else(|| vec![crate::supervisor::ACCOUNT_UNIT.to_string()]);
+            let names = crate::folders::fixed_mailboxes(a)
+                .unwrap_or_else(|| vec![crate::supervisor::ACCOUNT_UNIT.to_string()]);
             names.into_iter().map(move |m| (a.clone(), m))
         })
         .collect()

@@ -133,11 +133,7 @@ fn rows(
     };
     let mut out = Vec::new();
     for account in &config.accounts {
-        let fixed = match account.protocol {
-            crate::config::Protocol::Pop3 => Some(account.mailboxes.clone()),
-            crate::config::Protocol::Imap => crate::folders::Selection::of(account).fixed(),
-        };
-        match fixed {
+        match crate::folders::fixed_mailboxes(account) {
             Some(names) => {
                 for mailbox in names {
                     out.push(row((account.name.clone(), mailbox), true, &mut by_id));

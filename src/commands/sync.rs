@@ -252,11 +252,7 @@ pub async fn sync_all(config: &Config, options: sync::Options, cancel: Cancellat
     let (limits, budget) = (super::limits(config), super::budget(config));
     let mut tasks = JoinSet::new();
     for account in &config.accounts {
-        let fixed = match account.protocol {
-            Protocol::Pop3 => Some(account.mailboxes.clone()),
-            Protocol::Imap => crate::folders::Selection::of(account).fixed(),
-        };
-        let Some(mailboxes) = fixed else {
+        let Some(mailboxes) = crate::folders::fixed_mailboxes(account) else {
             let ctx = Context {
                 store: store.clone(),
                 limits,

@@ -603,10 +603,8 @@ impl Session {
                 // a rename NOTIFY announced meanwhile: its old name matters to the caller
                 Listing::List(e) if e.old_name.is_some() => self.held.push(Listing::List(e)),
                 Listing::List(e) => lists.push(e),
-                Listing::Status(s) => {
-                    self.held.push(Listing::Status(s.clone()));
-                    statuses.push(s)
-                }
+                // news of a folder's STATUS meanwhile is among them: the caller compares all
+                Listing::Status(s) => statuses.push(s),
                 Listing::Namespace(_) => {}
             }
         }

@@ -122,6 +122,8 @@ struct RawStore {
     op_timeout: Option<String>,
     max_inline_body: Option<i64>,
     write_concern: Option<RawWriteConcern>,
+    on_expunge: Option<String>,
+    blob_sweep_after: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +159,7 @@ struct RawSettings {
     quarantine_retry: Option<String>,
     max_connections: Option<i64>,
     discover_interval: Option<String>,
+    flag_scan_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +198,7 @@ struct RawAccount {
     quarantine_retry: Option<String>,
     max_connections: Option<i64>,
     discover_interval: Option<String>,
+    flag_scan_interval: Option<String>,
 }
 
 /// `[accounts.NAME.oauth2]`.
@@ -237,6 +241,7 @@ impl RawAccount {
             quarantine_retry: self.quarantine_retry.clone(),
             max_connections: self.max_connections,
             discover_interval: self.discover_interval.clone(),
+            flag_scan_interval: self.flag_scan_interval.clone(),
         }
     }
 }
@@ -273,6 +278,9 @@ impl RawSettings {
             discover_interval: self
                 .discover_interval
                 .or_else(|| base.discover_interval.clone()),
+            flag_scan_interval: self
+                .flag_scan_interval
+                .or_else(|| base.flag_scan_interval.clone()),
         }
     }
 }
@@ -302,6 +310,21 @@ pub struct StoreConfig {
     pub max_inline_body: usize,
     /// What MongoDB must have done before a write counts as acknowledged.
     pub write_concern: WriteConcern,
+    /// What a message deleted on the server does to its document.
+    pub on_expunge: OnExpunge,
+    /// Blobs no document refers to any more, untouched this long, are removed (by the daemon,
+    /// every this long, only with `on_expunge = "delete"`).
+    pub blob_sweep_after: Duration,
+}
+
+/// `[store] on_expunge`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnExpunge {
+    /// The document stays and gets `expunged_at` (archives).
+    #[default]
+    Mark,
+    /// The document is removed; its blobs go with the next sweep once nothing refers to them.
+    Delete,
 }
 
 /// `[store] write_concern`. The default, majority and journaled, is what makes "acknowledged"
@@ -400,6 +423,9 @@ pub struct Settings {
     pub max_connections: usize,
     /// How often the folder list is read again (NOTIFY reports changes sooner where offered).
     pub discover_interval: Duration,
+    /// Without CONDSTORE (or QRESYNC for deletions): how often every flag is read again and the
+    /// server's UIDs compared with the stored ones.
+    pub flag_scan_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -529,6 +555,8 @@ const STRING_KEYS: &[&str] = &[
     "quarantine_min_age",
     "quarantine_retry",
     "discover_interval",
+    "flag_scan_interval",
+    "blob_sweep_after",
 ];
 
 /// Puts `value` at `path` in `dict`, making the tables on the way.
@@ -701,6 +729,23 @@ fn validate(raw: RawConfig, secrets: Secrets) -> Result<Config, ConfigError> {
             }
         },
         write_concern: write_concern(store.write_concern)?,
+        on_expunge: match store.on_expunge.as_deref() {
+            None | Some("mark") => OnExpunge::Mark,
+            Some("delete") => OnExpunge::Delete,
+            Some(other) => {
+                return Err(invalid(
+                    "store.on_expunge",
+                    format!("{other:?}: expected \"mark\" or \"delete\""),
+                ))
+            }
+        },
+        blob_sweep_after: {
+            let d = duration_or("store.blob_sweep_after", store.blob_sweep_after, "1h")?;
+            if d < Duration::from_secs(1) {
+                return Err(invalid("store.blob_sweep_after", "must be at least 1s"));
+            }
+            d
+        },
     };
     if !store.uri.expose().starts_with("mongodb://")
         && !store.uri.expose().starts_with("mongodb+srv://")
@@ -1359,6 +1404,13 @@ fn validate_settings(prefix: &str, raw: RawSettings) -> Result<Settings, ConfigE
             let d = duration_or(&key("discover_interval"), raw.discover_interval, "5m")?;
             if d < Duration::from_secs(1) {
                 return Err(invalid(key("discover_interval"), "must be at least 1s"));
+            }
+            d
+        },
+        flag_scan_interval: {
+            let d = duration_or(&key("flag_scan_interval"), raw.flag_scan_interval, "15m")?;
+            if d < Duration::from_secs(1) {
+                return Err(invalid(key("flag_scan_interval"), "must be at least 1s"));
             }
             d
         },

@@ -52,26 +52,18 @@ impl Store {
         Ok(out)
     }
 
-    /// blob complete. Blobs larger than one chunk are looked up first and skipped when present;
-    /// smaller ones are simply inserted, duplicates ignored.
+    /// blob complete. Every blob of the batch is claimed first (`Store::claim_blobs`, one
+    /// update and one query): those present are skipped, the rest inserted, duplicates ignored.
     pub(super) async fn write_blobs(&self, blobs: &[&Blob]) -> Result<usize, StoreError> {
         let mut files_docs = Vec::new();
         let mut chunk_docs = Vec::new();
         let mut chunk_bytes = 0usize;
         let mut written = 0;
-        for blob in blobs {
-            if blob.bytes.len() > CHUNK_SIZE {
-                let files = self.files.clone();
-                let id = blob.sha256.clone();
-                let exists = self
-                    .guarded("blob lookup", async move {
-                        files.find_one(doc! {"_id": id}).await
-                    })
-                    .await?;
-                if exists.is_some() {
-                    continue;
-                }
-            }
+        // One claim for the whole batch: blobs present are protected from the sweep from now
+        // on, and only the missing ones are written.
+        let shas: Vec<String> = blobs.iter().map(|b| b.sha256.clone()).collect();
+        let missing = self.claim_blobs(&shas).await?;
+        for blob in blobs.iter().filter(|b| missing.contains(&b.sha256)) {
             written += 1;
             let chunks = if blob.bytes.is_empty() {
                 Vec::new()
@@ -103,6 +95,7 @@ impl Store {
                 "length": blob.bytes.len() as i64,
                 "chunkSize": CHUNK_SIZE as i32,
                 "uploadDate": bson::DateTime::now(),
+                "touched_at": bson::DateTime::now(),
                 "filename": &blob.sha256,
             });
         }

@@ -32,6 +32,11 @@ pub struct MailboxRecord {
     pub quarantined: Vec<(u32, u32, String)>,
     /// When the quarantined UIDs were last tried again.
     pub quarantine_retried_at: Option<DateTime<Utc>>,
+    /// HIGHESTMODSEQ up to which every flag change and expunge is in the documents (CONDSTORE
+    /// servers), for the checkpoint's UIDVALIDITY only.
+    pub highest_modseq: Option<u64>,
+    /// When every flag was last read and the UIDs compared (servers without CONDSTORE/QRESYNC).
+    pub flags_scanned_at: Option<DateTime<Utc>>,
 }
 
 impl MailboxRecord {
@@ -106,10 +111,24 @@ impl Store {
                     .collect()
             })
             .unwrap_or_default();
+        let highest_modseq = match (checkpoint, d.get_i64("modseq_uidvalidity")) {
+            (Some(cp), Ok(v)) if v as u32 == cp.uidvalidity => {
+                d.get_i64("highest_modseq").ok().map(|m| m as u64)
+            }
+            _ => None,
+        };
         Ok(MailboxRecord {
             checkpoint,
             failing,
             quarantined,
+            highest_modseq,
+            flags_scanned_at: match (checkpoint, d.get_i64("flags_scanned_uidvalidity")) {
+                (Some(cp), Ok(v)) if v as u32 == cp.uidvalidity => d
+                    .get_datetime("flags_scanned_at")
+                    .ok()
+                    .map(|t| t.to_chrono()),
+                _ => None,
+            },
             quarantine_retried_at: d
                 .get_datetime("quarantine_retried_at")
                 .ok()
@@ -155,6 +174,37 @@ impl Store {
             "updated_at": bson::DateTime::now(),
         };
         self.upsert_mailbox(id, set, "checkpoint write").await
+    }
+
+    /// Every flag change and expunge up to `modseq` (under `uidvalidity`) is in the documents.
+    pub async fn set_highest_modseq(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        modseq: u64,
+    ) -> Result<(), StoreError> {
+        let set = doc! {
+            "highest_modseq": modseq as i64,
+            "modseq_uidvalidity": uidvalidity as i64,
+        };
+        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "modseq write")
+            .await
+    }
+
+    /// Every flag was read and the UIDs compared now (servers without CONDSTORE).
+    pub async fn set_flags_scanned(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+    ) -> Result<(), StoreError> {
+        let set = doc! {
+            "flags_scanned_at": bson::DateTime::now(),
+            "flags_scanned_uidvalidity": uidvalidity as i64,
+        };
+        self.upsert_mailbox(Self::mailbox_id(account, mailbox), set, "flag scan write")
+            .await
     }
 
     /// `$set` on the mailbox document, creating it (with an empty quarantine) if needed.

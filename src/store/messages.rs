@@ -112,6 +112,11 @@ impl Store {
             .map(|m| message_document(account, mailbox, uidvalidity, m, stored_at))
             .collect();
         let (inserted, replaced) = self.write_messages(docs).await?;
+        if self.on_expunge == crate::config::OnExpunge::Mark {
+            // a message that left another folder of the account (MOVE) and arrives here
+            let shas: Vec<String> = batch.iter().map(|m| m.parsed.raw.sha256.clone()).collect();
+            self.link_moves(account, &shas).await?;
+        }
         report.inserted = inserted;
         report.replaced = replaced;
         Ok(report)
@@ -391,6 +396,8 @@ mod tests {
             op_timeout: Duration::from_secs(60),
             max_inline_body: 1024 * 1024,
             write_concern: Default::default(),
+            on_expunge: Default::default(),
+            blob_sweep_after: Duration::from_secs(3600),
         };
         let store = Store::connect(&cfg).await.unwrap();
         let flood: Vec<String> = (0..2_000_000).map(|i| format!("$flag{i}")).collect();

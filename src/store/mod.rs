@@ -7,6 +7,8 @@
 //! - `messages`: message documents and [`Store::commit_batch`], the checkpoint rule;
 //! - `blobs`: GridFS chunks and files, written and read back;
 //! - `mailboxes`: checkpoints, failure counts, the quarantine, the state for readers;
+//! - `mirror`: what changes after a message was stored: flags, expunges, moves, and the
+//!   sweep of blobs nothing refers to any more;
 //! - `pop3`: the POP3 UIDL map (`pop3_uidl`);
 //! - `reads`: what `export` and `status` read.
 //!
@@ -23,12 +25,14 @@
 mod blobs;
 mod mailboxes;
 mod messages;
+mod mirror;
 mod pop3;
 mod reads;
 
 pub use blobs::CHUNK_SIZE;
 pub use mailboxes::{Checkpoint, FailureCount, FolderRecord, MailboxRecord, MailboxStatus};
 pub use messages::{message_document, minimal_document, CommitReport, GmailIds, ReadyMessage};
+pub use mirror::{FlagChange, StoredMeta, SweepReport};
 pub use pop3::Pop3Entry;
 pub use reads::{ExportCursor, ExportItem, MailboxSummary, EXPORT_QUEUE};
 
@@ -56,6 +60,9 @@ pub enum StoreError {
     Missing(String),
     #[error("the database answered nonsense: {0}")]
     Protocol(String),
+    /// Another writer holds what this write needs (a blob being swept): try again shortly.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl StoreError {
@@ -102,6 +109,8 @@ pub struct Store {
     files: Collection<Document>,
     chunks: Collection<Document>,
     op_timeout: Duration,
+    /// `[store] on_expunge`.
+    pub on_expunge: crate::config::OnExpunge,
 }
 
 impl Store {
@@ -145,6 +154,7 @@ impl Store {
             inflight: Default::default(),
             client,
             op_timeout: cfg.op_timeout.max(cfg.connect_timeout),
+            on_expunge: cfg.on_expunge,
         };
         let db2 = db.clone();
         store
@@ -220,6 +230,13 @@ impl Store {
                         .build(),
                 )
                 .await?;
+            // For readers that poll for changes (README, "Following changes"), for verify's
+            // digests and the move links.
+            for key in ["stored_at", "flags_updated_at", "expunged_at", "raw.sha256"] {
+                messages
+                    .create_index(IndexModel::builder().keys(doc! {key: 1}).build())
+                    .await?;
+            }
             // The indexes every GridFS driver expects.
             chunks
                 .create_index(

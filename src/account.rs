@@ -78,6 +78,8 @@ struct Seen {
     uidvalidity: Option<u32>,
     uidnext: Option<u32>,
     messages: Option<u32>,
+    /// Moves with every flag change and expunge (CONDSTORE): a flag change alone is news.
+    highest_modseq: Option<u64>,
 }
 
 impl Seen {
@@ -93,6 +95,10 @@ impl Seen {
                 moved |= *mine != Some(v);
                 *mine = Some(v);
             }
+        }
+        if let Some(m) = s.highestmodseq {
+            moved |= self.highest_modseq != Some(m);
+            self.highest_modseq = Some(m);
         }
         moved
     }
@@ -145,6 +151,9 @@ struct Folders {
     misses: HashMap<String, u32>,
     /// When a sweep last recorded `last_success_at` for the quiet shared folders.
     sweep_success_at: Option<Instant>,
+    /// When each shared folder was last caught up: without CONDSTORE a flag change moves no
+    /// STATUS item, so a folder is caught up (and its flags read) every `flag_scan_interval`.
+    caught_up_at: HashMap<String, Instant>,
 }
 
 #[derive(Clone)]
@@ -751,6 +760,7 @@ impl AccountTask {
                 let opened = self
                     .catch_up(&mut session, f, scope, &name, mode, cancel)
                     .await?;
+                f.caught_up_at.insert(name.clone(), Instant::now());
                 selected = opened.then_some(name);
                 caught_up = true;
                 rediscover |= self.absorb(&mut session, f);
@@ -778,6 +788,9 @@ impl AccountTask {
                 caught_up = false;
                 // NOTIFY is prompt only for a connection with nothing selected
                 if let Some(name) = selected.take() {
+                    // flag changes and expunges of that folder announced meanwhile are
+                    // written before UNSELECT ends its numbering
+                    crate::mirror::apply_pending(&mut session, scope, &self.account.name).await?;
                     // news of that folder announced meanwhile is its own wake-up
                     let mut changed = session.take_changed();
                     match session.unselect().await {
@@ -841,6 +854,18 @@ impl AccountTask {
                     if now >= next_sweep {
                         self.sweep(&mut session, f, false).await?;
                         next_sweep = now + sweep_every;
+                    }
+                    if !session.condstore() {
+                        let every = settings.flag_scan_interval;
+                        let due: Vec<String> = f
+                            .plan
+                            .shared()
+                            .filter(|n| {
+                                f.caught_up_at.get(*n).is_some_and(|t| t.elapsed() >= every)
+                            })
+                            .cloned()
+                            .collect();
+                        f.dirty.extend(due);
                     }
                     rediscover |= self.absorb(&mut session, f);
                     self.sweep_succeeded(f);

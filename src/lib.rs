@@ -43,6 +43,7 @@ pub mod folders;
 pub mod imap;
 pub mod mailbox;
 pub mod metrics;
+pub mod mirror;
 pub mod net;
 pub mod notify;
 pub mod oauth;

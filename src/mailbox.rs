@@ -269,8 +269,15 @@ impl MailboxTask {
             immediate = 0;
             if use_idle {
                 self.metrics.state(account, mailbox, "idle");
+                // without CONDSTORE a flag change made while nobody watched is found only
+                // by the flag scan: a pass at least every flag_scan_interval runs it
+                let refresh = if session.condstore() {
+                    settings.idle_refresh
+                } else {
+                    settings.idle_refresh.min(settings.flag_scan_interval)
+                };
                 match session
-                    .idle(settings.idle_refresh, settings.silence_timeout, cancel)
+                    .idle(refresh, settings.silence_timeout, cancel)
                     .await
                 {
                     Ok(IdleEnd::Changed) => tracing::debug!(account, mailbox, "new_mail"),

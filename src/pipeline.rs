@@ -103,6 +103,10 @@ pub struct SyncReport {
     /// The checkpoint after the pass.
     pub last_uid: u32,
     pub uidvalidity: u32,
+    /// Stored documents whose flags changed ([`crate::mirror`]).
+    pub flags_changed: usize,
+    /// Stored documents marked expunged (or removed).
+    pub expunged: usize,
 }
 
 /// Where a pass runs: its store scope, parse limits and the process-wide budget.

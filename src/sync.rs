@@ -278,7 +278,20 @@ pub async fn catch_up(
     let started = Instant::now();
     let name = account.name.as_str();
     let settings = &account.settings;
+    // what the server announced about the mailbox open until now (while idling, or inside
+    // the responses of the last pass) is written before anything else is opened
+    crate::mirror::apply_pending(session, &ctx.store, name).await?;
     let opened = open(session, &ctx.store, name, mailbox, settings.mark_seen).await?;
+    let mirrored = crate::mirror::follow(
+        session,
+        &ctx.store,
+        account,
+        mailbox,
+        &opened.info,
+        &opened.record,
+        opened.last_uid,
+    )
+    .await?;
     let q = Quarantine {
         account: name,
         mailbox,
@@ -295,6 +308,8 @@ pub async fn catch_up(
     let mut report = SyncReport {
         uidvalidity: q.uidvalidity,
         last_uid: opened.last_uid,
+        flags_changed: mirrored.flags,
+        expunged: mirrored.expunged,
         ..Default::default()
     };
     let quarantined_now =
@@ -360,7 +375,9 @@ struct Opened {
 }
 
 /// Step 1: EXAMINE (SELECT with `mark_seen`) and the checkpoint. A UIDVALIDITY other than the
-/// stored one makes it a new mailbox: the checkpoint starts again from 0.
+/// stored one makes it a new mailbox: the checkpoint starts again from 0, and the documents of
+/// the old UIDVALIDITY are marked expunged. With QRESYNC the stored HIGHESTMODSEQ goes with
+/// the EXAMINE, so that the server reports every change since ([`crate::mirror`]).
 async fn open(
     session: &mut Session,
     store: &Store,
@@ -368,12 +385,16 @@ async fn open(
     mailbox: &str,
     writable: bool,
 ) -> Result<Opened, SyncError> {
-    let info = session.open_mailbox(mailbox, writable).await?;
+    let record = store.mailbox_record(account, mailbox).await?;
+    let resync = record
+        .checkpoint
+        .zip(record.highest_modseq)
+        .map(|(cp, m)| (cp.uidvalidity, m));
+    let info = session.open_mailbox(mailbox, writable, resync).await?;
     let status = MailboxStatus {
         uidnext: info.uidnext,
         exists: info.exists,
     };
-    let record = store.mailbox_record(account, mailbox).await?;
     let last_uid = match record.checkpoint {
         Some(cp) if cp.uidvalidity == info.uidvalidity => cp.last_uid,
         Some(cp) => {
@@ -387,6 +408,10 @@ async fn open(
             store
                 .reset_checkpoint(account, mailbox, info.uidvalidity, status)
                 .await?;
+            let marked = store
+                .mark_uidvalidity_gone(account, mailbox, info.uidvalidity)
+                .await?;
+            tracing::info!(account, mailbox, marked, "old_uidvalidity_marked");
             0
         }
         None => {
@@ -648,7 +673,7 @@ fn plan_probes(
 
 /// `uidvalidity` and `exists` of a mailbox the way `check` reports them.
 pub async fn examine(session: &mut Session, mailbox: &str) -> Result<MailboxInfo, SyncError> {
-    Ok(session.open_mailbox(mailbox, false).await?)
+    Ok(session.open_mailbox(mailbox, false, None).await?)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use async_imap::imap_proto::{self, AttributeValue, MailboxDatum, Response, Respo
 use chrono::{DateTime, FixedOffset, NaiveDate};
 use tokio::io::BufWriter;
 
+use super::changes::Changes;
 use super::listing::{self, ListEntry, Listing, Namespace, StatusEntry};
 use super::sanitize::{Captured, Sanitize, CAPTURED_MARK};
 use super::{starttls, utf7, ImapError};
@@ -23,6 +24,8 @@ pub struct MailboxInfo {
     pub uidvalidity: u32,
     pub uidnext: Option<u32>,
     pub exists: u32,
+    /// `[HIGHESTMODSEQ n]`: CONDSTORE is in force for this mailbox (`[NOMODSEQ]`: None).
+    pub highest_modseq: Option<u64>,
 }
 
 /// Why an IDLE ended.
@@ -52,6 +55,17 @@ pub struct Session {
     /// Those that arrived outside a command that asked for them (NOTIFY's news): kept for
     /// [`Session::take_listings`] while a LIST or STATUS of ours runs.
     held: Vec<Listing>,
+    /// The mailbox opened last (name, UIDVALIDITY), until another is opened or UNSELECT.
+    selected: Option<(String, u32)>,
+    /// Flag changes and expunges announced for `selected` ([`Session::take_changes`]).
+    changes: Changes,
+    /// A FETCH of ours for flags is running: its FETCH responses are its own, not news.
+    scanning: bool,
+    /// `ENABLE QRESYNC` succeeded: EXAMINE takes `(QRESYNC (uidvalidity modseq))`, expunges
+    /// come as VANISHED, every FETCH carries UID and MODSEQ.
+    qresync: bool,
+    /// CONDSTORE is usable (enabled, or asked for by `EXAMINE x (CONDSTORE)`).
+    condstore: bool,
 }
 
 /// At most this many captured responses wait to be read (a server that streams STATUS lines
@@ -514,6 +528,11 @@ impl Session {
             changed: false,
             captured,
             held: Vec::new(),
+            selected: None,
+            changes: Changes::default(),
+            scanning: false,
+            qresync: false,
+            condstore: false,
         };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
@@ -529,7 +548,161 @@ impl Session {
                 tracing::warn!(account = %account.name, error = %e, "id_refused");
             }
         }
+        session.enable_modseq(&account.name).await?;
         Ok(session)
+    }
+
+    /// `ENABLE QRESYNC` (which brings CONDSTORE), else `ENABLE CONDSTORE`, where offered: from
+    /// then on the server reports MODSEQs, and with QRESYNC the UIDs of expunged messages.
+    async fn enable_modseq(&mut self, account: &str) -> Result<(), ImapError> {
+        let want = if self.has_capability("QRESYNC") {
+            "QRESYNC"
+        } else if self.has_capability("CONDSTORE") {
+            "CONDSTORE"
+        } else {
+            return Ok(());
+        };
+        if !self.has_capability("ENABLE") {
+            // CONDSTORE works without ENABLE: `EXAMINE x (CONDSTORE)`
+            self.condstore = self.has_capability("CONDSTORE");
+            return Ok(());
+        }
+        let mut enabled = HashSet::new();
+        let result = self
+            .command(&format!("ENABLE {want}"), |r| {
+                if let Response::Capabilities(list) = r {
+                    enabled.extend(list.iter().map(capability_name));
+                }
+                Ok(())
+            })
+            .await;
+        match result {
+            Ok(()) => {}
+            Err(e @ ImapError::Rejected { .. }) => {
+                tracing::warn!(account, error = %e, "enable_refused");
+            }
+            Err(e) => return Err(e),
+        }
+        self.qresync = enabled.contains("QRESYNC");
+        self.condstore =
+            self.qresync || enabled.contains("CONDSTORE") || self.has_capability("CONDSTORE");
+        Ok(())
+    }
+
+    /// Whether the server reports expunged UIDs itself (QRESYNC enabled).
+    pub fn qresync(&self) -> bool {
+        self.qresync
+    }
+
+    /// Whether the server reports MODSEQs (CONDSTORE).
+    pub fn condstore(&self) -> bool {
+        self.condstore
+    }
+
+    /// The mailbox opened last (name, UIDVALIDITY) and what the server announced about its
+    /// messages since (flag changes with their UIDs, expunges), taken. Flag changes announced
+    /// by sequence number only are turned into UIDs here, with one `FETCH set (UID FLAGS)`
+    /// while the numbering still holds.
+    pub async fn take_changes(&mut self) -> Result<Option<(String, u32, Changes)>, ImapError> {
+        let Some((name, uidvalidity)) = self.selected.clone() else {
+            self.changes = Changes::default();
+            return Ok(None);
+        };
+        if !self.changes.seqs.is_empty() {
+            let seqs: Vec<u32> = std::mem::take(&mut self.changes.seqs).into_iter().collect();
+            let mut found = Vec::new();
+            self.scanning = true;
+            let result = self
+                .command(&format!("FETCH {} (UID FLAGS)", uid_set(&seqs)), |r| {
+                    found.extend(flags_of(r));
+                    Ok(())
+                })
+                .await;
+            self.scanning = false;
+            result?;
+            for c in found {
+                self.changes.flags.insert(c.uid, (c.flags, c.modseq));
+            }
+        }
+        let changes = std::mem::take(&mut self.changes);
+        Ok(
+            (!changes.is_empty() || changes.highest_modseq.is_some()).then_some((
+                name,
+                uidvalidity,
+                changes,
+            )),
+        )
+    }
+
+    /// `UID FETCH 1:last_uid (UID FLAGS) (CHANGEDSINCE modseq)`: the messages whose flags
+    /// changed since `modseq` (CONDSTORE).
+    pub async fn flags_changed_since(
+        &mut self,
+        last_uid: u32,
+        modseq: u64,
+    ) -> Result<Vec<crate::store::FlagChange>, ImapError> {
+        let mut out = Vec::new();
+        if last_uid == 0 {
+            return Ok(out);
+        }
+        self.scanning = true;
+        let result = self
+            .command(
+                &format!("UID FETCH 1:{last_uid} (UID FLAGS) (CHANGEDSINCE {modseq})"),
+                |r| {
+                    out.extend(flags_of(r));
+                    Ok(())
+                },
+            )
+            .await;
+        self.scanning = false;
+        result?;
+        Ok(out)
+    }
+
+    /// The flags of every message up to `last_uid`, `chunk` UIDs per `UID FETCH a:b (UID
+    /// FLAGS)` (servers without CONDSTORE).
+    pub async fn all_flags(
+        &mut self,
+        last_uid: u32,
+        chunk: u32,
+    ) -> Result<Vec<crate::store::FlagChange>, ImapError> {
+        let mut out = Vec::new();
+        let mut from = 1u32;
+        while from <= last_uid {
+            let to = from.saturating_add(chunk.max(1) - 1).min(last_uid);
+            self.scanning = true;
+            let result = self
+                .command(&format!("UID FETCH {from}:{to} (UID FLAGS)"), |r| {
+                    out.extend(flags_of(r).filter(|c| c.uid >= from && c.uid <= to));
+                    Ok(())
+                })
+                .await;
+            self.scanning = false;
+            result?;
+            if to == u32::MAX {
+                break;
+            }
+            from = to + 1;
+        }
+        out.sort_unstable_by_key(|c| c.uid);
+        out.dedup_by_key(|c| c.uid);
+        Ok(out)
+    }
+
+    /// `UID SEARCH ALL`: every UID in the mailbox, sorted.
+    pub async fn all_uids(&mut self) -> Result<Vec<u32>, ImapError> {
+        let mut uids = Vec::new();
+        self.command("UID SEARCH ALL", |r| {
+            if let Response::MailboxData(MailboxDatum::Search(found)) = r {
+                uids.extend(found.iter().copied());
+            }
+            Ok(())
+        })
+        .await?;
+        uids.sort_unstable();
+        uids.dedup();
+        Ok(uids)
     }
 
     /// The LIST, STATUS and NAMESPACE responses received since the last call, parsed, oldest
@@ -728,6 +901,8 @@ impl Session {
             return Ok(false);
         }
         self.command("UNSELECT", |_| Ok(())).await?;
+        self.selected = None;
+        self.changes = Changes::default();
         Ok(true)
     }
 
@@ -766,10 +941,11 @@ impl Session {
                             return Err(ImapError::Protocol(format!("a tagged reply {tag:?} with no command pending")))
                         }
                         other if announces_change(other, false) => {
+                            self.changes.observe(other);
                             self.changed = true;
                             return Ok(WaitEnd::News);
                         }
-                        _ => {}
+                        other => self.changes.observe(other),
                     }
                 }
             }
@@ -876,6 +1052,9 @@ impl Session {
                     if announces_change(other, fetch_expected) {
                         self.changed = true;
                     }
+                    if !(self.scanning && matches!(other, Response::Fetch(..))) {
+                        self.changes.observe(other);
+                    }
                     if pending_error.is_none() {
                         if let Err(e) = on_untagged(other) {
                             // keep reading until the tagged reply so the stream stays in step
@@ -887,36 +1066,68 @@ impl Session {
         }
     }
 
-    /// EXAMINE (read-only) or, when `writable`, SELECT.
+    /// EXAMINE (read-only) or, when `writable`, SELECT. With `resync` = (UIDVALIDITY, MODSEQ)
+    /// known from before and QRESYNC enabled, the server reports at once every flag change and
+    /// expunge since (`VANISHED (EARLIER)`, FETCH): they are in [`Session::take_changes`]. The
+    /// changes of the mailbox open before are dropped: take them first.
     pub async fn open_mailbox(
         &mut self,
         mailbox: &str,
         writable: bool,
+        resync: Option<(u32, u64)>,
     ) -> Result<MailboxInfo, ImapError> {
         let verb = if writable { "SELECT" } else { "EXAMINE" };
         let (mut uidvalidity, mut uidnext, mut exists) = (None, None, 0);
-        self.command(&format!("{verb} {}", utf7::mailbox_arg(mailbox)), |r| {
-            match r {
-                Response::Data { outcome, .. } => match outcome.code {
-                    Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
-                    Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+        let (mut highest, mut nomodseq) = (None, false);
+        let parameter = match resync {
+            Some((v, m)) if self.qresync && m > 0 => format!(" (QRESYNC ({v} {m}))"),
+            // Dovecot's plain EXAMINE hides HIGHESTMODSEQ until CONDSTORE is asked for
+            _ if self.condstore && !self.qresync => " (CONDSTORE)".to_string(),
+            _ => String::new(),
+        };
+        self.selected = None;
+        self.changes = Changes::default();
+        self.command(
+            &format!("{verb} {}{parameter}", utf7::mailbox_arg(mailbox)),
+            |r| {
+                match r {
+                    Response::Data { outcome, .. } => match outcome.code {
+                        Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
+                        Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+                        Some(ResponseCode::HighestModSeq(m)) => highest = Some(m),
+                        // imap-proto does not know [NOMODSEQ]: it stays in the text
+                        None if outcome
+                            .information
+                            .as_deref()
+                            .is_some_and(|t| t.to_ascii_uppercase().contains("NOMODSEQ")) =>
+                        {
+                            nomodseq = true
+                        }
+                        _ => {}
+                    },
+                    Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
                     _ => {}
-                },
-                Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
-                _ => {}
-            }
-            Ok(())
-        })
+                }
+                Ok(())
+            },
+        )
         .await?;
         // What the mailbox held until now is what the SEARCH that follows sees.
         self.changed = false;
         self.cap_listings();
         let uidvalidity = uidvalidity
             .ok_or_else(|| ImapError::Protocol(format!("{verb} {mailbox} gave no UIDVALIDITY")))?;
+        if resync.is_some_and(|(v, _)| v != uidvalidity) {
+            // a QRESYNC with another UIDVALIDITY is silently a plain select: nothing it
+            // reported (there should be nothing) is about the messages stored
+            self.changes = Changes::default();
+        }
+        self.selected = Some((mailbox.to_string(), uidvalidity));
         Ok(MailboxInfo {
             uidvalidity,
             uidnext,
             exists,
+            highest_modseq: if nomodseq { None } else { highest },
         })
     }
 
@@ -1155,7 +1366,10 @@ impl Session {
                     status: Status::Bye,
                     outcome,
                 } => return Err(bye(outcome.information.as_deref())),
-                other => changed |= is_change(other),
+                other => {
+                    changed |= is_change(other);
+                    self.changes.observe(other);
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + refresh;
@@ -1181,8 +1395,12 @@ impl Session {
                             Response::Done { tag: t, .. } if *t == tag => {
                                 return Err(ImapError::Protocol("the server ended IDLE on its own".into()))
                             }
-                            other if is_change(other) => break IdleEnd::Changed,
-                            _ => {} // "* OK Still here" and friends: the connection is alive
+                            other if is_change(other) => {
+                                self.changes.observe(other);
+                                break IdleEnd::Changed;
+                            }
+                            // "* OK Still here" and friends: the connection is alive
+                            other => self.changes.observe(other),
                         }
                     }
                 }
@@ -1218,7 +1436,7 @@ impl Session {
                     status: Status::Bye,
                     outcome,
                 } => return Err(bye(outcome.information.as_deref())),
-                _ => {}
+                other => self.changes.observe(other),
             }
         }
     }
@@ -1228,6 +1446,27 @@ impl Session {
         self.timeout = timeout;
         let _ = tokio::time::timeout(timeout, self.command("LOGOUT", |_| Ok(()))).await;
     }
+}
+
+/// The (UID, FLAGS, MODSEQ) of a FETCH response that has UID and FLAGS.
+fn flags_of(r: &Response<'_>) -> Option<crate::store::FlagChange> {
+    let Response::Fetch(_, attrs) = r else {
+        return None;
+    };
+    let (mut uid, mut flags, mut modseq) = (None, None, None);
+    for a in attrs {
+        match a {
+            AttributeValue::Uid(u) => uid = Some(*u),
+            AttributeValue::Flags(f) => flags = Some(f.iter().map(|s| s.to_string()).collect()),
+            AttributeValue::ModSeq(m) => modseq = Some(*m),
+            _ => {}
+        }
+    }
+    Some(crate::store::FlagChange {
+        uid: uid?,
+        flags: flags?,
+        modseq,
+    })
 }
 
 /// Whether an untagged response announces a change of the mailbox. FETCH responses count only

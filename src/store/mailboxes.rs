@@ -207,6 +207,22 @@ impl Store {
             .await
     }
 
+    /// The next pass must read every flag and compare UIDs (an EXPUNGE named no UID).
+    pub async fn clear_flags_scanned(
+        &self,
+        account: &str,
+        mailbox: &str,
+    ) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        self.guarded("flag scan reset", async move {
+            coll.update_one(doc! {"_id": id}, doc! {"$unset": {"flags_scanned_at": ""}})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
     /// `$set` on the mailbox document, creating it (with an empty quarantine) if needed.
     async fn upsert_mailbox(
         &self,

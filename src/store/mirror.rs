@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 use bson::{doc, Bson, Document};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 
 use super::{Store, StoreError};
 use crate::config::OnExpunge;
@@ -66,31 +66,37 @@ impl Store {
         changes: &[FlagChange],
     ) -> Result<usize, StoreError> {
         let now = bson::DateTime::now();
-        let updates = changes.iter().map(|c| {
-            let coll = self.messages.clone();
-            let id = message_id(account, mailbox, uidvalidity, c.uid);
-            let mut set = doc! {"flags": &c.flags, "flags_updated_at": now};
-            if let Some(m) = c.modseq {
-                set.insert("modseq", m as i64);
+        let mut changed = 0;
+        for group in changes.chunks(FLAG_WRITES_IN_FLIGHT) {
+            let mut writes = Vec::with_capacity(group.len());
+            for c in group {
+                let store = self.clone();
+                let coll = self.messages.clone();
+                let id = message_id(account, mailbox, uidvalidity, c.uid);
+                let mut set = doc! {"flags": &c.flags, "flags_updated_at": now};
+                if let Some(m) = c.modseq {
+                    set.insert("modseq", m as i64);
+                }
+                let flags = c.flags.clone();
+                writes.push(async move {
+                    store
+                        .guarded("flag update", async move {
+                            coll.update_one(
+                                doc! {"_id": id, "flags": {"$ne": flags}},
+                                doc! {"$set": set},
+                            )
+                            .await
+                            .map(|r| r.modified_count as usize)
+                        })
+                        .await
+                });
             }
-            let flags = c.flags.clone();
-            async move {
-                self.guarded("flag update", async move {
-                    coll.update_one(
-                        doc! {"_id": id, "flags": {"$ne": flags}},
-                        doc! {"$set": set},
-                    )
-                    .await
-                    .map(|r| r.modified_count as usize)
-                })
-                .await
-            }
-        });
-        let changed: Vec<usize> = futures::stream::iter(updates)
-            .buffer_unordered(FLAG_WRITES_IN_FLIGHT)
-            .try_collect()
-            .await?;
-        Ok(changed.into_iter().sum())
+            changed += futures::future::try_join_all(writes)
+                .await?
+                .into_iter()
+                .sum::<usize>();
+        }
+        Ok(changed)
     }
 
     /// The messages of `uids` were deleted on the server: marks their documents `expunged_at`
@@ -211,7 +217,8 @@ impl Store {
         uidvalidity: u32,
     ) -> Result<Vec<StoredMeta>, StoreError> {
         let coll = self.messages.clone();
-        let filter = doc! {"account": account, "mailbox": mailbox, "uidvalidity": uidvalidity as i64};
+        let filter =
+            doc! {"account": account, "mailbox": mailbox, "uidvalidity": uidvalidity as i64};
         let docs: Vec<Document> = self
             .guarded("stored uids", async move {
                 coll.find(filter)
@@ -493,7 +500,11 @@ impl Store {
                 }
             };
             for key in ["raw", "text_blob", "html_blob"] {
-                note(d.get_document(key).ok().and_then(|r| r.get_str("sha256").ok()));
+                note(
+                    d.get_document(key)
+                        .ok()
+                        .and_then(|r| r.get_str("sha256").ok()),
+                );
             }
             if let Ok(list) = d.get_array("attachments") {
                 for a in list {

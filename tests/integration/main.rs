@@ -14,6 +14,7 @@ mod golden;
 mod health;
 mod hostile;
 mod limits;
+mod mirror;
 mod oauth;
 mod packaging;
 mod pop3;

@@ -344,3 +344,23 @@ impl Drop for Dovecot {
         self.stop();
     }
 }
+
+impl super::rawimap::ImapServer for Dovecot {
+    fn port(&self) -> u16 {
+        self.imap_port
+    }
+
+    fn add_user(&mut self, name: &str, password: &str) -> User {
+        Dovecot::add_user(self, name, password)
+    }
+
+    /// Counted from the kernel's table of TCP connections to Dovecot's port (Dovecot keeps
+    /// no per-user process list here): every connection, whoever logged in.
+    fn connections(&self, _user: &User) -> usize {
+        super::rawimap::server_connections(self.imap_port)
+    }
+
+    fn log(&self) -> String {
+        Dovecot::log(self)
+    }
+}

@@ -298,6 +298,27 @@ fn status_running(mailboxes: usize) {
 /// a database that is down at boot keeps the unit waiting (`STATUS=`, watchdog pings, `/healthz`
 /// 503) instead of being killed by systemd's start timeout; the mailboxes start once the store
 /// has answered.
+/// With `on_expunge = "delete"`: removes the blobs no document refers to any more, every
+/// `every` (blobs untouched that long; `store::mirror` says why this never races a writer).
+async fn sweep_blobs(store: Store, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let started = std::time::Instant::now();
+        match store.sweep_blobs(every).await {
+            Ok(r) => tracing::info!(
+                candidates = r.candidates,
+                removed = r.removed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "blobs_swept"
+            ),
+            Err(e) => tracing::warn!(error = %e, "blob_sweep_failed"),
+        }
+    }
+}
+
 pub async fn run(
     path: &Path,
     mut config: Config,
@@ -386,6 +407,13 @@ pub async fn run(
     };
     for (key, account) in desired(&config) {
         sup.start(key, account);
+    }
+    if config.store.on_expunge == config::OnExpunge::Delete {
+        tokio::spawn(sweep_blobs(
+            store.clone(),
+            config.store.blob_sweep_after,
+            shutdown.clone(),
+        ));
     }
     status_running(sup.running.len());
     tracing::info!(mailboxes = sup.running.len(), "running");

@@ -131,3 +131,277 @@ async fn courier_flags_and_expunges_are_followed_by_sequence_numbers_and_the_fla
     let mut courier = Courier::start();
     flags_and_expunges_are_mirrored(&mut courier, "courier", "flag_scan_interval = \"2s\"").await;
 }
+
+/// A MOVE between two folders mailpump watches: an expunge in one, a new message in the
+/// other, and the two documents linked (`moved_to` / `moved_from`), whichever side is seen
+/// first.
+async fn a_move_is_an_expunge_here_a_new_message_there_and_a_link(
+    server: &mut impl ImapServer,
+    name: &str,
+    archive: &str,
+) {
+    let user = server.add_user("mover", "pw-mover");
+    server.create_folder(&user, archive);
+    server.append(&user, "INBOX", &message("to be moved", "body"));
+    server.append(&user, "INBOX", &message("stays", "body"));
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::on_port(name, server.port(), &user)
+            .with(format!("mailboxes = [\"INBOX\", \"{archive}\"]"))
+            .with(format!("watch = [\"INBOX\", \"{archive}\"]"))],
+    );
+    let _daemon = Daemon::start(&mp);
+    eventually(WAIT, "2 messages stored", || async {
+        db.messages(doc! {}).await.len() == 2
+    })
+    .await;
+    let mut other = RawImap::login(server.port(), &user);
+    store(&mut other, "SELECT INBOX");
+    store(&mut other, &format!("UID MOVE 1 \"{archive}\""));
+    other.logout();
+    let linked = || async {
+        let moved = db.messages(doc! {"mailbox": archive}).await;
+        let old = doc_of(&db, 1).await;
+        moved.len() == 1
+            && moved[0].get_str("moved_from").is_ok()
+            && old.is_some_and(|o| o.get_str("moved_to").is_ok())
+    };
+    let deadline = Instant::now() + WAIT;
+    while !linked().await {
+        assert!(
+            Instant::now() < deadline,
+            "the move was not linked: {:#?}\n{}",
+            db.messages(doc! {})
+                .await
+                .iter()
+                .map(|d| (
+                    d.get_str("_id").unwrap().to_string(),
+                    d.get("expunged_at").cloned(),
+                    d.get("moved_to").cloned(),
+                    d.get("moved_from").cloned(),
+                    d.get_document("raw")
+                        .unwrap()
+                        .get_str("sha256")
+                        .unwrap()
+                        .to_string()
+                ))
+                .collect::<Vec<_>>(),
+            _daemon.raw_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old = doc_of(&db, 1).await.unwrap();
+    let new = &db.messages(doc! {"mailbox": archive}).await[0];
+    assert!(old.get_datetime("expunged_at").is_ok(), "{old:?}");
+    assert_eq!(old.get_str("moved_to"), new.get_str("_id"));
+    assert_eq!(new.get_str("moved_from"), old.get_str("_id"));
+    assert_eq!(new.get_str("subject"), Ok("to be moved"));
+    assert!(doc_of(&db, 2).await.unwrap().get("expunged_at").is_none());
+}
+
+#[tokio::test]
+async fn dovecot_a_move_between_watched_folders_is_linked() {
+    let mut dovecot = Dovecot::start();
+    a_move_is_an_expunge_here_a_new_message_there_and_a_link(&mut dovecot, "dovecot", "Archive")
+        .await;
+}
+
+#[tokio::test]
+async fn cyrus_a_move_between_watched_folders_is_linked() {
+    let mut cyrus = Cyrus::start();
+    a_move_is_an_expunge_here_a_new_message_there_and_a_link(&mut cyrus, "cyrus", "INBOX.Archive")
+        .await;
+}
+
+/// A message with one attachment (`attachment` bytes, base64 on the wire).
+fn with_attachment(subject: &str, attachment: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(attachment);
+    format!(
+        "From: a@example.test\r\nTo: b@example.test\r\nSubject: {subject}\r\nMessage-ID: <{subject}@example.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n{subject}\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"a.bin\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}\r\n--b--\r\n"
+    )
+    .into_bytes()
+}
+
+/// `on_expunge = "delete"`: the documents of expunged messages go, and the blob sweep removes
+/// the blobs nothing refers to any more, never one another document still points at.
+#[tokio::test]
+async fn on_expunge_delete_removes_documents_and_the_sweep_keeps_shared_blobs() {
+    let mut dovecot = Dovecot::start();
+    let user = dovecot.add_user("deleter", "pw-deleter");
+    let shared = b"the same attachment in two messages".repeat(100);
+    let unique = b"an attachment only the first message has".repeat(100);
+    let server: &dyn ImapServer = &dovecot;
+    server.append(&user, "INBOX", &with_attachment("one", &shared));
+    server.append(&user, "INBOX", &with_attachment("two", &shared));
+    server.append(&user, "INBOX", &with_attachment("three", &unique));
+    let db = TestDb::new().await;
+    let toml_store = "on_expunge = \"delete\"\nblob_sweep_after = \"1s\"";
+    let mp = Mailpump::new_with_store(
+        &db,
+        toml_store,
+        &[AccountSpec::on_port("deleter", server.port(), &user)],
+    );
+    let mut daemon = Daemon::start(&mp);
+    eventually(WAIT, "3 messages stored", || async {
+        db.messages(doc! {}).await.len() == 3
+    })
+    .await;
+    let docs = db.messages(doc! {}).await;
+    let sha_of = |subject: &str| -> (String, String) {
+        let d = docs
+            .iter()
+            .find(|d| d.get_str("subject") == Ok(subject))
+            .unwrap();
+        let raw = d.get_document("raw").unwrap().get_str("sha256").unwrap();
+        let att = d.get_array("attachments").unwrap()[0]
+            .as_document()
+            .unwrap()
+            .get_str("sha256")
+            .unwrap();
+        (raw.to_string(), att.to_string())
+    };
+    let (raw1, shared_sha) = sha_of("one");
+    let (raw2, shared2) = sha_of("two");
+    let (raw3, unique_sha) = sha_of("three");
+    assert_eq!(shared_sha, shared2);
+
+    let mut other = RawImap::login(server.port(), &user);
+    store(&mut other, "SELECT INBOX");
+    store(&mut other, "UID STORE 1,3 +FLAGS (\\Deleted)");
+    store(&mut other, "EXPUNGE");
+    other.logout();
+    eventually(WAIT, "two documents removed", || async {
+        db.messages(doc! {}).await.len() == 1
+    })
+    .await;
+    let blob = |sha: String| {
+        let db = &db;
+        async move { db.count("blobs.files", doc! {"_id": sha}).await }
+    };
+    eventually(WAIT, "the unreferenced blobs swept", || async {
+        blob(raw1.clone()).await == 0
+            && blob(raw3.clone()).await == 0
+            && blob(unique_sha.clone()).await == 0
+    })
+    .await;
+    // the attachment message two still has, and its raw bytes, stay; and their chunks
+    assert_eq!(blob(shared_sha.clone()).await, 1);
+    assert_eq!(blob(raw2.clone()).await, 1);
+    assert!(
+        db.count("blobs.chunks", doc! {"files_id": &shared_sha})
+            .await
+            > 0
+    );
+    assert_eq!(
+        db.count("blobs.chunks", doc! {"files_id": &unique_sha})
+            .await,
+        0
+    );
+    let swept = daemon.events("blobs_swept");
+    assert!(
+        swept.iter().any(|e| e["removed"].as_u64() >= Some(3)),
+        "{swept:?}"
+    );
+    // a new message with the shared attachment after the sweeps: stored and complete
+    server.append(&user, "INBOX", &with_attachment("four", &shared));
+    eventually(WAIT, "message four stored", || async {
+        db.messages(doc! {"subject": "four"}).await.len() == 1
+    })
+    .await;
+    assert_eq!(db.blob(&shared_sha).await, shared);
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(20)).await;
+}
+
+/// Dovecot holds NOTIFY events up to its 30 s idle-check timer in this harness (see
+/// folders.rs): two rounds of it.
+const HELD: Duration = Duration::from_secs(90);
+
+/// A folder that is not watched (followed by the account's one follower connection: NOTIFY
+/// on Dovecot, a LIST-STATUS sweep with HIGHESTMODSEQ on Cyrus, a STATUS sweep plus the flag
+/// scan on Courier) has its flag changes and expunges followed too.
+async fn a_folder_followed_by_the_follower_mirrors_flags_and_expunges(
+    server: &mut impl ImapServer,
+    name: &str,
+    work: &str,
+) {
+    let user = server.add_user("follow", "pw-follow");
+    server.create_folder(&user, work);
+    server.append(&user, work, &message("w1", "body"));
+    server.append(&user, work, &message("w2", "body"));
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::on_port(name, server.port(), &user)
+            .with("mailboxes = [\"*\"]")
+            .with("poll_interval = \"1s\"")
+            .with("flag_scan_interval = \"2s\"")],
+    );
+    let daemon = Daemon::start(&mp);
+    let in_work = |uid: u32| {
+        let db = &db;
+        async move {
+            db.messages(doc! {"mailbox": work, "uid": uid as i64})
+                .await
+                .into_iter()
+                .next()
+        }
+    };
+    eventually(WAIT, "2 messages of the folder stored", || async {
+        db.messages(doc! {"mailbox": work}).await.len() == 2
+    })
+    .await;
+    let mut other = RawImap::login(server.port(), &user);
+    store(&mut other, &format!("SELECT \"{work}\""));
+    store(&mut other, "UID STORE 1 +FLAGS (\\Flagged)");
+    store(&mut other, "UID STORE 2 +FLAGS (\\Deleted)");
+    store(&mut other, "EXPUNGE");
+    other.logout();
+    let started = Instant::now();
+    let deadline = started + HELD;
+    loop {
+        let one = in_work(1).await.unwrap();
+        let two = in_work(2).await.unwrap();
+        if flags(&one).contains(&"\\Flagged".to_string()) && two.get_datetime("expunged_at").is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: not mirrored: {one:?}\n{two:?}\n{}",
+            daemon.raw_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{name}: a non-watched folder's changes mirrored after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn dovecot_a_folder_followed_by_notify_mirrors_flags_and_expunges() {
+    let mut dovecot = Dovecot::start();
+    a_folder_followed_by_the_follower_mirrors_flags_and_expunges(&mut dovecot, "dovecot", "Work")
+        .await;
+}
+
+#[tokio::test]
+async fn cyrus_a_folder_followed_by_list_status_mirrors_flags_and_expunges() {
+    let mut cyrus = Cyrus::start();
+    a_folder_followed_by_the_follower_mirrors_flags_and_expunges(&mut cyrus, "cyrus", "INBOX.Work")
+        .await;
+}
+
+#[tokio::test]
+async fn courier_a_folder_followed_by_status_polls_mirrors_flags_and_expunges() {
+    let mut courier = Courier::start();
+    a_folder_followed_by_the_follower_mirrors_flags_and_expunges(
+        &mut courier,
+        "courier",
+        "INBOX.Work",
+    )
+    .await;
+}

@@ -194,6 +194,23 @@ async fn a_uidvalidity_change_reingests_under_the_new_value_without_new_blobs() 
     assert_ne!(new, old);
     assert_eq!(db.count("messages", doc! {"uidvalidity": new}).await, 3);
     assert_eq!(db.count("messages", doc! {"uidvalidity": old}).await, 3);
+    // the old documents stay, marked: their UIDs name nothing any more
+    assert_eq!(
+        db.count(
+            "messages",
+            doc! {"uidvalidity": old, "expunged_reason": "uidvalidity changed", "expunged_at": {"$exists": true}}
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        db.count(
+            "messages",
+            doc! {"uidvalidity": new, "expunged_at": {"$exists": true}}
+        )
+        .await,
+        0
+    );
     assert_eq!(
         db.count("blobs.files", doc! {}).await,
         blobs_before,

@@ -124,8 +124,13 @@ impl Mailpump {
     }
 
     pub fn new(db: &TestDb, accounts: &[AccountSpec]) -> Mailpump {
+        Self::new_with_store(db, "", accounts)
+    }
+
+    /// [`Mailpump::new`] with `store` (TOML lines) added to the `[store]` table.
+    pub fn new_with_store(db: &TestDb, store: &str, accounts: &[AccountSpec]) -> Mailpump {
         let mut toml = format!(
-            "[store]\nuri = \"{}\"\ndatabase = \"{}\"\nconnect_timeout = \"5s\"\n\n",
+            "[store]\nuri = \"{}\"\ndatabase = \"{}\"\nconnect_timeout = \"5s\"\n{store}\n\n",
             db.uri, db.name
         );
         toml.push_str("[defaults]\ncommand_timeout = \"30s\"\nconnect_timeout = \"5s\"\n\n");

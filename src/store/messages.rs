@@ -112,6 +112,10 @@ impl Store {
             .map(|m| message_document(account, mailbox, uidvalidity, m, stored_at))
             .collect();
         let (inserted, replaced) = self.write_messages(docs).await?;
+        // The blobs again, now that documents point at them: a sweep that removed one between
+        // the claim and the insert (possible only when a write outlasts `blob_sweep_after`)
+        // is undone here, and one removing it right now makes the batch wait (Busy, retried).
+        self.write_blobs(&blobs).await?;
         if self.on_expunge == crate::config::OnExpunge::Mark {
             // a message that left another folder of the account (MOVE) and arrives here
             let shas: Vec<String> = batch.iter().map(|m| m.parsed.raw.sha256.clone()).collect();

@@ -3,12 +3,16 @@
 //! "delete"`), a move between folders (`moved_to` / `moved_from`), and the sweep of blobs that
 //! no document refers to any more.
 //!
-//! **Invariant (blobs):** a blob is removed only when no message document refers to it and no
-//! writer touched it for `blob_sweep_after`. Writers claim every blob of a batch before they
-//! write its documents ([`Store::claim_blobs`]: `touched_at` set on those present, in one
-//! update); the sweep first marks a blob `deleting` (only if still untouched), then removes its
-//! chunks, then its files document, and a writer that meets a blob marked `deleting` waits
-//! (`StoreError::Busy`, retried) instead of pointing a document at it.
+//! **Invariant (blobs):** once a batch is acknowledged, every blob its documents refer to is
+//! complete in the bucket, whatever sweep ran meanwhile. Writers claim every blob of a batch
+//! before they write its documents ([`Store::claim_blobs`]: `touched_at` set on those present,
+//! in one update; the missing ones written), and claim them again after the documents are in
+//! (rewriting any that a sweep removed in between). The sweep takes only blobs no document
+//! refers to and nobody touched for `blob_sweep_after`: it marks one `deleting` (only if still
+//! untouched), looks once more for a document, then removes the chunks, then the files
+//! document; a writer that meets a blob marked `deleting` waits (`StoreError::Busy`, the batch
+//! is retried) instead of pointing a document at it. The unit test
+//! `a_sweep_racing_a_writer_...` runs a sweep with no grace at all against such a writer.
 
 use std::collections::{HashMap, HashSet};
 
@@ -532,5 +536,112 @@ fn int(v: &Bson) -> Option<i64> {
         Bson::Int64(i) => Some(*i),
         Bson::Double(f) => Some(*f as i64),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{parse, Limits};
+    use crate::store::{MailboxStatus, ReadyMessage};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn with_attachment(uid: u32, attachment: &str) -> ReadyMessage {
+        let raw = format!(
+            "Subject: m{uid}\r\nMessage-ID: <m{uid}@x>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi {uid}\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a.bin\r\n\r\n{attachment}\r\n--b--\r\n"
+        )
+        .into_bytes();
+        ReadyMessage {
+            uid,
+            flags: vec![],
+            internal_date: None,
+            size: raw.len() as u64,
+            parsed: parse(raw, Limits::default()),
+            gmail: None,
+        }
+    }
+
+    /// A sweep running flat out (nothing is "old enough" to protect a blob: `older_than` 0)
+    /// beside a writer whose every message shares one attachment with the message it just
+    /// deleted: whatever interleaving happens, every stored document's blobs are there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sweep_racing_a_writer_never_leaves_a_document_without_its_blobs() {
+        let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI").expect(
+            "MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)",
+        );
+        let cfg = crate::config::StoreConfig {
+            uri: crate::config::Secret::new(uri),
+            database: format!("mp_sweep_{}", std::process::id()),
+            connect_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(60),
+            max_inline_body: 1024 * 1024,
+            write_concern: Default::default(),
+            on_expunge: OnExpunge::Delete,
+            blob_sweep_after: Duration::from_secs(1),
+        };
+        let store = Store::connect(&cfg).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sweeper = {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut removed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    removed += store.sweep_blobs(Duration::ZERO).await.unwrap().removed;
+                }
+                removed
+            })
+        };
+        let attachment = "the attachment every message shares";
+        let mut busy = 0;
+        for uid in 1..=60u32 {
+            let batch = vec![with_attachment(uid, attachment)];
+            loop {
+                match store
+                    .commit_batch("a", "INBOX", 1, MailboxStatus::default(), &batch, uid)
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(StoreError::Busy(_)) => {
+                        busy += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let p = &batch[0].parsed;
+            for sha in [&p.raw.sha256, &p.attachments[0].sha256] {
+                store
+                    .read_blob(sha)
+                    .await
+                    .unwrap_or_else(|e| panic!("uid {uid}: {e}"));
+            }
+            // the message before goes: its raw blob is unreferenced, the attachment is not
+            if uid > 1 {
+                assert_eq!(
+                    store
+                        .mark_expunged("a", "INBOX", 1, &[uid - 1])
+                        .await
+                        .unwrap(),
+                    1
+                );
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let removed = sweeper.await.unwrap();
+        let last = with_attachment(60, attachment);
+        let blob = store
+            .read_blob(&last.parsed.attachments[0].sha256)
+            .await
+            .unwrap();
+        assert_eq!(blob, attachment.as_bytes());
+        store.read_blob(&last.parsed.raw.sha256).await.unwrap();
+        eprintln!("sweep race: {removed} blobs removed, {busy} batches waited");
+        assert!(
+            removed > 0,
+            "the sweep did remove the raw blobs of deleted messages"
+        );
+        let _ = store.client.database(&cfg.database).drop().await;
     }
 }

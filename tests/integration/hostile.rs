@@ -34,6 +34,8 @@ enum Fault {
     RequireId,
     /// Gmail: X-GM-EXT-1 (message and thread ids, labels), special-use folders, LIST-EXTENDED.
     Gmail,
+    /// `UID SEARCH ALL` answers an empty list although EXAMINE said 1 EXISTS.
+    EmptySearchAll,
 }
 
 /// Starts the server; returns its port and every command line it received.
@@ -105,6 +107,9 @@ async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
                             "* OK [UIDVALIDITY 7] ok\r\n".to_string()
                         };
                         format!("* 1 EXISTS\r\n{validity}* OK [UIDNEXT 2] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                    } else if upper.starts_with("UID SEARCH ALL") && fault == Fault::EmptySearchAll
+                    {
+                        format!("* SEARCH\r\n{tag} OK\r\n")
                     } else if upper.starts_with("UID SEARCH") {
                         match fault {
                             Fault::SearchBadWithoutText => format!("{tag} BAD\r\n"),
@@ -416,4 +421,44 @@ async fn a_refused_lone_message_is_an_outage_never_quarantined() {
         crashes: 0,
         hangs: 0,
     });
+}
+
+/// A server whose `UID SEARCH ALL` comes back empty for a mailbox whose EXAMINE said it holds a
+/// message (a broken backend, a hostile proxy) gets no document marked expunged: the UID
+/// comparison only believes an answer at least as long as EXISTS.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_uid_list_for_a_full_mailbox_marks_nothing_expunged() {
+    let (port, seen) = server(Fault::EmptySearchAll).await;
+    let db = TestDb::new().await;
+    let spec = AccountSpec {
+        name: "hostile".into(),
+        port,
+        security: "plain",
+        username: "u".into(),
+        password: "p".into(),
+        extra: vec![
+            "command_timeout = \"3s\"".into(),
+            "flag_scan_interval = \"1s\"".into(),
+        ],
+    };
+    let mp = Mailpump::new_with_store(&db, "on_expunge = \"delete\"", &[spec]);
+    assert_eq!(mp.run_async(&["sync"]).await.code(), 0);
+    assert_eq!(db.count("messages", doc! {}).await, 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let run = mp.run_async(&["sync"]).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("UID SEARCH ALL")),
+        "the flag scan compared UIDs"
+    );
+    assert_eq!(
+        run.events("uid_comparison_skipped").len(),
+        1,
+        "{}",
+        run.stdout()
+    );
+    assert_eq!(db.count("messages", doc! {}).await, 1, "nothing deleted");
 }

@@ -182,12 +182,15 @@ pub async fn follow(
     if report.scanned || (last_uid == 0 && record.flags_scanned_at.is_none()) {
         store.set_flags_scanned(name, mailbox, uidvalidity).await?;
     }
-    if report != MirrorReport::default() {
-        tracing::debug!(
+    if report.scanned {
+        tracing::info!(
             account = name,
             mailbox,
+            last_uid,
+            flags = report.flags,
+            expunged = report.expunged,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "mirror_pass"
+            "flags_scanned"
         );
     }
     log(name, mailbox, &report);

@@ -1487,6 +1487,32 @@ mod tests {
         assert_eq!(example, minimal.accounts[0].settings);
         assert_eq!(c.store.op_timeout, minimal.store.op_timeout);
         assert_eq!(c.store.max_inline_body, minimal.store.max_inline_body);
+        assert_eq!(c.store.on_expunge, minimal.store.on_expunge);
+        assert_eq!(c.store.blob_sweep_after, minimal.store.blob_sweep_after);
+    }
+
+    #[test]
+    fn on_expunge_and_the_flag_scan() {
+        let c = from_toml_str(MINIMAL).unwrap();
+        assert_eq!(c.store.on_expunge, OnExpunge::Mark);
+        assert_eq!(c.store.blob_sweep_after, Duration::from_secs(3600));
+        assert_eq!(
+            c.accounts[0].settings.flag_scan_interval,
+            Duration::from_secs(900)
+        );
+        let with = |line: &str| MINIMAL.replacen("[store]", &format!("[store]\n{line}"), 1);
+        let c = from_toml_str(&with("on_expunge = \"delete\"")).unwrap();
+        assert_eq!(c.store.on_expunge, OnExpunge::Delete);
+        let e = err(&with("on_expunge = \"purge\""));
+        assert!(e.contains("store.on_expunge") && e.contains("purge"), "{e}");
+        let e = err(&with("blob_sweep_after = \"0s\""));
+        assert!(e.contains("store.blob_sweep_after"), "{e}");
+        let e = err(&MINIMAL.replacen(
+            "[accounts.work]",
+            "[accounts.work]\nflag_scan_interval = \"soon\"",
+            1,
+        ));
+        assert!(e.contains("flag_scan_interval"), "{e}");
     }
 
     #[test]

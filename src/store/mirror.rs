@@ -211,7 +211,8 @@ impl Store {
         uidvalidity: u32,
     ) -> Result<Vec<StoredMeta>, StoreError> {
         let coll = self.messages.clone();
-        let filter = doc! {"account": account, "mailbox": mailbox, "uidvalidity": uidvalidity as i64};
+        let filter =
+            doc! {"account": account, "mailbox": mailbox, "uidvalidity": uidvalidity as i64};
         let docs: Vec<Document> = self
             .guarded("stored uids", async move {
                 coll.find(filter)
@@ -493,7 +494,11 @@ impl Store {
                 }
             };
             for key in ["raw", "text_blob", "html_blob"] {
-                note(d.get_document(key).ok().and_then(|r| r.get_str("sha256").ok()));
+                note(
+                    d.get_document(key)
+                        .ok()
+                        .and_then(|r| r.get_str("sha256").ok()),
+                );
             }
             if let Ok(list) = d.get_array("attachments") {
                 for a in list {

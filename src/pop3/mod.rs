@@ -71,6 +71,54 @@ pub struct Listing {
     pub size: u64,
 }
 
+/// What one session's STAT, UIDL and LIST said about the maildrop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Maildrop {
+    /// The messages, as UIDL numbered them (sizes from LIST).
+    pub messages: Vec<Listing>,
+    /// How many messages STAT counted.
+    pub stat_count: u32,
+    /// How many numbered lines LIST gave.
+    pub list_count: usize,
+}
+
+impl Maildrop {
+    /// Why this listing cannot be taken as the whole maildrop, if it cannot: STAT, LIST and
+    /// UIDL describe the same snapshot (RFC 1939: messages 1..=N at the start of the session),
+    /// so any disagreement between them, a number outside 1..=N or a number or UIDL listed
+    /// twice is a broken (or hostile) server. Fetching goes on; only conclusions drawn from
+    /// what is *missing* (a message deleted on the server) need this.
+    pub fn doubt(&self) -> Option<String> {
+        let n = self.messages.len();
+        if self.stat_count as usize != n {
+            return Some(format!(
+                "STAT counts {} messages, UIDL lists {n}",
+                self.stat_count
+            ));
+        }
+        if self.list_count != n {
+            return Some(format!(
+                "LIST lists {} messages, UIDL lists {n}",
+                self.list_count
+            ));
+        }
+        let mut numbers = std::collections::HashSet::new();
+        let mut uidls = std::collections::HashSet::new();
+        for l in &self.messages {
+            if l.number == 0 || l.number as usize > n {
+                return Some(format!("UIDL numbers a message {} of {n}", l.number));
+            }
+            if !numbers.insert(l.number) {
+                return Some(format!("UIDL lists message {} twice", l.number));
+            }
+            if !uidls.insert(l.uidl.as_str()) {
+                return Some("UIDL gives two messages the same unique id".into());
+            }
+        }
+        None
+    }
+}
+
 pub struct Pop3Session {
     stream: BufReader<Transport>,
     timeout: Duration,
@@ -421,8 +469,25 @@ impl Pop3Session {
         }
     }
 
+    /// STAT, UIDL and LIST together: every message with its unique id and size, by number,
+    /// and the counts to judge the listing by ([`Maildrop::doubt`]).
+    pub async fn maildrop(&mut self) -> Result<Maildrop, Pop3Error> {
+        let (stat_count, _) = self.stat().await?;
+        let (messages, list_count) = self.uidl_and_list().await?;
+        Ok(Maildrop {
+            messages,
+            stat_count,
+            list_count,
+        })
+    }
+
     /// UIDL and LIST together: every message with its unique id and size, by number.
     pub async fn listing(&mut self) -> Result<Vec<Listing>, Pop3Error> {
+        Ok(self.uidl_and_list().await?.0)
+    }
+
+    /// UIDL then LIST: the messages, and how many numbered lines LIST gave.
+    async fn uidl_and_list(&mut self) -> Result<(Vec<Listing>, usize), Pop3Error> {
         self.send_line("UIDL").await?;
         match self.status_line("UIDL").await {
             Ok(_) => {}
@@ -442,6 +507,7 @@ impl Pop3Session {
                 size_of.insert(n, s);
             }
         }
+        let list_count = size_of.len();
         let mut out = Vec::new();
         for line in String::from_utf8_lossy(&uidls).lines() {
             let mut w = line.split_whitespace();
@@ -456,7 +522,7 @@ impl Pop3Session {
                 size: size_of.get(&number).copied().unwrap_or(0),
             });
         }
-        Ok(out)
+        Ok((out, list_count))
     }
 
     /// RETR: the exact message bytes.
@@ -489,6 +555,36 @@ mod tests {
         assert_eq!(unstuff(b"..hidden\r\n"), b".hidden\r\n");
         assert_eq!(unstuff(b"...\r\n"), b"..\r\n");
         assert_eq!(unstuff(b"plain\r\n"), b"plain\r\n");
+    }
+
+    fn drop_of(uidls: &[(u32, &str)], stat: u32, list: usize) -> Maildrop {
+        Maildrop {
+            messages: uidls
+                .iter()
+                .map(|(n, u)| Listing {
+                    number: *n,
+                    uidl: u.to_string(),
+                    size: 10,
+                })
+                .collect(),
+            stat_count: stat,
+            list_count: list,
+        }
+    }
+
+    #[test]
+    fn a_listing_is_trusted_only_when_stat_list_and_uidl_agree() {
+        assert_eq!(drop_of(&[(1, "a"), (2, "b")], 2, 2).doubt(), None);
+        assert_eq!(drop_of(&[], 0, 0).doubt(), None);
+        // the hostile case: STAT says there is mail, UIDL lists none
+        assert!(drop_of(&[], 3, 3)
+            .doubt()
+            .unwrap()
+            .contains("STAT counts 3"));
+        assert!(drop_of(&[(1, "a")], 1, 0).doubt().unwrap().contains("LIST"));
+        assert!(drop_of(&[(1, "a"), (1, "b")], 2, 2).doubt().is_some());
+        assert!(drop_of(&[(1, "a"), (2, "a")], 2, 2).doubt().is_some());
+        assert!(drop_of(&[(1, "a"), (5, "b")], 2, 2).doubt().is_some());
     }
 
     #[test]

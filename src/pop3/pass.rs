@@ -1,23 +1,29 @@
-//! One POP3 poll: connect, UIDL + LIST, give new UIDLs their stable uids, RETR them in
+//! One POP3 poll: connect, STAT + UIDL + LIST, give new UIDLs their stable uids, RETR them in
 //! batches through [`crate::pipeline`] (`Pop3Source` fetches, `Pop3Commit` stores with
 //! `Store::commit_pop3_batch`, which records the UIDLs), DELE what was acknowledged when
-//! `delete_after_store`, QUIT.
+//! `delete_after_store` (recorded as `dele_sent` in the map first), QUIT; then the stored
+//! messages the server no longer lists are marked expunged ([`vanished`]).
 //!
 //! **Invariant:** DELE is sent only for messages whose documents are acknowledged, and only
 //! QUIT commits it.
+//!
+//! **Invariant:** a message mailpump deleted is never marked expunged. Its map entry says
+//! `dele_sent` before the first DELE goes out, and entries with `dele_sent` or `deleted` are
+//! never looked at by [`vanished`] (with `on_expunge = "delete"`, marking them would remove the
+//! archive of every `delete_after_store` account).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Listing, Pop3Session};
-use crate::config::Account;
+use super::{Listing, Maildrop, Pop3Session};
+use crate::config::{Account, OnExpunge};
 use crate::pipeline::{
     self, cut_batches, Acked, Commit, Committed, Context, Fetched, FetchedMessage, Lane, Source,
     SyncError, SyncReport,
 };
-use crate::store::{ReadyMessage, Store};
+use crate::store::{Pop3Entry, ReadyMessage, Store};
 
 /// (number in this session, UIDL) of each message of a batch, in the same order.
 type Ids = Vec<(u32, String)>;
@@ -101,6 +107,71 @@ impl Commit for Pop3Commit {
     }
 }
 
+/// What a poll concludes from the UIDLs the map knows and the server's listing.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Vanished {
+    /// Stored, not deleted by mailpump, not listed any more: (UIDL, uid), by uid.
+    gone: Vec<(String, u32)>,
+    /// Had gone and is listed again, not logged before (a server oddity: logged once, the
+    /// entry and its document are left as they are, and it is never fetched or deleted).
+    reappeared: Vec<String>,
+    /// Messages missing from the listing that are not marked this poll, and why.
+    withheld: Option<(usize, String)>,
+}
+
+/// Which stored messages were deleted on the server by someone else. Only entries that are
+/// stored and neither `dele_sent` nor `deleted` (mailpump's own deletions) nor `gone` already
+/// are candidates. Nothing is concluded from a listing that contradicts itself
+/// ([`Maildrop::doubt`]: STAT, LIST and UIDL disagree), nor from one that lists none of the
+/// candidates at all (an empty maildrop or a wholesale change of UIDLs: the signature of a
+/// broken server, an unmounted mail store or a changed UIDL format as much as of a user who
+/// emptied the mailbox): those wait until a later listing still shows at least one stored
+/// message, which happens once new mail has been stored and is listed again.
+fn vanished(known: &HashMap<String, Pop3Entry>, maildrop: &Maildrop) -> Vanished {
+    let listed: HashSet<&str> = maildrop.messages.iter().map(|l| l.uidl.as_str()).collect();
+    let mut reappeared: Vec<String> = known
+        .iter()
+        .filter(|(uidl, e)| e.gone && !e.reappeared && listed.contains(uidl.as_str()))
+        .map(|(uidl, _)| uidl.clone())
+        .collect();
+    reappeared.sort();
+    let mut out = Vanished {
+        reappeared,
+        ..Vanished::default()
+    };
+    let live: Vec<(&String, &Pop3Entry)> = known
+        .iter()
+        .filter(|(_, e)| e.stored && !e.gone && !e.dele_sent && !e.deleted)
+        .collect();
+    let mut missing: Vec<(String, u32)> = live
+        .iter()
+        .filter(|(uidl, _)| !listed.contains(uidl.as_str()))
+        .map(|(uidl, e)| ((*uidl).clone(), e.uid))
+        .collect();
+    if missing.is_empty() {
+        return out;
+    }
+    if let Some(why) = maildrop.doubt() {
+        out.withheld = Some((
+            missing.len(),
+            format!("the listing contradicts itself: {why}"),
+        ));
+    } else if missing.len() == live.len() {
+        out.withheld = Some((
+            missing.len(),
+            format!(
+                "the server lists none of the {} messages stored from it (empty or replaced \
+                 listing): waiting for a listing that still shows one of them",
+                live.len()
+            ),
+        ));
+    } else {
+        missing.sort_unstable_by_key(|(_, uid)| *uid);
+        out.gone = missing;
+    }
+    out
+}
+
 /// One poll of a POP3 mailbox (always `INBOX`, uidvalidity 0).
 pub async fn poll(
     account: &Account,
@@ -111,7 +182,8 @@ pub async fn poll(
     let started = Instant::now();
     let name = account.name.as_str();
     let mut session = Pop3Session::connect(account).await?;
-    let listing = session.listing().await?;
+    let maildrop = session.maildrop().await?;
+    let listing = &maildrop.messages;
     let known = store.pop3_known(name).await?;
     let unassigned: Vec<String> = listing
         .iter()
@@ -127,11 +199,12 @@ pub async fn poll(
     };
 
     // Messages whose documents are acknowledged but which are still on the server (an
-    // earlier session ended before QUIT): delete them now if asked to.
+    // earlier session ended before QUIT): delete them now if asked to. Not one that had
+    // gone and came back: its document may have been removed (`on_expunge = "delete"`).
     let mut to_delete: Vec<(u32, String)> = if account.delete_after_store {
         listing
             .iter()
-            .filter(|l| known.get(&l.uidl).is_some_and(|e| e.stored))
+            .filter(|l| known.get(&l.uidl).is_some_and(|e| e.stored && !e.gone))
             .map(|l| (l.number, l.uidl.clone()))
             .collect()
     } else {
@@ -190,6 +263,10 @@ pub async fn poll(
     if account.delete_after_store {
         let mut seen = HashSet::new();
         to_delete.retain(|(n, _)| seen.insert(*n));
+        // Recorded before the first DELE: whatever happens next, a message that vanishes
+        // after this is one mailpump deleted (a DELE whose QUIT failed leaves it listed).
+        let uidls: Vec<String> = to_delete.iter().map(|(_, u)| u.clone()).collect();
+        store.pop3_mark(name, &uidls, "dele_sent").await?;
         for (number, _) in &to_delete {
             session.dele(*number).await?;
         }
@@ -206,6 +283,174 @@ pub async fn poll(
             "deleted_from_server"
         );
     }
+    expunge_vanished(store, name, &known, &maildrop).await?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Marks the documents of the messages deleted on the server by someone else (as an IMAP
+/// expunge: `expunged_at`, or removed with `on_expunge = "delete"`), then records them
+/// `gone_at` in the map, so that the next poll does not look at them again. A crash between
+/// the two repeats the marking, which is idempotent.
+async fn expunge_vanished(
+    store: &Store,
+    account: &str,
+    known: &HashMap<String, Pop3Entry>,
+    maildrop: &Maildrop,
+) -> Result<(), SyncError> {
+    let v = vanished(known, maildrop);
+    if !v.reappeared.is_empty() {
+        tracing::warn!(
+            account,
+            mailbox = "INBOX",
+            count = v.reappeared.len(),
+            "pop3_uidl_reappeared"
+        );
+        store
+            .pop3_stamp(account, &v.reappeared, "reappeared_at")
+            .await?;
+    }
+    if let Some((count, reason)) = &v.withheld {
+        tracing::warn!(
+            account,
+            mailbox = "INBOX",
+            missing = count,
+            reason = reason.as_str(),
+            "pop3_expunge_withheld"
+        );
+    }
+    if v.gone.is_empty() {
+        return Ok(());
+    }
+    let uids: Vec<u32> = v.gone.iter().map(|(_, uid)| *uid).collect();
+    let marked = store.mark_expunged(account, "INBOX", 0, &uids).await?;
+    let uidls: Vec<String> = v.gone.into_iter().map(|(uidl, _)| uidl).collect();
+    store.pop3_stamp(account, &uidls, "gone_at").await?;
+    tracing::info!(
+        account,
+        mailbox = "INBOX",
+        count = uidls.len(),
+        documents = marked,
+        on_expunge = match store.on_expunge {
+            OnExpunge::Mark => "mark",
+            OnExpunge::Delete => "delete",
+        },
+        "pop3_expunged"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(uid: u32) -> Pop3Entry {
+        Pop3Entry {
+            uid,
+            stored: true,
+            dele_sent: false,
+            deleted: false,
+            gone: false,
+            reappeared: false,
+        }
+    }
+
+    fn drop_of(uidls: &[&str]) -> Maildrop {
+        Maildrop {
+            messages: uidls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| Listing {
+                    number: i as u32 + 1,
+                    uidl: u.to_string(),
+                    size: 1,
+                })
+                .collect(),
+            stat_count: uidls.len() as u32,
+            list_count: uidls.len(),
+        }
+    }
+
+    fn map(entries: &[(&str, Pop3Entry)]) -> HashMap<String, Pop3Entry> {
+        entries.iter().map(|(u, e)| (u.to_string(), *e)).collect()
+    }
+
+    #[test]
+    fn a_stored_uidl_no_longer_listed_is_gone_once() {
+        let mut known = map(&[("a", entry(1)), ("b", entry(2)), ("c", entry(3))]);
+        let v = vanished(&known, &drop_of(&["a", "c"]));
+        assert_eq!(v.gone, vec![("b".to_string(), 2)]);
+        assert_eq!(v.withheld, None);
+        known.get_mut("b").unwrap().gone = true;
+        assert_eq!(vanished(&known, &drop_of(&["a", "c"])), Vanished::default());
+    }
+
+    #[test]
+    fn what_mailpump_deleted_is_never_gone() {
+        let sent = Pop3Entry {
+            dele_sent: true,
+            ..entry(2)
+        };
+        let committed = Pop3Entry {
+            deleted: true,
+            ..entry(3)
+        };
+        let known = map(&[("a", entry(1)), ("b", sent), ("c", committed)]);
+        assert_eq!(vanished(&known, &drop_of(&["a"])), Vanished::default());
+        // all of mailpump's own deletions gone and nothing else stored: nothing to conclude
+        let known = map(&[("b", sent), ("c", committed)]);
+        assert_eq!(vanished(&known, &drop_of(&[])), Vanished::default());
+    }
+
+    #[test]
+    fn unstored_entries_are_not_candidates() {
+        let unstored = Pop3Entry {
+            stored: false,
+            ..entry(2)
+        };
+        let known = map(&[("a", entry(1)), ("b", unstored)]);
+        assert_eq!(vanished(&known, &drop_of(&["a"])), Vanished::default());
+    }
+
+    #[test]
+    fn an_empty_or_replaced_listing_concludes_nothing() {
+        let known = map(&[("a", entry(1)), ("b", entry(2))]);
+        for listing in [drop_of(&[]), drop_of(&["x", "y", "z"])] {
+            let v = vanished(&known, &listing);
+            assert!(v.gone.is_empty());
+            assert_eq!(v.withheld.as_ref().unwrap().0, 2);
+        }
+        // once a later listing still shows one stored message, the others are gone
+        let known = map(&[("a", entry(1)), ("b", entry(2)), ("x", entry(3))]);
+        let v = vanished(&known, &drop_of(&["x"]));
+        assert_eq!(v.gone, vec![("a".to_string(), 1), ("b".to_string(), 2)]);
+    }
+
+    #[test]
+    fn a_self_contradicting_listing_concludes_nothing() {
+        let known = map(&[("a", entry(1)), ("b", entry(2))]);
+        let mut listing = drop_of(&["a"]);
+        listing.stat_count = 2;
+        let v = vanished(&known, &listing);
+        assert!(v.gone.is_empty());
+        assert!(v.withheld.unwrap().1.contains("STAT counts 2"));
+    }
+
+    #[test]
+    fn a_uidl_that_comes_back_is_reported_once_and_left() {
+        let gone = Pop3Entry {
+            gone: true,
+            ..entry(2)
+        };
+        let known = map(&[("a", entry(1)), ("b", gone)]);
+        let v = vanished(&known, &drop_of(&["a", "b"]));
+        assert_eq!(v.reappeared, vec!["b".to_string()]);
+        assert!(v.gone.is_empty());
+        let logged = Pop3Entry {
+            reappeared: true,
+            ..gone
+        };
+        let known = map(&[("a", entry(1)), ("b", logged)]);
+        assert_eq!(vanished(&known, &drop_of(&["a", "b"])), Vanished::default());
+    }
 }

@@ -1,4 +1,8 @@
-//! Collection `pop3_uidl`: the POP3 UIDL map that gives each message a stable uid.
+//! Collection `pop3_uidl`: the POP3 UIDL map that gives each message a stable uid, and what
+//! became of it: `stored` (its document is acknowledged), `dele_sent` (mailpump is deleting it:
+//! written before the first DELE of a session), `deleted` (a QUIT committed that DELE),
+//! `gone_at` (it vanished from the server without mailpump's DELE and its document was marked
+//! expunged, or removed), `reappeared_at` (a UIDL that had gone came back: logged once).
 
 use std::collections::HashMap;
 
@@ -14,6 +18,15 @@ pub struct Pop3Entry {
     pub uid: u32,
     /// Its document is acknowledged.
     pub stored: bool,
+    /// mailpump sent (or was about to send) DELE for it: if it vanishes, mailpump deleted it.
+    pub dele_sent: bool,
+    /// A QUIT committed mailpump's DELE.
+    pub deleted: bool,
+    /// It vanished from the server without mailpump's DELE, and its document was marked
+    /// expunged (or removed): never looked at again.
+    pub gone: bool,
+    /// It had gone and came back (logged once).
+    pub reappeared: bool,
 }
 
 impl Store {
@@ -46,6 +59,10 @@ impl Store {
                     Pop3Entry {
                         uid,
                         stored: d.get_bool("stored").unwrap_or(false),
+                        dele_sent: d.get_bool("dele_sent").unwrap_or(false),
+                        deleted: d.get_bool("deleted").unwrap_or(false),
+                        gone: d.contains_key("gone_at"),
+                        reappeared: d.contains_key("reappeared_at"),
                     },
                 ))
             })
@@ -135,7 +152,7 @@ impl Store {
         Ok(report)
     }
 
-    /// Sets `field` (stored / deleted) on the map entries of `uidls`.
+    /// Sets `field` (stored / dele_sent / deleted) on the map entries of `uidls`.
     pub async fn pop3_mark(
         &self,
         account: &str,
@@ -150,6 +167,30 @@ impl Store {
         let set = doc! {field: true, "updated_at": bson::DateTime::now()};
         self.guarded("UIDL map write", async move {
             coll.update_many(doc! {"_id": {"$in": ids}}, doc! {"$set": set})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Sets the time `field` (gone_at / reappeared_at) to now on the map entries of `uidls`
+    /// that do not have it yet (the first time stays).
+    pub async fn pop3_stamp(
+        &self,
+        account: &str,
+        uidls: &[String],
+        field: &str,
+    ) -> Result<(), StoreError> {
+        if uidls.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = uidls.iter().map(|u| Self::uidl_id(account, u)).collect();
+        let coll = self.pop3_uidl.clone();
+        let now = bson::DateTime::now();
+        let filter = doc! {"_id": {"$in": ids}, field: {"$exists": false}};
+        let set = doc! {field: now, "updated_at": now};
+        self.guarded("UIDL map write", async move {
+            coll.update_many(filter, doc! {"$set": set})
                 .await
                 .map(|_| ())
         })

@@ -10,6 +10,7 @@ mod daemon;
 mod export;
 mod faults;
 mod folders;
+mod follow;
 mod golden;
 mod health;
 mod hostile;

@@ -201,10 +201,10 @@ impl Store {
         for attempt in 0..2 {
             let id = current.get("_id").cloned().unwrap_or(Bson::Null);
             let coll = self.messages.clone();
-            let d = current.clone();
+            let update = rewrite(&current);
             let result = self
                 .guarded("message replace", async move {
-                    match coll.replace_one(doc! {"_id": id}, d).upsert(true).await {
+                    match coll.update_one(doc! {"_id": id}, update).upsert(true).await {
                         Ok(r) => Ok(Ok(r.matched_count > 0)),
                         Err(e) if is_document_error(&e) => Ok(Err(e.to_string())),
                         Err(e) => Err(e),
@@ -228,6 +228,23 @@ impl Store {
             }
         }
         Ok(false)
+    }
+}
+
+/// The update that rewrites a stored message document with `d` (a replayed batch): every field
+/// of `d` is set, but `stored_at` stays the first one (a reader polling on it must not see the
+/// message as new again), the move link to it (`moved_from`) stays, and an expunge mark goes
+/// (the server just served the message, so the mark was wrong).
+fn rewrite(d: &Document) -> Document {
+    let mut set = d.clone();
+    set.remove("_id");
+    let stored_at = set
+        .remove("stored_at")
+        .unwrap_or_else(|| Bson::DateTime(bson::DateTime::now()));
+    doc! {
+        "$set": set,
+        "$setOnInsert": {"stored_at": stored_at},
+        "$unset": {"expunged_at": "", "expunged_reason": "", "moved_to": ""},
     }
 }
 

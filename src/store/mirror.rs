@@ -171,9 +171,27 @@ impl Store {
             let coll = self.messages.clone();
             done += self
                 .guarded("expunged unmark", async move {
+                    // the move links these documents made were wrong too: both sides go
+                    let linked: Vec<Document> = coll
+                        .find(doc! {"_id": {"$in": &ids}, "moved_to": {"$exists": true}})
+                        .projection(doc! {"moved_to": 1})
+                        .await?
+                        .try_collect()
+                        .await?;
+                    let targets: Vec<&str> = linked
+                        .iter()
+                        .filter_map(|d| d.get_str("moved_to").ok())
+                        .collect();
+                    if !targets.is_empty() {
+                        coll.update_many(
+                            doc! {"_id": {"$in": targets}, "moved_from": {"$in": &ids}},
+                            doc! {"$unset": {"moved_from": ""}},
+                        )
+                        .await?;
+                    }
                     coll.update_many(
-                        doc! {"_id": {"$in": ids}, "expunged_at": {"$exists": true}},
-                        doc! {"$unset": {"expunged_at": "", "moved_to": ""}},
+                        doc! {"_id": {"$in": &ids}, "expunged_at": {"$exists": true}},
+                        doc! {"$unset": {"expunged_at": "", "expunged_reason": "", "moved_to": ""}},
                     )
                     .await
                     .map(|r| r.modified_count as usize)

@@ -642,6 +642,8 @@ impl AccountTask {
                 );
             }
             let live = f.live.contains(name);
+            self.metrics
+                .mirrored(report.flags_changed as u64, report.expunged as u64);
             self.metrics.success(
                 account,
                 name,

@@ -234,6 +234,8 @@ impl MailboxTask {
                     "stored"
                 );
             }
+            self.metrics
+                .mirrored(report.flags_changed as u64, report.expunged as u64);
             self.metrics.success(
                 account,
                 mailbox,

@@ -79,6 +79,8 @@ pub struct Metrics {
     bytes_fetched: Counter,
     reconnects: Counter,
     idle_cycles: Counter,
+    flag_changes: Counter,
+    expunges: Counter,
     latency: Histogram,
     up: Family<MailboxLabels, Gauge>,
     state: Family<StateLabels, Gauge>,
@@ -110,6 +112,8 @@ impl Default for Metrics {
             bytes_fetched: Counter::default(),
             reconnects: Counter::default(),
             idle_cycles: Counter::default(),
+            flag_changes: Counter::default(),
+            expunges: Counter::default(),
             latency: Histogram::new(LATENCY_BUCKETS.iter().copied()),
             up: Family::default(),
             state: Family::default(),
@@ -139,6 +143,16 @@ impl Default for Metrics {
             "mailpump_idle_cycles",
             "IDLE commands completed",
             m.idle_cycles.clone(),
+        );
+        registry.register(
+            "mailpump_flag_changes",
+            "Stored documents whose flags were updated after a change on the server",
+            m.flag_changes.clone(),
+        );
+        registry.register(
+            "mailpump_expunges",
+            "Stored documents marked expunged (or removed) after a deletion on the server",
+            m.expunges.clone(),
         );
         registry.register(
             "mailpump_mailbox_up",
@@ -259,6 +273,12 @@ impl Metrics {
                 .get_or_create(&labels(account, mailbox))
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         });
+    }
+
+    /// A pass wrote `flags` flag changes and `expunged` expunges to stored documents.
+    pub fn mirrored(&self, flags: u64, expunged: u64) {
+        self.flag_changes.inc_by(flags);
+        self.expunges.inc_by(expunged);
     }
 
     pub fn idle_cycle(&self) {

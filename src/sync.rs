@@ -280,7 +280,7 @@ pub async fn catch_up(
     let settings = &account.settings;
     // what the server announced about the mailbox open until now (while idling, or inside
     // the responses of the last pass) is written before anything else is opened
-    crate::mirror::apply_pending(session, &ctx.store, name).await?;
+    let pending = crate::mirror::apply_pending(session, &ctx.store, name).await?;
     let opened = open(session, &ctx.store, name, mailbox, settings.mark_seen).await?;
     let mirrored = crate::mirror::follow(
         session,
@@ -308,8 +308,8 @@ pub async fn catch_up(
     let mut report = SyncReport {
         uidvalidity: q.uidvalidity,
         last_uid: opened.last_uid,
-        flags_changed: mirrored.flags,
-        expunged: mirrored.expunged,
+        flags_changed: pending.flags + mirrored.flags,
+        expunged: pending.expunged + mirrored.expunged,
         ..Default::default()
     };
     let quarantined_now =

@@ -261,6 +261,8 @@ async fn metrics_and_healthz_answer_over_tcp_and_survive_garbage() {
         "mailpump_bytes_fetched_total",
         "mailpump_reconnects_total",
         "mailpump_idle_cycles_total",
+        "mailpump_flag_changes_total",
+        "mailpump_expunges_total",
         "mailpump_mailbox_last_success_timestamp_seconds",
         "mailpump_quarantined",
         "mailpump_arrival_to_stored_seconds_bucket",

@@ -6,8 +6,9 @@
 //!   modseq))` from the stored HIGHESTMODSEQ, and the server answers with every flag change
 //!   (FETCH with UID and MODSEQ) and every expunge (`VANISHED (EARLIER)`) since: one round
 //!   trip when nothing changed.
-//! - **CONDSTORE** only: `UID FETCH 1:last (UID FLAGS) (CHANGEDSINCE modseq)` when the
-//!   mailbox's HIGHESTMODSEQ moved; expunges by comparing UIDs (below).
+//! - **CONDSTORE** only (Gmail): `UID FETCH 1:last (UID FLAGS) (CHANGEDSINCE modseq)` when
+//!   the mailbox's HIGHESTMODSEQ moved; expunges by comparing UIDs (below) once per session,
+//!   after an EXPUNGE and every `flag_scan_interval`.
 //! - **Neither** (Courier): every `flag_scan_interval`, all flags (`UID FETCH a:b (UID FLAGS)`
 //!   in chunks) compared with the stored ones, and `UID SEARCH ALL` compared with the stored
 //!   UIDs; the UID comparison also runs after any EXPUNGE the server announced.
@@ -118,8 +119,15 @@ pub async fn follow(
             }
             (None, _) => {}
         }
-        let compare_uids =
-            !resynced && (changes.expunged || changes.overflow || scan_due || full_flags.is_some());
+        // without QRESYNC nothing names what was expunged while nobody watched: compare UIDs
+        // once per session, after an EXPUNGE, and at every flag scan
+        let first_look = session.first_look(mailbox);
+        let compare_uids = !resynced
+            && (first_look
+                || changes.expunged
+                || changes.overflow
+                || scan_due
+                || full_flags.is_some());
         let server_uids = if compare_uids {
             Some(session.all_uids().await?)
         } else {

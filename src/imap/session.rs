@@ -66,6 +66,8 @@ pub struct Session {
     qresync: bool,
     /// CONDSTORE is usable (enabled, or asked for by `EXAMINE x (CONDSTORE)`).
     condstore: bool,
+    /// Mailboxes opened in this session (see [`Session::first_look`]).
+    looked_at: HashSet<String>,
 }
 
 /// At most this many captured responses wait to be read (a server that streams STATUS lines
@@ -533,6 +535,7 @@ impl Session {
             scanning: false,
             qresync: false,
             condstore: false,
+            looked_at: HashSet::new(),
         };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
@@ -592,6 +595,12 @@ impl Session {
     /// Whether the server reports expunged UIDs itself (QRESYNC enabled).
     pub fn qresync(&self) -> bool {
         self.qresync
+    }
+
+    /// True the first time it is asked for `mailbox` in this session: without QRESYNC, what
+    /// was expunged while nobody watched is found by one UID comparison per session.
+    pub fn first_look(&mut self, mailbox: &str) -> bool {
+        self.looked_at.insert(mailbox.to_string())
     }
 
     /// Whether the server reports MODSEQs (CONDSTORE).

@@ -110,6 +110,17 @@ async fn flags_and_expunges_are_mirrored(server: &mut impl ImapServer, name: &st
     let one = doc_of(&db, 1).await.unwrap();
     assert!(one.get("expunged_at").is_none(), "{one:?}");
     assert_eq!(db.messages(doc! {}).await.len(), 4, "documents stay (mark)");
+    // CONDSTORE servers have their HIGHESTMODSEQ recorded, the others their flag scans
+    let record = db.mailbox(&format!("{name}/INBOX")).await.unwrap();
+    assert_eq!(
+        record.get_i64("highest_modseq").is_ok(),
+        name != "courier",
+        "{record:?}"
+    );
+    assert!(
+        record.get_datetime("flags_scanned_at").is_ok(),
+        "{record:?}"
+    );
 }
 
 #[tokio::test]
@@ -404,4 +415,13 @@ async fn courier_a_folder_followed_by_status_polls_mirrors_flags_and_expunges() 
         "INBOX.Work",
     )
     .await;
+}
+
+/// Gmail's shape: CONDSTORE without QRESYNC. Flag changes made while mailpump was stopped come
+/// from `CHANGEDSINCE`, expunges from the UID comparison of the first pass of a session.
+#[tokio::test]
+async fn dovecot_with_condstore_only_uses_changedsince_and_the_uid_comparison() {
+    let caps = "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT THREAD=REFERENCES MULTIAPPEND UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 LITERAL+ CONDSTORE\n";
+    let mut dovecot = Dovecot::start_with(caps);
+    flags_and_expunges_are_mirrored(&mut dovecot, "gmailish", "").await;
 }

@@ -30,8 +30,9 @@ use crate::imap::{Changes, MailboxInfo, Session};
 use crate::pipeline::SyncError;
 use crate::store::{FlagChange, MailboxRecord, Store, StoredMeta};
 
-/// UIDs per `UID FETCH a:b (UID FLAGS)` of a full flag read.
-const FLAG_SCAN_CHUNK: u32 = 20_000;
+/// UIDs per range of a full flag read or UID comparison (one `UID FETCH a:b (UID FLAGS)` and
+/// one read of the stored documents each): memory stays bounded by the range.
+const SCAN_CHUNK: u32 = 20_000;
 /// VANISHED ranges up to this many UIDs are expanded; wider ones are met with the stored UIDs.
 const EXPAND_VANISHED: usize = 100_000;
 
@@ -100,7 +101,7 @@ pub async fn follow(
     });
     let started = Instant::now();
     if last_uid > 0 {
-        let mut full_flags = None;
+        let mut read_all_flags = false;
         match (info.highest_modseq, stored_modseq) {
             (Some(_), Some(_)) if resynced => {}
             (Some(now), Some(before)) if now > before => {
@@ -111,73 +112,75 @@ pub async fn follow(
             (Some(_), Some(_)) => {}
             // CONDSTORE but nothing stored yet (a first pass, or an upgrade), or no CONDSTORE
             // and the scan due: read every flag
-            (Some(_), None) => {
-                full_flags = Some(session.all_flags(last_uid, FLAG_SCAN_CHUNK).await?)
-            }
-            (None, _) if scan_due || changes.overflow => {
-                full_flags = Some(session.all_flags(last_uid, FLAG_SCAN_CHUNK).await?)
-            }
-            (None, _) => {}
+            (Some(_), None) => read_all_flags = true,
+            (None, _) => read_all_flags = scan_due || changes.overflow,
         }
         // without QRESYNC nothing names what was expunged while nobody watched: compare UIDs
         // once per session, after an EXPUNGE, and at every flag scan
         let first_look = session.first_look(mailbox);
         let compare_uids = !resynced
-            && (first_look
-                || changes.expunged
-                || changes.overflow
-                || scan_due
-                || full_flags.is_some());
+            && (first_look || changes.expunged || changes.overflow || scan_due || read_all_flags);
         let server_uids = if compare_uids {
-            Some(session.all_uids().await?)
-        } else {
-            None
-        };
-        let needs_stored = full_flags.is_some()
-            || server_uids.is_some()
-            || changes.vanished_uids(EXPAND_VANISHED).is_none();
-        let stored = if needs_stored {
-            store.stored_meta(name, mailbox, uidvalidity).await?
-        } else {
-            Vec::new()
-        };
-        if let Some(all) = full_flags {
-            for c in changed_flags(&stored, all) {
-                changes.flags.insert(c.uid, (c.flags, c.modseq));
-            }
-            report.scanned = true;
-        }
-        write_changes(store, name, mailbox, uidvalidity, &changes, &mut report).await?;
-        if let Some(server) = server_uids {
-            if (server.len() as u64) < info.exists as u64 {
+            let uids = session.all_uids().await?;
+            if (uids.len() as u64) < info.exists as u64 {
                 tracing::warn!(
                     account = name,
                     mailbox,
                     exists = info.exists,
-                    listed = server.len(),
+                    listed = uids.len(),
                     "uid_comparison_skipped"
                 );
+                None
             } else {
-                let (gone, back) = compare(&stored, &server, last_uid);
-                report.expunged += store
-                    .mark_expunged(name, mailbox, uidvalidity, &gone)
-                    .await?;
-                report.restored += store
-                    .unmark_expunged(name, mailbox, uidvalidity, &back)
-                    .await?;
-                report.scanned = true;
+                Some(uids)
             }
-        }
-        if !changes.vanished.is_empty() && needs_stored {
-            // wide VANISHED ranges: met with the stored UIDs
-            let gone: Vec<u32> = stored
-                .iter()
-                .filter(|m| !m.expunged && changes.is_vanished(m.uid))
-                .map(|m| m.uid)
-                .collect();
-            report.expunged += store
-                .mark_expunged(name, mailbox, uidvalidity, &gone)
-                .await?;
+        } else {
+            None
+        };
+        let wide_vanished = changes.vanished_uids(EXPAND_VANISHED).is_none();
+        write_changes(store, name, mailbox, uidvalidity, &changes, &mut report).await?;
+        if read_all_flags || server_uids.is_some() || wide_vanished {
+            // range by range, so that memory stays bounded whatever the mailbox's size
+            let mut from = 1u32;
+            while from <= last_uid {
+                let to = from.saturating_add(SCAN_CHUNK - 1).min(last_uid);
+                let stored = store
+                    .stored_meta_between(name, mailbox, uidvalidity, from, to)
+                    .await?;
+                if read_all_flags {
+                    let server = session.flags_between(from, to).await?;
+                    let changed = changed_flags(&stored, server);
+                    report.flags += store
+                        .apply_flags(name, mailbox, uidvalidity, &changed)
+                        .await?;
+                }
+                if let Some(server) = &server_uids {
+                    let lo = server.partition_point(|u| *u < from);
+                    let hi = server.partition_point(|u| *u <= to);
+                    let (gone, back) = compare(&stored, &server[lo..hi], to);
+                    report.expunged += store
+                        .mark_expunged(name, mailbox, uidvalidity, &gone)
+                        .await?;
+                    report.restored += store
+                        .unmark_expunged(name, mailbox, uidvalidity, &back)
+                        .await?;
+                }
+                if wide_vanished {
+                    let gone: Vec<u32> = stored
+                        .iter()
+                        .filter(|m| !m.expunged && changes.is_vanished(m.uid))
+                        .map(|m| m.uid)
+                        .collect();
+                    report.expunged += store
+                        .mark_expunged(name, mailbox, uidvalidity, &gone)
+                        .await?;
+                }
+                if to == u32::MAX {
+                    break;
+                }
+                from = to + 1;
+            }
+            report.scanned = read_all_flags || server_uids.is_some();
         }
     }
     if let Some(m) = info.highest_modseq {

@@ -669,31 +669,23 @@ impl Session {
         Ok(out)
     }
 
-    /// The flags of every message up to `last_uid`, `chunk` UIDs per `UID FETCH a:b (UID
-    /// FLAGS)` (servers without CONDSTORE).
-    pub async fn all_flags(
+    /// The flags of every message with a UID in `from..=to` (`UID FETCH from:to (UID FLAGS)`;
+    /// servers without CONDSTORE), sorted by UID.
+    pub async fn flags_between(
         &mut self,
-        last_uid: u32,
-        chunk: u32,
+        from: u32,
+        to: u32,
     ) -> Result<Vec<crate::store::FlagChange>, ImapError> {
         let mut out = Vec::new();
-        let mut from = 1u32;
-        while from <= last_uid {
-            let to = from.saturating_add(chunk.max(1) - 1).min(last_uid);
-            self.scanning = true;
-            let result = self
-                .command(&format!("UID FETCH {from}:{to} (UID FLAGS)"), |r| {
-                    out.extend(flags_of(r).filter(|c| c.uid >= from && c.uid <= to));
-                    Ok(())
-                })
-                .await;
-            self.scanning = false;
-            result?;
-            if to == u32::MAX {
-                break;
-            }
-            from = to + 1;
-        }
+        self.scanning = true;
+        let result = self
+            .command(&format!("UID FETCH {from}:{to} (UID FLAGS)"), |r| {
+                out.extend(flags_of(r).filter(|c| c.uid >= from && c.uid <= to));
+                Ok(())
+            })
+            .await;
+        self.scanning = false;
+        result?;
         out.sort_unstable_by_key(|c| c.uid);
         out.dedup_by_key(|c| c.uid);
         Ok(out)

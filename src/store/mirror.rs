@@ -238,9 +238,26 @@ impl Store {
         mailbox: &str,
         uidvalidity: u32,
     ) -> Result<Vec<StoredMeta>, StoreError> {
+        self.stored_meta_between(account, mailbox, uidvalidity, 1, u32::MAX)
+            .await
+    }
+
+    /// [`Store::stored_meta`] for the UIDs in `from..=to` only.
+    pub async fn stored_meta_between(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        from: u32,
+        to: u32,
+    ) -> Result<Vec<StoredMeta>, StoreError> {
         let coll = self.messages.clone();
-        let filter =
-            doc! {"account": account, "mailbox": mailbox, "uidvalidity": uidvalidity as i64};
+        let filter = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "uidvalidity": uidvalidity as i64,
+            "uid": {"$gte": from as i64, "$lte": to as i64},
+        };
         let docs: Vec<Document> = self
             .guarded("stored uids", async move {
                 coll.find(filter)

@@ -12,6 +12,7 @@
 //! - [`mailbox`]: one mailbox's life: connect, catch up, IDLE or poll, reconnect with backoff.
 //! - [`commands`]: one module per command (`run`, `sync`, `check`, `export`, `status`, ...).
 //! - [`sync`]: IMAP's catch-up pass: open, quarantine retry, plan, then the pipeline.
+//! - [`verify`]: `mailpump verify`: server and store compared (pure `diff`), and repaired.
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing) and its poll (`pop3::pass`).
 //! - [`pipeline`]: fetch -> parse -> store for both protocols, fed by a `Source` and a `Commit`.
 //! - [`imap`]: the only async-imap user: STARTTLS prologue, checked commands, IDLE.
@@ -56,3 +57,4 @@ pub mod supervisor;
 pub mod sync;
 pub mod sys;
 pub mod telemetry;
+pub mod verify;

@@ -7,12 +7,14 @@
 //!
 //! **Invariant:** any error leaves the session unusable: callers drop it and reconnect.
 
+pub mod inventory;
 pub mod listing;
 pub mod sanitize;
 pub mod session;
 pub mod starttls;
 pub mod utf7;
 
+pub use inventory::ServerMeta;
 pub use listing::{ListEntry, Listing, Namespace, StatusEntry};
 pub use session::{IdleEnd, MailboxInfo, Session, WaitEnd};
 

@@ -66,14 +66,24 @@ impl Store {
         changes: &[FlagChange],
     ) -> Result<usize, StoreError> {
         let now = bson::DateTime::now();
-        let updates = changes.iter().map(|c| {
+        // Owned first: a closure over `&FlagChange` that returns a future makes the whole
+        // future not `Send` for every lifetime, so it could not be awaited in a spawned task.
+        let owned: Vec<(String, Document, Vec<String>)> = changes
+            .iter()
+            .map(|c| {
+                let mut set = doc! {"flags": &c.flags, "flags_updated_at": now};
+                if let Some(m) = c.modseq {
+                    set.insert("modseq", m as i64);
+                }
+                (
+                    message_id(account, mailbox, uidvalidity, c.uid),
+                    set,
+                    c.flags.clone(),
+                )
+            })
+            .collect();
+        let updates = owned.into_iter().map(|(id, set, flags)| {
             let coll = self.messages.clone();
-            let id = message_id(account, mailbox, uidvalidity, c.uid);
-            let mut set = doc! {"flags": &c.flags, "flags_updated_at": now};
-            if let Some(m) = c.modseq {
-                set.insert("modseq", m as i64);
-            }
-            let flags = c.flags.clone();
             async move {
                 self.guarded("flag update", async move {
                     coll.update_one(
@@ -211,7 +221,8 @@ impl Store {
         uidvalidity: u32,
     ) -> Result<Vec<StoredMeta>, StoreError> {
         let coll = self.messages.clone();
-        let filter = doc! {"account": account, "mailbox": mailbox, "uidvalidity": uidvalidity as i64};
+        let filter =
+            doc! {"account": account, "mailbox": mailbox, "uidvalidity": uidvalidity as i64};
         let docs: Vec<Document> = self
             .guarded("stored uids", async move {
                 coll.find(filter)
@@ -493,7 +504,11 @@ impl Store {
                 }
             };
             for key in ["raw", "text_blob", "html_blob"] {
-                note(d.get_document(key).ok().and_then(|r| r.get_str("sha256").ok()));
+                note(
+                    d.get_document(key)
+                        .ok()
+                        .and_then(|r| r.get_str("sha256").ok()),
+                );
             }
             if let Ok(list) = d.get_array("attachments") {
                 for a in list {

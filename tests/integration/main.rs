@@ -23,3 +23,4 @@ mod servers;
 mod status;
 mod sync;
 mod transport;
+mod verify;

@@ -677,6 +677,53 @@ def big(megabytes):
         s.close()
 
 
+def seed_small(maildir, uid, count):
+    """count small plain-text messages (about 1 KB): verify reads no body without --deep, so
+    the mailbox's size on disk is beside the point and the sync before it stays short."""
+    total = 0
+    for i in range(count):
+        raw = ("From: Sender %d <sender%d@example.com>\r\nTo: rcpt@example.com\r\nSubject: verify %d\r\n"
+               "Message-ID: <verify-%d@example.com>\r\nDate: Mon, 1 Jun 2020 10:00:00 +0000\r\n\r\n%s\r\n"
+               % (i % 97, i % 97, i, i, ("line %d of the body\r\n" % i) * 40)).encode()
+        total += len(raw)
+        name = "%d.M%dP1.verify" % (1_600_000_000 + i, i)
+        tmp = os.path.join(maildir, "tmp", name)
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.chown(tmp, uid, 65534)
+        os.rename(tmp, os.path.join(maildir, "new", name))
+    return total
+
+
+def verify(n):
+    """n messages synced, then `mailpump verify` timed: a match (twice), then --deep."""
+    s = Services()
+    try:
+        s.add_users(["verify"])
+        total = seed_small(s.maildir("verify"), s.uid, n)
+        s.start_dovecot()
+        mb = total / 1e6
+        print("\n== verify: one mailbox of %d messages, %.1f MB; database: %s" % (n, mb, s.dbkind))
+        cfg = s.config("verify", [("verify", "imap", s.imap)])
+        out, wall_sync, _ = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"])
+        synced = summary(out)
+        print("%-46s %8s %8s %7s %9s %9s" % ("", "seconds", "msg/s", "MB/s", "peak RSS", "CPU s/1k"))
+        row("mailpump sync (to fill the store)", synced["elapsed_ms"] / 1000, n, mb)
+        runs = {}
+        for label, key, extra in (("mailpump verify (first)", "verify", []), ("mailpump verify (again)", "verify_again", []),
+                                  ("mailpump verify --deep", "verify_deep", ["--deep"])):
+            out, wall, rss = timed([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "verify", "--json", *extra])
+            r = json.loads(out.strip().splitlines()[-1])
+            if r["differences"] != 0 or not r["ok"]:
+                raise SystemExit("verify found differences after a sync: %s" % out[-2000:])
+            row(label, wall, n, mb, rss, "%d compared, %d differences" % (r["server_messages"], r["differences"]), cpu=CPU["last"])
+            runs[key] = {"seconds": round(wall, 2), "msg_per_s": round(n / wall), "peak_rss_mb": round(rss),
+                         "cpu_seconds": round(CPU["last"], 2), "differences": r["differences"]}
+        return {"messages": n, "bytes": total, "database": s.dbkind, "sync_seconds": synced["elapsed_ms"] / 1000, **runs}
+    finally:
+        s.close()
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it happens
     args = sys.argv[1:]
@@ -686,6 +733,7 @@ def main():
     print("machine: %(cpu)s, %(cores)d cores, %(memory_gb)d GB" % results["machine"])
     runs = {"backfill": lambda: backfill(size or 10000), "latency": lambda: latency(size or 100),
             "scale": lambda: scale(size or 1000), "big": lambda: big(size or 50),
+            "verify": lambda: verify(size or 100000),
             "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100, int(args[3]) if len(args) > 3 else 3)}
     for name in (runs if scenario == "all" else [scenario]):
         results[name] = runs[name]()

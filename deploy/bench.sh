@@ -8,6 +8,8 @@
 #   bash deploy/bench.sh latency [N]          N deliveries (100) to an idling daemon
 #   bash deploy/bench.sh scale [N]            N mailboxes (1,000) held open by one daemon
 #   bash deploy/bench.sh big [MB]             one message of MB megabytes (50)
+#   bash deploy/bench.sh verify [N]           one mailbox of N messages (100,000) synced, then
+#                                             `mailpump verify` timed (twice, then --deep)
 #   bash deploy/bench.sh folders [A] [F] [M]  A accounts (10) x F folders (100) of M messages (3),
 #                                             mailboxes = ["*"]: connections, RSS, NOTIFY latency
 # See BENCHMARKS.md for the latest figures.

@@ -13,6 +13,7 @@
 //! - [`commands`]: one module per command (`run`, `sync`, `check`, `export`, `status`, ...).
 //! - [`sync`]: IMAP's catch-up pass: open, quarantine retry, plan, then the pipeline.
 //! - [`mirror`]: the pass's second job: flag changes and expunges of stored messages.
+//! - [`verify`]: `mailpump verify`: server and store compared (pure `diff`), and repaired.
 //! - [`pop3`]: the POP3 client (STLS, APOP, UIDL, dot-unstuffing) and its poll (`pop3::pass`).
 //! - [`pipeline`]: fetch -> parse -> store for both protocols, fed by a `Source` and a `Commit`.
 //! - [`imap`]: the only async-imap user: STARTTLS prologue, checked commands, IDLE.
@@ -58,3 +59,4 @@ pub mod supervisor;
 pub mod sync;
 pub mod sys;
 pub mod telemetry;
+pub mod verify;

@@ -79,6 +79,26 @@ enum Command {
         #[arg(long, default_value = "auto")]
         stale_after: commands::status::StaleAfter,
     },
+    /// Compare each mailbox on the server with the store (UIDs, flags, sizes); exit 1 on any
+    /// difference. Never modifies the server (EXAMINE, BODY.PEEK)
+    Verify {
+        /// Only this account
+        #[arg(long)]
+        account: Option<String>,
+        /// Only this mailbox
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// Make the store match: fetch and store what is missing or differs, fix flags and
+        /// expunge marks (exit 0 when everything was repaired)
+        #[arg(long)]
+        repair: bool,
+        /// Also fetch every message and compare the SHA-256 of its bytes with raw.sha256
+        #[arg(long)]
+        deep: bool,
+        /// One JSON object per mailbox, one per line
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config, reach the store, log in to every mailbox (all at once)
     Check {
         /// Only validate the configuration (no network): for systemd's ExecStartPre
@@ -133,11 +153,13 @@ fn main() -> ExitCode {
         Command::Auth { .. } => config::Secrets::Consent,
         _ => config::Secrets::Required,
     };
-    // check, status and health print a report on stdout: their logs go to stderr
+    // check, status, verify and health print a report on stdout: their logs go to stderr
     let log_to = match &cli.command {
-        Command::Check { .. } | Command::Status { .. } | Command::Health | Command::Auth { .. } => {
-            LogTo::Stderr
-        }
+        Command::Check { .. }
+        | Command::Status { .. }
+        | Command::Verify { .. }
+        | Command::Health
+        | Command::Auth { .. } => LogTo::Stderr,
         _ => LogTo::Stdout,
     };
     let log_format = cli.log_format.resolve(log_to);
@@ -180,8 +202,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ok = runtime.block_on(async {
-        match cli.command {
+    let code = runtime.block_on(async {
+        let ok = match cli.command {
             Command::Check {
                 config_only: true, ..
             } => {
@@ -191,6 +213,21 @@ fn main() -> ExitCode {
             Command::Check { deadline, .. } => commands::check::check(&config, deadline).await,
             Command::Status { json, stale_after } => {
                 commands::status::status(&config, json, stale_after).await
+            }
+            Command::Verify {
+                account,
+                mailbox,
+                repair,
+                deep,
+                json,
+            } => {
+                let args = commands::verify::VerifyArgs {
+                    account,
+                    mailbox,
+                    options: mailpump::verify::Options { repair, deep },
+                    json,
+                };
+                return commands::verify::verify(&config, args).await;
             }
             Command::Run => commands::run::run(&path, config).await,
             Command::Health => commands::health::health(&config).await,
@@ -226,19 +263,16 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 if let Err(e) = mailpump::signals::listen(shutdown.clone()) {
                     tracing::error!(error = %e, "signal_setup_failed");
-                    return false;
+                    return 1;
                 }
                 let options = mailpump::sync::Options { retry_quarantined };
                 commands::sync::sync_all(&config, options, shutdown).await
             }
-        }
+        };
+        u8::from(!ok)
     });
     // Blocking work still running (a parse of a pathological message) must not hold the exit
     // past the 10 s promise: the runtime waits for it at most this long.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    ExitCode::from(code)
 }

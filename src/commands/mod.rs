@@ -1,7 +1,8 @@
-//! The commands, one module each: `run` (the daemon), `sync`, `check`, `export`, `status`, `auth`,
-//! `health`.
+//! The commands, one module each: `run` (the daemon), `sync`, `check`, `export`, `status`,
+//! `verify`, `auth`, `health`.
 //! `main` parses the command line, loads the config and calls one of them; each returns true
-//! on success (exit 0) and false on failure (exit 1).
+//! on success (exit 0) and false on failure (exit 1); `verify` returns its exit code (it also
+//! has 64 for an unknown account or mailbox).
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ pub mod health;
 pub mod run;
 pub mod status;
 pub mod sync;
+pub mod verify;
 
 /// How long LOGOUT may take after a successful pass.
 pub(crate) const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);

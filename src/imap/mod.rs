@@ -8,6 +8,7 @@
 //! **Invariant:** any error leaves the session unusable: callers drop it and reconnect.
 
 pub mod changes;
+pub mod inventory;
 pub mod listing;
 pub mod sanitize;
 pub mod session;
@@ -15,6 +16,7 @@ pub mod starttls;
 pub mod utf7;
 
 pub use changes::Changes;
+pub use inventory::ServerMeta;
 pub use listing::{ListEntry, Listing, Namespace, StatusEntry};
 pub use session::{IdleEnd, MailboxInfo, Session, WaitEnd};
 

@@ -25,3 +25,4 @@ mod servers;
 mod status;
 mod sync;
 mod transport;
+mod verify;

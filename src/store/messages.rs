@@ -119,7 +119,7 @@ impl Store {
         if self.on_expunge == crate::config::OnExpunge::Mark {
             // a message that left another folder of the account (MOVE) and arrives here
             let shas: Vec<String> = batch.iter().map(|m| m.parsed.raw.sha256.clone()).collect();
-            self.link_moves(account, &shas).await?;
+            self.link_arrivals(account, &shas).await?;
         }
         report.inserted = inserted;
         report.replaced = replaced;

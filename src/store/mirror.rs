@@ -52,6 +52,9 @@ pub struct SweepReport {
 
 /// Flag updates in flight at once (one `update_one` each: every message has its own MODSEQ).
 const FLAG_WRITES_IN_FLIGHT: usize = 16;
+/// A message stored this long after its copy in another folder was expunged is still linked
+/// as a move.
+const MOVE_WINDOW: chrono::Duration = chrono::Duration::hours(1);
 /// `_id`s per `$in` query.
 const IDS_PER_QUERY: usize = 5000;
 
@@ -123,8 +126,26 @@ impl Store {
             let coll = self.messages.clone();
             done += match self.on_expunge {
                 OnExpunge::Delete => {
+                    let files = self.files.clone();
                     self.guarded("expunged delete", async move {
-                        coll.delete_many(doc! {"_id": {"$in": ids}})
+                        // the blobs these documents refer to become the sweep's candidates
+                        // (it never looks at any other blob)
+                        let refs: Vec<Document> = coll
+                            .find(doc! {"_id": {"$in": &ids}})
+                            .projection(REFERENCE_FIELDS.clone())
+                            .await?
+                            .try_collect()
+                            .await?;
+                        let shas: Vec<String> = refs.iter().flat_map(blob_refs).collect();
+                        if !shas.is_empty() {
+                            files
+                                .update_many(
+                                    doc! {"_id": {"$in": shas}},
+                                    doc! {"$set": {"sweep_candidate": true}},
+                                )
+                                .await?;
+                        }
+                        coll.delete_many(doc! {"_id": {"$in": &ids}})
                             .await
                             .map(|r| r.deleted_count as usize)
                     })
@@ -331,16 +352,22 @@ impl Store {
             return Ok(0);
         }
         let coll = self.messages.clone();
-        let filter = doc! {"account": account, "raw.sha256": {"$in": shas}};
+        // by the indexed field alone (a filter that names the account too makes SecantusDB
+        // walk the account's index instead); the account is checked below
+        let filter = doc! {"raw.sha256": {"$in": shas}};
         let docs: Vec<Document> = self
             .guarded("move lookup", async move {
                 coll.find(filter)
-                    .projection(doc! {"_id": 1, "mailbox": 1, "raw.sha256": 1, "expunged_at": 1, "moved_to": 1, "moved_from": 1, "stored_at": 1})
+                    .projection(doc! {"_id": 1, "account": 1, "mailbox": 1, "raw.sha256": 1, "expunged_at": 1, "moved_to": 1, "moved_from": 1, "stored_at": 1})
                     .await?
                     .try_collect()
                     .await
             })
             .await?;
+        let docs: Vec<Document> = docs
+            .into_iter()
+            .filter(|d| d.get_str("account") == Ok(account))
+            .collect();
         let mut groups: HashMap<String, Vec<&Document>> = HashMap::new();
         for d in &docs {
             if let Some(sha) = d
@@ -404,6 +431,43 @@ impl Store {
         Ok(linked)
     }
 
+    /// A batch of `account` was just stored: links those of its messages that left another
+    /// folder of the account recently (expunged there in the last [`MOVE_WINDOW`], not linked
+    /// yet). One query over the (partial) `expunged_at` index, which holds only expunged
+    /// documents; the bytes are looked up only when one matches.
+    pub(super) async fn link_arrivals(
+        &self,
+        account: &str,
+        shas: &[String],
+    ) -> Result<usize, StoreError> {
+        let coll = self.messages.clone();
+        let since = bson::DateTime::from_chrono(chrono::Utc::now() - MOVE_WINDOW);
+        let recent: Vec<Document> = self
+            .guarded("recent expunges", async move {
+                coll.find(doc! {"expunged_at": {"$gt": since}})
+                    .projection(doc! {"account": 1, "raw.sha256": 1, "moved_to": 1})
+                    .limit(10_000)
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        let wanted: HashSet<&str> = shas.iter().map(String::as_str).collect();
+        let mut matched: Vec<String> = recent
+            .iter()
+            .filter(|d| d.get_str("account") == Ok(account) && !d.contains_key("moved_to"))
+            .filter_map(|d| d.get_document("raw").ok()?.get_str("sha256").ok())
+            .filter(|s| wanted.contains(s))
+            .map(str::to_string)
+            .collect();
+        if matched.is_empty() {
+            return Ok(0);
+        }
+        matched.sort_unstable();
+        matched.dedup();
+        self.link_moves(account, &matched).await
+    }
+
     /// Claims the blobs a batch is about to refer to: those present get `touched_at` now (so
     /// that no sweep removes them), in one update. Returns the digests that must be written.
     /// A blob a sweep is removing right now is `StoreError::Busy`: the batch is retried.
@@ -455,7 +519,8 @@ impl Store {
             {"touched_at": {"$exists": false}, "uploadDate": {"$lt": cutoff}},
         ]};
         let files = self.files.clone();
-        let filter = untouched.clone();
+        let mut filter = untouched.clone();
+        filter.insert("sweep_candidate", true);
         let candidates: Vec<String> = self
             .guarded("sweep candidates", async move {
                 let docs: Vec<Document> = files
@@ -476,28 +541,40 @@ impl Store {
         };
         for chunk in candidates.chunks(IDS_PER_QUERY) {
             let referenced = self.referenced(chunk).await?;
+            let still: Vec<String> = chunk
+                .iter()
+                .filter(|s| referenced.contains(*s))
+                .cloned()
+                .collect();
+            if !still.is_empty() {
+                // referred to again (the same bytes arrived in another message): no longer a
+                // candidate
+                let files = self.files.clone();
+                self.guarded("sweep candidates", async move {
+                    files
+                        .update_many(
+                            doc! {"_id": {"$in": still}},
+                            doc! {"$unset": {"sweep_candidate": ""}},
+                        )
+                        .await
+                        .map(|_| ())
+                })
+                .await?;
+            }
             for sha in chunk.iter().filter(|s| !referenced.contains(*s)) {
                 let files = self.files.clone();
                 let chunks = self.chunks.clone();
-                let messages = self.messages.clone();
                 let (sha, mut filter) = (sha.clone(), untouched.clone());
                 filter.insert("_id", &sha);
                 let removed = self
                     .guarded("blob sweep", async move {
-                        // 1: only if still untouched; from now on writers wait
+                        // 1: only if still untouched; from now on writers wait. A document
+                        // written since the reference check claimed the blob before (so this
+                        // fails) or claims it again after its insert (and rewrites it).
                         let marked = files
                             .update_one(filter, doc! {"$set": {"deleting": bson::DateTime::now()}})
                             .await?;
                         if marked.modified_count == 0 {
-                            return Ok(false);
-                        }
-                        // a document written between the reference check and the mark
-                        // claimed the blob first (the mark would then have failed); this
-                        // last look covers documents that are being replayed
-                        if messages.find_one(references(&sha)).await?.is_some() {
-                            files
-                                .update_one(doc! {"_id": &sha}, doc! {"$unset": {"deleting": ""}})
-                                .await?;
                             return Ok(false);
                         }
                         chunks.delete_many(doc! {"files_id": &sha}).await?;
@@ -524,45 +601,43 @@ impl Store {
         let docs: Vec<Document> = self
             .guarded("blob references", async move {
                 coll.find(filter)
-                    .projection(doc! {"raw.sha256": 1, "attachments.sha256": 1, "text_blob.sha256": 1, "html_blob.sha256": 1})
+                    .projection(REFERENCE_FIELDS.clone())
                     .await?
                     .try_collect()
                     .await
             })
             .await?;
         let wanted: HashSet<&str> = shas.iter().map(String::as_str).collect();
-        let mut found = HashSet::new();
-        for d in &docs {
-            let mut note = |v: Option<&str>| {
-                if let Some(s) = v.filter(|s| wanted.contains(s)) {
-                    found.insert(s.to_string());
-                }
-            };
-            for key in ["raw", "text_blob", "html_blob"] {
-                note(
-                    d.get_document(key)
-                        .ok()
-                        .and_then(|r| r.get_str("sha256").ok()),
-                );
-            }
-            if let Ok(list) = d.get_array("attachments") {
-                for a in list {
-                    note(a.as_document().and_then(|a| a.get_str("sha256").ok()));
-                }
-            }
-        }
+        let found = docs
+            .iter()
+            .flat_map(blob_refs)
+            .filter(|s| wanted.contains(s.as_str()))
+            .collect();
         Ok(found)
     }
 }
 
-/// A filter for any message document that refers to blob `sha`.
-fn references(sha: &str) -> Document {
-    doc! {"$or": [
-        {"raw.sha256": sha},
-        {"attachments.sha256": sha},
-        {"text_blob.sha256": sha},
-        {"html_blob.sha256": sha},
-    ]}
+/// The fields of a message document that name blobs.
+static REFERENCE_FIELDS: std::sync::LazyLock<Document> = std::sync::LazyLock::new(|| {
+    doc! {"raw.sha256": 1, "attachments.sha256": 1, "text_blob.sha256": 1, "html_blob.sha256": 1}
+});
+
+/// Every blob digest a message document (or its projection on [`REFERENCE_FIELDS`]) names.
+fn blob_refs(d: &Document) -> Vec<String> {
+    let mut out = Vec::new();
+    for key in ["raw", "text_blob", "html_blob"] {
+        if let Some(s) = d.get_document(key).ok().and_then(|r| r.get_str("sha256").ok()) {
+            out.push(s.to_string());
+        }
+    }
+    if let Ok(list) = d.get_array("attachments") {
+        for a in list {
+            if let Some(s) = a.as_document().and_then(|a| a.get_str("sha256").ok()) {
+                out.push(s.to_string());
+            }
+        }
+    }
+    out
 }
 
 fn int(v: &Bson) -> Option<i64> {

@@ -232,11 +232,40 @@ impl Store {
                 .await?;
             // For readers that poll for changes (README, "Following changes"), for verify's
             // digests and the move links.
-            for key in ["stored_at", "flags_updated_at", "expunged_at", "raw.sha256"] {
+            // (every index costs each insert: the two fields most documents never get are
+            // partial, so they cost nothing until a message changes)
+            for key in ["stored_at", "raw.sha256"] {
                 messages
                     .create_index(IndexModel::builder().keys(doc! {key: 1}).build())
                     .await?;
             }
+            for key in ["flags_updated_at", "expunged_at"] {
+                messages
+                    .create_index(
+                        IndexModel::builder()
+                            .keys(doc! {key: 1})
+                            .options(
+                                IndexOptions::builder()
+                                    .partial_filter_expression(doc! {key: {"$exists": true}})
+                                    .build(),
+                            )
+                            .build(),
+                    )
+                    .await?;
+            }
+            // the blob sweep's candidates (blobs of removed documents)
+            files
+                .create_index(
+                    IndexModel::builder()
+                        .keys(doc! {"sweep_candidate": 1})
+                        .options(
+                            IndexOptions::builder()
+                                .partial_filter_expression(doc! {"sweep_candidate": {"$exists": true}})
+                                .build(),
+                        )
+                        .build(),
+                )
+                .await?;
             // The indexes every GridFS driver expects.
             chunks
                 .create_index(

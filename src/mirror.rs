@@ -26,12 +26,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use crate::config::Account;
+use crate::imap::changes::in_ranges;
 use crate::imap::{Changes, MailboxInfo, Session};
 use crate::pipeline::SyncError;
 use crate::store::{FlagChange, MailboxRecord, Store, StoredMeta};
 
-/// UIDs per range of a full flag read or UID comparison (one `UID FETCH a:b (UID FLAGS)` and
-/// one read of the stored documents each): memory stays bounded by the range.
+/// Stored documents per page of a full flag read or UID comparison (one read of the stored
+/// documents and one `UID FETCH first:last (UID FLAGS)` each): memory stays bounded.
 const SCAN_CHUNK: u32 = 20_000;
 /// VANISHED ranges up to this many UIDs are expanded; wider ones are met with the stored UIDs.
 const EXPAND_VANISHED: usize = 100_000;
@@ -62,10 +63,13 @@ pub async fn apply_pending(
     };
     let mut report = MirrorReport::default();
     write_changes(store, account, &mailbox, uidvalidity, &changes, &mut report).await?;
-    if changes.expunged || changes.overflow {
-        // which messages went is only known by comparing UIDs: the next pass over this
-        // mailbox does it (it finds the flag scan due)
+    if changes.overflow {
+        // more than was held: the next pass reads every flag
         store.clear_flags_scanned(account, &mailbox).await?;
+    } else if changes.expunged {
+        // which messages went is only known by comparing UIDs: the next pass over this
+        // mailbox in this session does it
+        session.compare_due(&mailbox);
     }
     log(account, &mailbox, &report);
     Ok(report)
@@ -94,7 +98,8 @@ pub async fn follow(
         Some((m, v, c)) if m == mailbox && v == uidvalidity => c,
         _ => Changes::default(),
     };
-    let resynced = session.qresync() && stored_modseq.is_some() && info.highest_modseq.is_some();
+    // a report too large to hold is not trusted: every flag is read and UIDs compared
+    let resynced = info.resynced && stored_modseq.is_some() && !changes.overflow;
     let scan_due = record.flags_scanned_at.is_none_or(|at| {
         (chrono::Utc::now() - at).to_std().unwrap_or_default()
             >= account.settings.flag_scan_interval
@@ -103,7 +108,11 @@ pub async fn follow(
     if last_uid > 0 {
         let mut read_all_flags = false;
         match (info.highest_modseq, stored_modseq) {
+            _ if changes.overflow => read_all_flags = true,
             (Some(_), Some(_)) if resynced => {}
+            // HIGHESTMODSEQ went back (an index rebuilt without a new UIDVALIDITY), or
+            // nothing was ever known: the MODSEQs say nothing, read every flag
+            (Some(now), Some(before)) if now < before || before == 0 => read_all_flags = true,
             (Some(now), Some(before)) if now > before => {
                 for c in session.flags_changed_since(last_uid, before).await? {
                     changes.flags.insert(c.uid, (c.flags, c.modseq));
@@ -118,8 +127,14 @@ pub async fn follow(
         // without QRESYNC nothing names what was expunged while nobody watched: compare UIDs
         // once per session, after an EXPUNGE, and at every flag scan
         let first_look = session.first_look(mailbox);
+        let asked = session.take_compare_due(mailbox);
         let compare_uids = !resynced
-            && (first_look || changes.expunged || changes.overflow || scan_due || read_all_flags);
+            && (first_look
+                || asked
+                || changes.expunged
+                || changes.overflow
+                || scan_due
+                || read_all_flags);
         let server_uids = if compare_uids {
             let uids = session.all_uids().await?;
             if (uids.len() as u64) < info.exists as u64 {
@@ -131,22 +146,57 @@ pub async fn follow(
                     "uid_comparison_skipped"
                 );
                 None
+            } else if uids.first().is_none_or(|u| *u > last_uid) {
+                // Not one stored message left: a folder emptied, or a server whose store is
+                // missing (unmounted, rebuilding) that still answers. Believed only when a
+                // comparison at least `flag_scan_interval` later says the same.
+                let confirmed = record.all_gone_since.is_some_and(|t| {
+                    (chrono::Utc::now() - t).to_std().unwrap_or_default()
+                        >= account.settings.flag_scan_interval
+                });
+                if confirmed {
+                    store.set_all_gone(name, mailbox, false).await?;
+                    Some(uids)
+                } else {
+                    if record.all_gone_since.is_none() {
+                        store.set_all_gone(name, mailbox, true).await?;
+                    }
+                    tracing::warn!(
+                        account = name,
+                        mailbox,
+                        exists = info.exists,
+                        "expunge_withheld"
+                    );
+                    None
+                }
             } else {
+                if record.all_gone_since.is_some() {
+                    store.set_all_gone(name, mailbox, false).await?;
+                }
                 Some(uids)
             }
         } else {
             None
         };
         let wide_vanished = changes.vanished_uids(EXPAND_VANISHED).is_none();
+        let vanished = if wide_vanished {
+            changes.vanished_ranges()
+        } else {
+            Vec::new()
+        };
         write_changes(store, name, mailbox, uidvalidity, &changes, &mut report).await?;
         if read_all_flags || server_uids.is_some() || wide_vanished {
-            // range by range, so that memory stays bounded whatever the mailbox's size
-            let mut from = 1u32;
-            while from <= last_uid {
-                let to = from.saturating_add(SCAN_CHUNK - 1).min(last_uid);
+            // page by page of stored documents, so that memory stays bounded whatever the
+            // mailbox's size and however sparse its UIDs
+            let mut after = 0u32;
+            loop {
                 let stored = store
-                    .stored_meta_between(name, mailbox, uidvalidity, from, to)
+                    .stored_meta_page(name, mailbox, uidvalidity, after, last_uid, SCAN_CHUNK)
                     .await?;
+                let (Some(first), Some(last)) = (stored.first(), stored.last()) else {
+                    break;
+                };
+                let (from, to) = (first.uid, last.uid);
                 if read_all_flags {
                     let server = session.flags_between(from, to).await?;
                     let changed = changed_flags(&stored, server);
@@ -168,17 +218,17 @@ pub async fn follow(
                 if wide_vanished {
                     let gone: Vec<u32> = stored
                         .iter()
-                        .filter(|m| !m.expunged && changes.is_vanished(m.uid))
+                        .filter(|m| !m.expunged && in_ranges(&vanished, m.uid))
                         .map(|m| m.uid)
                         .collect();
                     report.expunged += store
                         .mark_expunged(name, mailbox, uidvalidity, &gone)
                         .await?;
                 }
-                if to == u32::MAX {
+                if stored.len() < SCAN_CHUNK as usize || to >= last_uid {
                     break;
                 }
-                from = to + 1;
+                after = to;
             }
             report.scanned = read_all_flags || server_uids.is_some();
         }

@@ -301,19 +301,25 @@ fn status_running(mailboxes: usize) {
 /// With `on_expunge = "delete"`: removes the blobs no document refers to any more, every
 /// `every` (blobs untouched that long; `store::mirror` says why this never races a writer).
 async fn sweep_blobs(store: Store, every: Duration, shutdown: CancellationToken) {
+    let mut wait = every;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let started = std::time::Instant::now();
+        // a sweep that failed midway leaves blobs that writers wait for: finish soon
+        wait = every.min(Duration::from_secs(60));
         match store.sweep_blobs(every).await {
-            Ok(r) => tracing::info!(
-                candidates = r.candidates,
-                removed = r.removed,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "blobs_swept"
-            ),
+            Ok(r) => {
+                wait = every;
+                tracing::info!(
+                    candidates = r.candidates,
+                    removed = r.removed,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "blobs_swept"
+                )
+            }
             Err(e) => tracing::warn!(error = %e, "blob_sweep_failed"),
         }
     }

@@ -280,18 +280,28 @@ pub async fn catch_up(
     let settings = &account.settings;
     // what the server announced about the mailbox open until now (while idling, or inside
     // the responses of the last pass) is written before anything else is opened
-    let pending = crate::mirror::apply_pending(session, &ctx.store, name).await?;
-    let opened = open(session, &ctx.store, name, mailbox, settings.mark_seen).await?;
-    let mirrored = crate::mirror::follow(
-        session,
-        &ctx.store,
-        account,
+    // (a server that refuses what mirroring asks must not keep new mail from being stored:
+    // its refusals are logged and the pass goes on; the stored HIGHESTMODSEQ stays behind)
+    let pending = mirror_step(
+        name,
         mailbox,
-        &opened.info,
-        &opened.record,
-        opened.last_uid,
-    )
-    .await?;
+        crate::mirror::apply_pending(session, &ctx.store, name).await,
+    )?;
+    let opened = open(session, &ctx.store, name, mailbox, settings.mark_seen).await?;
+    let mirrored = mirror_step(
+        name,
+        mailbox,
+        crate::mirror::follow(
+            session,
+            &ctx.store,
+            account,
+            mailbox,
+            &opened.info,
+            &opened.record,
+            opened.last_uid,
+        )
+        .await,
+    )?;
     let q = Quarantine {
         account: name,
         mailbox,
@@ -363,6 +373,22 @@ pub async fn catch_up(
     report.quarantined_total = quarantined_now.len() + report.quarantined;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// A mirroring step's outcome: a command the server refused is logged (`mirror_failed`) and
+/// costs only this pass's mirroring; anything else ends the pass as usual.
+fn mirror_step(
+    account: &str,
+    mailbox: &str,
+    result: Result<crate::mirror::MirrorReport, SyncError>,
+) -> Result<crate::mirror::MirrorReport, SyncError> {
+    match result {
+        Err(SyncError::Imap(e @ ImapError::Rejected { .. })) => {
+            tracing::warn!(account, mailbox, error = %e, "mirror_failed");
+            Ok(Default::default())
+        }
+        other => other,
+    }
 }
 
 /// The mailbox as opened, with its stored record and the checkpoint this pass starts from.

@@ -16,7 +16,7 @@ use async_imap::imap_proto::{AttributeValue, Response, ResponseCode};
 
 /// More flag changes than this held at once (a hostile server, or a mailbox whose every flag
 /// changed) are dropped, and a full flag read is asked for instead.
-const MAX_HELD: usize = 1_000_000;
+const MAX_HELD: usize = 200_000;
 
 /// The changes announced for the selected mailbox since it was opened (or since the last take).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -151,10 +151,40 @@ impl Changes {
         Some(out)
     }
 
-    /// Whether `uid` is in a vanished range.
+    /// Whether `uid` is in a vanished range (linear: for a few checks; many go through
+    /// [`Changes::vanished_ranges`] and [`in_ranges`]).
     pub fn is_vanished(&self, uid: u32) -> bool {
         self.vanished.iter().any(|r| r.contains(&uid))
     }
+
+    /// The vanished ranges sorted and merged, for [`in_ranges`].
+    pub fn vanished_ranges(&self) -> Vec<RangeInclusive<u32>> {
+        let mut ranges: Vec<(u32, u32)> = self
+            .vanished
+            .iter()
+            .map(|r| ((*r.start()).min(*r.end()), (*r.start()).max(*r.end())))
+            .collect();
+        ranges.sort_unstable();
+        let mut out: Vec<RangeInclusive<u32>> = Vec::with_capacity(ranges.len());
+        for (a, b) in ranges {
+            match out.last_mut() {
+                Some(last) if a <= last.end().saturating_add(1) => {
+                    if b > *last.end() {
+                        *last = *last.start()..=b;
+                    }
+                }
+                _ => out.push(a..=b),
+            }
+        }
+        out
+    }
+}
+
+/// Whether `uid` is in `ranges` (sorted and merged, [`Changes::vanished_ranges`]): a binary
+/// search.
+pub fn in_ranges(ranges: &[RangeInclusive<u32>], uid: u32) -> bool {
+    let i = ranges.partition_point(|r| *r.end() < uid);
+    ranges.get(i).is_some_and(|r| r.contains(&uid))
 }
 
 #[cfg(test)]
@@ -204,6 +234,16 @@ mod tests {
         });
         assert_eq!(c.vanished_uids(1_000_000), None);
         assert!(c.is_vanished(3_999_999_999));
+        let ranges = c.vanished_ranges();
+        assert_eq!(ranges, vec![1..=4_000_000_000]);
+        assert!(in_ranges(&ranges, 11) && !in_ranges(&ranges, 4_000_000_001));
+        let d = Changes {
+            vanished: vec![20..=30, 1..=5, 6..=8, 25..=40, 100..=100],
+            ..Default::default()
+        };
+        let r = d.vanished_ranges();
+        assert_eq!(r, vec![1..=8, 20..=40, 100..=100]);
+        assert!(in_ranges(&r, 8) && !in_ranges(&r, 9) && in_ranges(&r, 100) && !in_ranges(&r, 101));
     }
 
     #[test]

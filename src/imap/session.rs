@@ -26,6 +26,9 @@ pub struct MailboxInfo {
     pub exists: u32,
     /// `[HIGHESTMODSEQ n]`: CONDSTORE is in force for this mailbox (`[NOMODSEQ]`: None).
     pub highest_modseq: Option<u64>,
+    /// It was opened with `(QRESYNC (uidvalidity modseq))` for its own UIDVALIDITY: the
+    /// server reported every change since that MODSEQ ([`Session::take_changes`]).
+    pub resynced: bool,
 }
 
 /// Why an IDLE ended.
@@ -68,6 +71,14 @@ pub struct Session {
     condstore: bool,
     /// Mailboxes opened in this session (see [`Session::first_look`]).
     looked_at: HashSet<String>,
+    /// A SELECT/EXAMINE of another mailbox than the one selected is running: what the server
+    /// sends before `[CLOSED]` (RFC 7162 3.2.11) is about the old one and is not taken.
+    opening_other: bool,
+    /// Mailboxes whose UIDs must be compared at their next pass (an EXPUNGE named none).
+    compare_due: HashSet<String>,
+    /// The server refused a SELECT/EXAMINE with a `(QRESYNC ...)` or `(CONDSTORE)` parameter:
+    /// plain ones from then on (and no CONDSTORE: CHANGEDSINCE would go the same way).
+    no_select_parameters: bool,
 }
 
 /// At most this many captured responses wait to be read (a server that streams STATUS lines
@@ -536,6 +547,9 @@ impl Session {
             qresync: false,
             condstore: false,
             looked_at: HashSet::new(),
+            opening_other: false,
+            compare_due: HashSet::new(),
+            no_select_parameters: false,
         };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
@@ -601,6 +615,16 @@ impl Session {
     /// was expunged while nobody watched is found by one UID comparison per session.
     pub fn first_look(&mut self, mailbox: &str) -> bool {
         self.looked_at.insert(mailbox.to_string())
+    }
+
+    /// Asks for a UID comparison of `mailbox` at its next pass in this session.
+    pub fn compare_due(&mut self, mailbox: &str) {
+        self.compare_due.insert(mailbox.to_string());
+    }
+
+    /// Whether a UID comparison of `mailbox` was asked for, and forget it.
+    pub fn take_compare_due(&mut self, mailbox: &str) -> bool {
+        self.compare_due.remove(mailbox)
     }
 
     /// Whether the server reports MODSEQs (CONDSTORE).
@@ -1053,7 +1077,20 @@ impl Session {
                     if announces_change(other, fetch_expected) {
                         self.changed = true;
                     }
-                    if !(self.scanning && matches!(other, Response::Fetch(..))) {
+                    if self.opening_other {
+                        if is_closed(other) {
+                            // what came before was about the mailbox being closed
+                            self.opening_other = false;
+                            self.changes = Changes::default();
+                        } else if !matches!(
+                            other,
+                            Response::Expunge(_)
+                                | Response::Vanished { earlier: false, .. }
+                                | Response::Fetch(..)
+                        ) {
+                            self.changes.observe(other);
+                        }
+                    } else if !(self.scanning && matches!(other, Response::Fetch(..))) {
                         self.changes.observe(other);
                     }
                     if pending_error.is_none() {
@@ -1080,7 +1117,23 @@ impl Session {
         let verb = if writable { "SELECT" } else { "EXAMINE" };
         let (mut uidvalidity, mut uidnext, mut exists) = (None, None, 0);
         let (mut highest, mut nomodseq) = (None, false);
+        let mut resync = resync;
+        if self.selected.as_ref().is_some_and(|(n, _)| n != mailbox) {
+            // Responses about the mailbox open until now may come inside this SELECT, before
+            // its [CLOSED]: close it first where the server can, so that every change the
+            // SELECT reports is this mailbox's. Where it cannot, the QRESYNC report is not
+            // asked for (CHANGEDSINCE follows instead), and nothing that could be the old
+            // mailbox's (EXPUNGE, VANISHED, FETCH) is taken before [CLOSED].
+            if !self.unselect().await? {
+                resync = None;
+                self.opening_other = true;
+            }
+        }
+        if self.no_select_parameters {
+            resync = None;
+        }
         let parameter = match resync {
+            _ if self.no_select_parameters => String::new(),
             Some((v, m)) if self.qresync && m > 0 => format!(" (QRESYNC ({v} {m}))"),
             // Dovecot's plain EXAMINE hides HIGHESTMODSEQ until CONDSTORE is asked for
             _ if self.condstore && !self.qresync => " (CONDSTORE)".to_string(),
@@ -1088,31 +1141,49 @@ impl Session {
         };
         self.selected = None;
         self.changes = Changes::default();
-        self.command(
-            &format!("{verb} {}{parameter}", utf7::mailbox_arg(mailbox)),
-            |r| {
-                match r {
-                    Response::Data { outcome, .. } => match outcome.code {
-                        Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
-                        Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
-                        Some(ResponseCode::HighestModSeq(m)) => highest = Some(m),
-                        // imap-proto does not know [NOMODSEQ]: it stays in the text
-                        None if outcome
-                            .information
-                            .as_deref()
-                            .is_some_and(|t| t.to_ascii_uppercase().contains("NOMODSEQ")) =>
-                        {
-                            nomodseq = true
-                        }
+        let result = self
+            .command(
+                &format!("{verb} {}{parameter}", utf7::mailbox_arg(mailbox)),
+                |r| {
+                    match r {
+                        Response::Data { outcome, .. } => match outcome.code {
+                            Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
+                            Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+                            Some(ResponseCode::HighestModSeq(m)) => highest = Some(m),
+                            // imap-proto does not know [NOMODSEQ]: it stays in the text
+                            None if outcome
+                                .information
+                                .as_deref()
+                                .is_some_and(|t| t.to_ascii_uppercase().contains("NOMODSEQ")) =>
+                            {
+                                nomodseq = true
+                            }
+                            _ => {}
+                        },
+                        Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
                         _ => {}
-                    },
-                    Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
-                    _ => {}
-                }
-                Ok(())
-            },
-        )
-        .await?;
+                    }
+                    Ok(())
+                },
+            )
+            .await;
+        self.opening_other = false;
+        match result {
+            Err(ImapError::Rejected { text, .. }) if !parameter.is_empty() => {
+                // a server that lists CONDSTORE/QRESYNC but refuses them here: plain from now
+                tracing::warn!(
+                    mailbox,
+                    parameter = parameter.trim(),
+                    text,
+                    "select_parameter_refused"
+                );
+                self.no_select_parameters = true;
+                self.qresync = false;
+                self.condstore = false;
+                return Box::pin(self.open_mailbox(mailbox, writable, None)).await;
+            }
+            other => other?,
+        }
         // What the mailbox held until now is what the SEARCH that follows sees.
         self.changed = false;
         self.cap_listings();
@@ -1129,6 +1200,10 @@ impl Session {
             uidnext,
             exists,
             highest_modseq: if nomodseq { None } else { highest },
+            resynced: parameter.contains("QRESYNC")
+                && resync.is_some_and(|(v, _)| v == uidvalidity)
+                && highest.is_some()
+                && !nomodseq,
         })
     }
 
@@ -1449,6 +1524,17 @@ impl Session {
     }
 }
 
+/// `* OK [CLOSED]` (RFC 7162): the mailbox selected before is closed; imap-proto does not
+/// know the code and leaves it in the text.
+fn is_closed(r: &Response<'_>) -> bool {
+    matches!(r, Response::Data { status: Status::Ok, outcome }
+        if outcome.code.is_none()
+            && outcome
+                .information
+                .as_deref()
+                .is_some_and(|t| t.trim_start().to_ascii_uppercase().starts_with("[CLOSED]")))
+}
+
 /// The (UID, FLAGS, MODSEQ) of a FETCH response that has UID and FLAGS.
 fn flags_of(r: &Response<'_>) -> Option<crate::store::FlagChange> {
     let Response::Fetch(_, attrs) = r else {
@@ -1760,5 +1846,102 @@ mod tests {
     fn provider_hints_name_the_fix() {
         assert!(login_hint("imap.qq.com").contains("authorization code"));
         assert_eq!(login_hint("imap.example.com"), "");
+    }
+}
+
+#[cfg(test)]
+mod switching_tests {
+    use super::*;
+
+    /// A QRESYNC server that, when asked to EXAMINE B while A is selected, first flushes what
+    /// it held for A (`* VANISHED 41` and a flag FETCH), then `[CLOSED]` (RFC 7162 3.2.11).
+    fn server(
+        io: tokio::io::DuplexStream,
+        unselect: bool,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(io);
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            w.write_all(b"* OK ready\r\n").await.unwrap();
+            let mut selected = false;
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.lock().unwrap().push(line.clone());
+                let (tag, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                let up = rest.to_ascii_uppercase();
+                let reply = if up.starts_with("LOGIN") {
+                    format!("{tag} OK Logged in\r\n")
+                } else if up.starts_with("CAPABILITY") {
+                    let extra = if unselect { " UNSELECT" } else { "" };
+                    format!("* CAPABILITY IMAP4rev1 IDLE ENABLE CONDSTORE QRESYNC{extra}\r\n{tag} OK done\r\n")
+                } else if up.starts_with("ENABLE") {
+                    format!("* ENABLED QRESYNC\r\n{tag} OK enabled\r\n")
+                } else if up.starts_with("UNSELECT") {
+                    selected = false;
+                    format!("{tag} OK unselected\r\n")
+                } else if up.starts_with("EXAMINE \"A\"") || up.starts_with("EXAMINE A") {
+                    selected = true;
+                    format!("* 60 EXISTS\r\n* OK [UIDVALIDITY 5] ok\r\n* OK [UIDNEXT 61] ok\r\n* OK [HIGHESTMODSEQ 30] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                } else if up.starts_with("EXAMINE") {
+                    let held = if selected {
+                        "* VANISHED 41\r\n* 3 FETCH (UID 40 FLAGS (\\Deleted) MODSEQ (31))\r\n* OK [CLOSED] A closed\r\n"
+                    } else {
+                        ""
+                    };
+                    selected = true;
+                    format!("{held}* 50 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 100] ok\r\n* OK [HIGHESTMODSEQ 20] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                } else {
+                    format!("{tag} BAD unknown\r\n")
+                };
+                w.write_all(reply.as_bytes()).await.unwrap();
+            }
+        })
+    }
+
+    async fn switch(unselect: bool) -> (Option<Changes>, MailboxInfo, Vec<String>) {
+        let (client, srv) = tokio::io::duplex(64 * 1024);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _h = server(srv, unselect, seen.clone());
+        let config = crate::config::from_toml_str(
+            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let mut s = Session::establish(Transport::Memory(client), false, &config.accounts[0])
+            .await
+            .unwrap();
+        assert!(s.qresync());
+        s.open_mailbox("A", false, None).await.unwrap();
+        let _ = s.take_changes().await.unwrap();
+        let info = s.open_mailbox("B", false, Some((7, 10))).await.unwrap();
+        let changes = s.take_changes().await.unwrap().map(|(name, v, c)| {
+            assert_eq!((name.as_str(), v), ("B", 7));
+            c
+        });
+        let lines = seen.lock().unwrap().clone();
+        (changes, info, lines)
+    }
+
+    /// Nothing the server says about A while B is being opened is written to B.
+    #[tokio::test]
+    async fn what_the_old_mailbox_is_told_while_the_next_opens_is_never_the_new_ones() {
+        // with UNSELECT: A is closed first, B is opened with its QRESYNC report
+        let (changes, info, lines) = switch(true).await;
+        assert!(lines.iter().any(|l| l.ends_with("UNSELECT")), "{lines:?}");
+        assert!(info.resynced);
+        let c = changes.unwrap_or_default();
+        assert!(c.vanished.is_empty() && c.flags.is_empty(), "{c:?}");
+        // without: no QRESYNC report asked for, and what precedes [CLOSED] is dropped
+        let (changes, info, lines) = switch(false).await;
+        assert!(!lines.iter().any(|l| l.ends_with("UNSELECT")), "{lines:?}");
+        assert!(!info.resynced);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("EXAMINE \"B\"") || l.ends_with("EXAMINE B")),
+            "{lines:?}"
+        );
+        let c = changes.unwrap_or_default();
+        assert!(c.vanished.is_empty() && c.flags.is_empty(), "{c:?}");
     }
 }

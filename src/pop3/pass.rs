@@ -283,7 +283,13 @@ pub async fn poll(
             "deleted_from_server"
         );
     }
-    expunge_vanished(store, name, &known, &maildrop).await?;
+    // With delete_after_store every stored message is mailpump's to delete: one that is gone
+    // is taken to be its own deletion (a crash between QUIT and the map's update, or a
+    // provider such as Gmail's POP that lists a message only until it was downloaded, must
+    // never cost the archive), so nothing is marked.
+    if !account.delete_after_store {
+        expunge_vanished(store, name, &known, &maildrop).await?;
+    }
     report.elapsed = started.elapsed();
     Ok(report)
 }

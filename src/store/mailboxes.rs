@@ -37,6 +37,9 @@ pub struct MailboxRecord {
     pub highest_modseq: Option<u64>,
     /// When every flag was last read and the UIDs compared (servers without CONDSTORE/QRESYNC).
     pub flags_scanned_at: Option<DateTime<Utc>>,
+    /// Since when UID comparisons find none of the stored messages on the server (marked
+    /// only once a later comparison confirms it).
+    pub all_gone_since: Option<DateTime<Utc>>,
 }
 
 impl MailboxRecord {
@@ -122,6 +125,7 @@ impl Store {
             failing,
             quarantined,
             highest_modseq,
+            all_gone_since: d.get_datetime("all_gone_since").ok().map(|t| t.to_chrono()),
             flags_scanned_at: match (checkpoint, d.get_i64("flags_scanned_uidvalidity")) {
                 (Some(cp), Ok(v)) if v as u32 == cp.uidvalidity => d
                     .get_datetime("flags_scanned_at")
@@ -207,7 +211,27 @@ impl Store {
             .await
     }
 
-    /// The next pass must read every flag and compare UIDs (an EXPUNGE named no UID).
+    /// Records (or clears) that a UID comparison found none of the stored messages.
+    pub async fn set_all_gone(
+        &self,
+        account: &str,
+        mailbox: &str,
+        gone: bool,
+    ) -> Result<(), StoreError> {
+        let coll = self.mailboxes.clone();
+        let id = Self::mailbox_id(account, mailbox);
+        let update = if gone {
+            doc! {"$set": {"all_gone_since": bson::DateTime::now()}}
+        } else {
+            doc! {"$unset": {"all_gone_since": ""}}
+        };
+        self.guarded("all-gone mark", async move {
+            coll.update_one(doc! {"_id": id}, update).await.map(|_| ())
+        })
+        .await
+    }
+
+    /// The next pass must read every flag and compare UIDs (more changes than were held).
     pub async fn clear_flags_scanned(
         &self,
         account: &str,

@@ -55,6 +55,9 @@ const FLAG_WRITES_IN_FLIGHT: usize = 16;
 /// A message stored this long after its copy in another folder was expunged is still linked
 /// as a move.
 const MOVE_WINDOW: chrono::Duration = chrono::Duration::hours(1);
+/// A sweep that marked a blob and died is taken over by another after this long (writers
+/// meeting the blob wait meanwhile).
+const SWEEP_LEASE: chrono::Duration = chrono::Duration::minutes(10);
 /// `_id`s per `$in` query.
 const IDS_PER_QUERY: usize = 5000;
 
@@ -263,6 +266,39 @@ impl Store {
             .await
     }
 
+    /// Up to `limit` documents with a UID in `after+1..=up_to`, by UID.
+    pub async fn stored_meta_page(
+        &self,
+        account: &str,
+        mailbox: &str,
+        uidvalidity: u32,
+        after: u32,
+        up_to: u32,
+        limit: u32,
+    ) -> Result<Vec<StoredMeta>, StoreError> {
+        let coll = self.messages.clone();
+        let filter = doc! {
+            "account": account,
+            "mailbox": mailbox,
+            "uidvalidity": uidvalidity as i64,
+            "uid": {"$gt": after as i64, "$lte": up_to as i64},
+        };
+        let docs: Vec<Document> = self
+            .guarded("stored page", async move {
+                coll.find(filter)
+                    .projection(doc! {"_id": 0, "uid": 1, "size": 1, "flags": 1, "expunged_at": 1, "raw.sha256": 1})
+                    .sort(doc! {"uid": 1})
+                    .limit(limit as i64)
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        let mut out: Vec<StoredMeta> = docs.iter().filter_map(meta_of).collect();
+        out.sort_unstable_by_key(|m| m.uid);
+        Ok(out)
+    }
+
     /// [`Store::stored_meta`] for the UIDs in `from..=to` only.
     pub async fn stored_meta_between(
         &self,
@@ -289,29 +325,7 @@ impl Store {
                     .await
             })
             .await?;
-        let mut out: Vec<StoredMeta> = docs
-            .iter()
-            .filter_map(|d| {
-                Some(StoredMeta {
-                    uid: int(d.get("uid")?)? as u32,
-                    size: d.get("size").and_then(int).unwrap_or(0) as u64,
-                    flags: d
-                        .get_array("flags")
-                        .map(|f| {
-                            f.iter()
-                                .filter_map(|v| v.as_str().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    expunged: d.contains_key("expunged_at"),
-                    raw_sha256: d
-                        .get_document("raw")
-                        .ok()
-                        .and_then(|r| r.get_str("sha256").ok())
-                        .map(str::to_string),
-                })
-            })
-            .collect();
+        let mut out: Vec<StoredMeta> = docs.iter().filter_map(meta_of).collect();
         out.sort_unstable_by_key(|m| m.uid);
         Ok(out)
     }
@@ -386,7 +400,12 @@ impl Store {
             let mut gone: Vec<&Document> = group
                 .iter()
                 .copied()
-                .filter(|d| d.contains_key("expunged_at") && !d.contains_key("moved_to"))
+                // (documents of an old UIDVALIDITY did not move anywhere)
+                .filter(|d| {
+                    d.contains_key("expunged_at")
+                        && !d.contains_key("moved_to")
+                        && !d.contains_key("expunged_reason")
+                })
                 .collect();
             let mut live: Vec<&Document> = group
                 .iter()
@@ -398,9 +417,17 @@ impl Store {
             let mut used = HashSet::new();
             for old in gone {
                 let from = old.get_str("mailbox").unwrap_or("");
+                // a copy stored long before the expunge is a copy, not the move's target
+                let earliest = old
+                    .get_datetime("expunged_at")
+                    .ok()
+                    .map(|t| bson::DateTime::from_chrono(t.to_chrono() - MOVE_WINDOW));
                 let Some(new) = live.iter().find(|d| {
                     d.get_str("mailbox").unwrap_or("") != from
                         && !used.contains(d.get_str("_id").unwrap_or(""))
+                        && earliest.is_none_or(|e| {
+                            d.get_datetime("stored_at").ok().is_some_and(|s| *s >= e)
+                        })
                 }) else {
                     continue;
                 };
@@ -571,14 +598,32 @@ impl Store {
                         // 1: only if still untouched; from now on writers wait. A document
                         // written since the reference check claimed the blob before (so this
                         // fails) or claims it again after its insert (and rewrites it).
+                        // The mark is a lease with a token of this sweep's own: a second
+                        // sweeper (another process) cannot take a blob one is removing, and
+                        // takes over one whose sweep died only after SWEEP_LEASE.
+                        let token = bson::oid::ObjectId::new();
+                        let stale = bson::DateTime::from_chrono(chrono::Utc::now() - SWEEP_LEASE);
+                        let mut filter = filter;
+                        filter.insert(
+                            "$and",
+                            vec![doc! {"$or": [
+                                {"deleting": {"$exists": false}},
+                                {"deleting.at": {"$lt": stale}},
+                            ]}],
+                        );
                         let marked = files
-                            .update_one(filter, doc! {"$set": {"deleting": bson::DateTime::now()}})
+                            .update_one(
+                                filter,
+                                doc! {"$set": {"deleting": {"token": token, "at": bson::DateTime::now()}}},
+                            )
                             .await?;
                         if marked.modified_count == 0 {
                             return Ok(false);
                         }
                         chunks.delete_many(doc! {"files_id": &sha}).await?;
-                        files.delete_one(doc! {"_id": &sha}).await?;
+                        files
+                            .delete_one(doc! {"_id": &sha, "deleting.token": token})
+                            .await?;
                         Ok(true)
                     })
                     .await?;
@@ -626,7 +671,11 @@ static REFERENCE_FIELDS: std::sync::LazyLock<Document> = std::sync::LazyLock::ne
 fn blob_refs(d: &Document) -> Vec<String> {
     let mut out = Vec::new();
     for key in ["raw", "text_blob", "html_blob"] {
-        if let Some(s) = d.get_document(key).ok().and_then(|r| r.get_str("sha256").ok()) {
+        if let Some(s) = d
+            .get_document(key)
+            .ok()
+            .and_then(|r| r.get_str("sha256").ok())
+        {
             out.push(s.to_string());
         }
     }
@@ -638,6 +687,28 @@ fn blob_refs(d: &Document) -> Vec<String> {
         }
     }
     out
+}
+
+/// The [`StoredMeta`] of a projected message document.
+fn meta_of(d: &Document) -> Option<StoredMeta> {
+    Some(StoredMeta {
+        uid: int(d.get("uid")?)? as u32,
+        size: d.get("size").and_then(int).unwrap_or(0) as u64,
+        flags: d
+            .get_array("flags")
+            .map(|f| {
+                f.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        expunged: d.contains_key("expunged_at"),
+        raw_sha256: d
+            .get_document("raw")
+            .ok()
+            .and_then(|r| r.get_str("sha256").ok())
+            .map(str::to_string),
+    })
 }
 
 fn int(v: &Bson) -> Option<i64> {

@@ -260,7 +260,9 @@ impl Store {
                         .keys(doc! {"sweep_candidate": 1})
                         .options(
                             IndexOptions::builder()
-                                .partial_filter_expression(doc! {"sweep_candidate": {"$exists": true}})
+                                .partial_filter_expression(
+                                    doc! {"sweep_candidate": {"$exists": true}},
+                                )
                                 .build(),
                         )
                         .build(),

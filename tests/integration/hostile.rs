@@ -36,6 +36,9 @@ enum Fault {
     Gmail,
     /// `UID SEARCH ALL` answers an empty list although EXAMINE said 1 EXISTS.
     EmptySearchAll,
+    /// From the second login on, the mailbox is empty (EXISTS 0, every SEARCH empty): an
+    /// emptied folder, or a backend whose store went missing.
+    EmptiedLater,
 }
 
 /// Starts the server; returns its port and every command line it received.
@@ -100,6 +103,21 @@ async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
                         && (upper.starts_with("EXAMINE") || upper.starts_with("SELECT"))
                     {
                         format!("{tag} NO SELECT Unsafe Login. Please contact kefu@188.com for help\r\n")
+                    } else if fault == Fault::EmptiedLater
+                        && seen
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .filter(|l| l.to_ascii_uppercase().contains(" LOGIN "))
+                            .count()
+                            > 1
+                        && (upper.starts_with("EXAMINE") || upper.starts_with("UID SEARCH"))
+                    {
+                        if upper.starts_with("EXAMINE") {
+                            format!("* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 2] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                        } else {
+                            format!("* SEARCH\r\n{tag} OK\r\n")
+                        }
                     } else if upper.starts_with("EXAMINE") || upper.starts_with("SELECT") {
                         let validity = if fault == Fault::NoUidValidity {
                             String::new()
@@ -461,4 +479,41 @@ async fn an_empty_uid_list_for_a_full_mailbox_marks_nothing_expunged() {
         run.stdout()
     );
     assert_eq!(db.count("messages", doc! {}).await, 1, "nothing deleted");
+}
+
+/// A folder that comes back empty (EXISTS 0, no UIDs) is not believed at once: the documents
+/// are withheld from marking (`expunge_withheld`) until a comparison `flag_scan_interval`
+/// later says the same, so a backend whose store is missing for a moment costs nothing, and
+/// a folder really emptied is followed after all.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emptied_folder_is_believed_only_when_a_later_comparison_agrees() {
+    let (port, _seen) = server(Fault::EmptiedLater).await;
+    let db = TestDb::new().await;
+    let spec = AccountSpec {
+        name: "hostile".into(),
+        port,
+        security: "plain",
+        username: "u".into(),
+        password: "p".into(),
+        extra: vec![
+            "command_timeout = \"3s\"".into(),
+            "flag_scan_interval = \"2s\"".into(),
+        ],
+    };
+    let mp = Mailpump::new_with_store(&db, "on_expunge = \"delete\"", &[spec]);
+    assert_eq!(mp.run_async(&["sync"]).await.code(), 0);
+    assert_eq!(db.count("messages", doc! {}).await, 1);
+    let run = mp.run_async(&["sync"]).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(run.events("expunge_withheld").len(), 1, "{}", run.stdout());
+    assert_eq!(db.count("messages", doc! {}).await, 1, "withheld");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let run = mp.run_async(&["sync"]).await;
+    assert_eq!(run.code(), 0, "{}", run.stdout());
+    assert_eq!(
+        db.count("messages", doc! {}).await,
+        0,
+        "confirmed: {}",
+        run.stdout()
+    );
 }

@@ -54,9 +54,7 @@ impl Changes {
                 let (mut uid, mut modseq, mut body) = (None, None, false);
                 for a in attrs {
                     match a {
-                        AttributeValue::Flags(f) => {
-                            flags = Some(f.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                        }
+                        AttributeValue::Flags(f) => flags = Some(super::message_flags(f.iter())),
                         AttributeValue::Uid(u) => uid = Some(*u),
                         AttributeValue::ModSeq(m) => modseq = Some(*m),
                         AttributeValue::BodySection { .. } | AttributeValue::Rfc822(_) => {

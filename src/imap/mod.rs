@@ -96,3 +96,16 @@ impl ImapError {
         }
     }
 }
+
+/// The flags of a message as stored: the server's, without `\Recent`, which belongs to one
+/// session and not to the message (kept, it would flip on every message the moment another
+/// client opens the folder, and stay wrong where no MODSEQ records its going).
+pub fn message_flags<'a, 'b: 'a>(
+    flags: impl IntoIterator<Item = &'a std::borrow::Cow<'b, str>>,
+) -> Vec<String> {
+    flags
+        .into_iter()
+        .filter(|f| !f.eq_ignore_ascii_case("\\Recent"))
+        .map(|f| f.to_string())
+        .collect()
+}

@@ -1308,9 +1308,7 @@ impl Session {
                                 .collect()
                         }
                         AttributeValue::Uid(u) => uid = Some(*u),
-                        AttributeValue::Flags(f) => {
-                            flags = f.iter().map(|s| s.to_string()).collect()
-                        }
+                        AttributeValue::Flags(f) => flags = super::message_flags(f.iter()),
                         AttributeValue::InternalDate(d) => date = parse_internal_date(d),
                         AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
                         AttributeValue::BodySection {
@@ -1544,7 +1542,7 @@ fn flags_of(r: &Response<'_>) -> Option<crate::store::FlagChange> {
     for a in attrs {
         match a {
             AttributeValue::Uid(u) => uid = Some(*u),
-            AttributeValue::Flags(f) => flags = Some(f.iter().map(|s| s.to_string()).collect()),
+            AttributeValue::Flags(f) => flags = Some(super::message_flags(f.iter())),
             AttributeValue::ModSeq(m) => modseq = Some(*m),
             _ => {}
         }

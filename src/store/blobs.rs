@@ -52,18 +52,54 @@ impl Store {
         Ok(out)
     }
 
-    /// blob complete. Every blob of the batch is claimed first (`Store::claim_blobs`, one
-    /// update and one query): those present are skipped, the rest inserted, duplicates ignored.
+    /// After a batch's documents are in: its blobs that became sweep candidates meanwhile are
+    /// claimed, and any a sweep removed in between is written again (the second half of the
+    /// claim protocol, `store::mirror`).
+    pub(super) async fn reclaim_blobs(&self, blobs: &[&Blob]) -> Result<(), StoreError> {
+        let shas: Vec<String> = blobs.iter().map(|b| b.sha256.clone()).collect();
+        let claimed = self.claim_blobs(&shas).await?;
+        let gone: Vec<&Blob> = blobs
+            .iter()
+            .copied()
+            .filter(|b| claimed.get(&b.sha256) == Some(&false))
+            .collect();
+        if !gone.is_empty() {
+            tracing::warn!(count = gone.len(), "blobs_rewritten_after_sweep");
+            self.write_blobs(&gone).await?;
+        }
+        Ok(())
+    }
+
+    /// blob complete. Sweep candidates among them are claimed first (`Store::claim_blobs`);
+    /// blobs present are skipped, the rest inserted, duplicates ignored.
     pub(super) async fn write_blobs(&self, blobs: &[&Blob]) -> Result<usize, StoreError> {
         let mut files_docs = Vec::new();
         let mut chunk_docs = Vec::new();
         let mut chunk_bytes = 0usize;
         let mut written = 0;
-        // One claim for the whole batch: blobs present are protected from the sweep from now
-        // on, and only the missing ones are written.
+        // Blobs a sweep may remove (the candidates among them) are claimed one by one; the
+        // others are written as always: small ones inserted (duplicates ignored), large ones
+        // looked up first.
         let shas: Vec<String> = blobs.iter().map(|b| b.sha256.clone()).collect();
-        let missing = self.claim_blobs(&shas).await?;
-        for blob in blobs.iter().filter(|b| missing.contains(&b.sha256)) {
+        let claimed = self.claim_blobs(&shas).await?;
+        for blob in blobs {
+            let write = match claimed.get(&blob.sha256) {
+                Some(present) => !present,
+                None if blob.bytes.len() > CHUNK_SIZE => {
+                    let files = self.files.clone();
+                    let id = blob.sha256.clone();
+                    let exists = self
+                        .guarded("blob lookup", async move {
+                            files.find_one(doc! {"_id": id}).await
+                        })
+                        .await?;
+                    exists.is_none()
+                }
+                None => true,
+            };
+            if !write {
+                continue;
+            }
             written += 1;
             let chunks = if blob.bytes.is_empty() {
                 Vec::new()

@@ -115,7 +115,7 @@ impl Store {
         // The blobs again, now that documents point at them: a sweep that removed one between
         // the claim and the insert (possible only when a write outlasts `blob_sweep_after`)
         // is undone here, and one removing it right now makes the batch wait (Busy, retried).
-        self.write_blobs(&blobs).await?;
+        self.reclaim_blobs(&blobs).await?;
         if self.on_expunge == crate::config::OnExpunge::Mark {
             // a message that left another folder of the account (MOVE) and arrives here
             let shas: Vec<String> = batch.iter().map(|m| m.parsed.raw.sha256.clone()).collect();

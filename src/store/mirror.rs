@@ -129,7 +129,7 @@ impl Store {
             let coll = self.messages.clone();
             done += match self.on_expunge {
                 OnExpunge::Delete => {
-                    let files = self.files.clone();
+                    let candidates = self.blob_candidates.clone();
                     self.guarded("expunged delete", async move {
                         // the blobs these documents refer to become the sweep's candidates
                         // (it never looks at any other blob)
@@ -139,13 +139,17 @@ impl Store {
                             .await?
                             .try_collect()
                             .await?;
-                        let shas: Vec<String> = refs.iter().flat_map(blob_refs).collect();
-                        if !shas.is_empty() {
-                            files
-                                .update_many(
-                                    doc! {"_id": {"$in": shas}},
-                                    doc! {"$set": {"sweep_candidate": true}},
+                        let mut shas: Vec<String> = refs.iter().flat_map(blob_refs).collect();
+                        shas.sort_unstable();
+                        shas.dedup();
+                        let now = bson::DateTime::now();
+                        for sha in shas {
+                            candidates
+                                .update_one(
+                                    doc! {"_id": sha},
+                                    doc! {"$set": {"since": now}, "$unset": {"swept_at": ""}},
                                 )
+                                .upsert(true)
                                 .await?;
                         }
                         coll.delete_many(doc! {"_id": {"$in": &ids}})
@@ -169,6 +173,7 @@ impl Store {
                     if marked > 0 {
                         let shas = self.raw_shas(found).await?;
                         self.link_moves(account, &shas).await?;
+                        self.remember_expunged(account, &shas).await?;
                     }
                     marked
                 }
@@ -262,11 +267,11 @@ impl Store {
         mailbox: &str,
         uidvalidity: u32,
     ) -> Result<Vec<StoredMeta>, StoreError> {
-        self.stored_meta_between(account, mailbox, uidvalidity, 1, u32::MAX)
+        self.stored_meta_page(account, mailbox, uidvalidity, 0, u32::MAX, 0)
             .await
     }
 
-    /// Up to `limit` documents with a UID in `after+1..=up_to`, by UID.
+    /// Up to `limit` (0: all) documents with a UID in `after+1..=up_to`, by UID.
     pub async fn stored_meta_page(
         &self,
         account: &str,
@@ -289,36 +294,6 @@ impl Store {
                     .projection(doc! {"_id": 0, "uid": 1, "size": 1, "flags": 1, "expunged_at": 1, "raw.sha256": 1})
                     .sort(doc! {"uid": 1})
                     .limit(limit as i64)
-                    .await?
-                    .try_collect()
-                    .await
-            })
-            .await?;
-        let mut out: Vec<StoredMeta> = docs.iter().filter_map(meta_of).collect();
-        out.sort_unstable_by_key(|m| m.uid);
-        Ok(out)
-    }
-
-    /// [`Store::stored_meta`] for the UIDs in `from..=to` only.
-    pub async fn stored_meta_between(
-        &self,
-        account: &str,
-        mailbox: &str,
-        uidvalidity: u32,
-        from: u32,
-        to: u32,
-    ) -> Result<Vec<StoredMeta>, StoreError> {
-        let coll = self.messages.clone();
-        let filter = doc! {
-            "account": account,
-            "mailbox": mailbox,
-            "uidvalidity": uidvalidity as i64,
-            "uid": {"$gte": from as i64, "$lte": to as i64},
-        };
-        let docs: Vec<Document> = self
-            .guarded("stored uids", async move {
-                coll.find(filter)
-                    .projection(doc! {"_id": 0, "uid": 1, "size": 1, "flags": 1, "expunged_at": 1, "raw.sha256": 1})
                     .batch_size(10_000)
                     .await?
                     .try_collect()
@@ -459,33 +434,30 @@ impl Store {
     }
 
     /// A batch of `account` was just stored: links those of its messages that left another
-    /// folder of the account recently (expunged there in the last [`MOVE_WINDOW`], not linked
-    /// yet). One query over the (partial) `expunged_at` index, which holds only expunged
-    /// documents; the bytes are looked up only when one matches.
+    /// folder of the account recently (expunged there in the last [`MOVE_WINDOW`]): one lookup
+    /// by `_id` in `recent_expunges`, a collection of a few documents; `messages` is read only
+    /// when one matches.
     pub(super) async fn link_arrivals(
         &self,
         account: &str,
         shas: &[String],
     ) -> Result<usize, StoreError> {
-        let coll = self.messages.clone();
-        let since = bson::DateTime::from_chrono(chrono::Utc::now() - MOVE_WINDOW);
+        if shas.is_empty() {
+            return Ok(0);
+        }
+        let coll = self.recent_expunges.clone();
+        let ids: Vec<String> = shas.iter().map(|s| format!("{account}/{s}")).collect();
         let recent: Vec<Document> = self
             .guarded("recent expunges", async move {
-                coll.find(doc! {"expunged_at": {"$gt": since}})
-                    .projection(doc! {"account": 1, "raw.sha256": 1, "moved_to": 1})
-                    .limit(10_000)
+                coll.find(doc! {"_id": {"$in": ids}})
                     .await?
                     .try_collect()
                     .await
             })
             .await?;
-        let wanted: HashSet<&str> = shas.iter().map(String::as_str).collect();
         let mut matched: Vec<String> = recent
             .iter()
-            .filter(|d| d.get_str("account") == Ok(account) && !d.contains_key("moved_to"))
-            .filter_map(|d| d.get_document("raw").ok()?.get_str("sha256").ok())
-            .filter(|s| wanted.contains(s))
-            .map(str::to_string)
+            .filter_map(|d| d.get_str("sha256").ok().map(str::to_string))
             .collect();
         if matched.is_empty() {
             return Ok(0);
@@ -495,40 +467,88 @@ impl Store {
         self.link_moves(account, &matched).await
     }
 
-    /// Claims the blobs a batch is about to refer to: those present get `touched_at` now (so
-    /// that no sweep removes them), in one update. Returns the digests that must be written.
-    /// A blob a sweep is removing right now is `StoreError::Busy`: the batch is retried.
-    pub(super) async fn claim_blobs(&self, shas: &[String]) -> Result<HashSet<String>, StoreError> {
-        if shas.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let files = self.files.clone();
-        let ids = shas.to_vec();
-        let present: Vec<Document> = self
-            .guarded("blob claim", async move {
-                files
-                    .update_many(
-                        doc! {"_id": {"$in": &ids}, "deleting": {"$exists": false}},
-                        doc! {"$set": {"touched_at": bson::DateTime::now()}},
-                    )
+    /// Remembers for an hour ([`MOVE_WINDOW`]) the digests of messages just marked expunged,
+    /// so that a copy stored in another folder later is linked (`link_arrivals`: one lookup by
+    /// `_id` in a collection of a few documents per batch, instead of a query over `messages`).
+    async fn remember_expunged(&self, account: &str, shas: &[String]) -> Result<(), StoreError> {
+        let coll = self.recent_expunges.clone();
+        let now = bson::DateTime::now();
+        let cutoff = bson::DateTime::from_chrono(chrono::Utc::now() - MOVE_WINDOW);
+        let docs: Vec<(String, Document)> = shas
+            .iter()
+            .map(|s| {
+                (
+                    format!("{account}/{s}"),
+                    doc! {"account": account, "sha256": s, "at": now},
+                )
+            })
+            .collect();
+        self.guarded("recent expunges", async move {
+            for (id, d) in docs {
+                coll.update_one(doc! {"_id": id}, doc! {"$set": d})
+                    .upsert(true)
                     .await?;
-                files
-                    .find(doc! {"_id": {"$in": &ids}})
-                    .projection(doc! {"_id": 1, "deleting": 1})
+            }
+            coll.delete_many(doc! {"at": {"$lt": cutoff}})
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Claims the blobs of a batch that a sweep may remove: the sweep candidates among them
+    /// (one query on `blob_candidates`, a collection of the blobs of removed documents only).
+    /// Each is touched (`touched_at`, so that no sweep marks it) and looked up: the answer maps
+    /// it to whether it is present. A blob a sweep is removing right now is
+    /// `StoreError::Busy`: the batch is retried. Blobs that are no candidates are not in the
+    /// answer: no sweep looks at them.
+    pub(super) async fn claim_blobs(
+        &self,
+        shas: &[String],
+    ) -> Result<HashMap<String, bool>, StoreError> {
+        let mut out = HashMap::new();
+        if shas.is_empty() {
+            return Ok(out);
+        }
+        let candidates = self.blob_candidates.clone();
+        let ids = shas.to_vec();
+        let found: Vec<Document> = self
+            .guarded("blob candidates", async move {
+                candidates
+                    .find(doc! {"_id": {"$in": ids}})
                     .await?
                     .try_collect()
                     .await
             })
             .await?;
-        let mut missing: HashSet<String> = shas.iter().cloned().collect();
-        for d in &present {
-            let id = d.get_str("_id").unwrap_or("");
-            if d.contains_key("deleting") {
-                return Err(StoreError::Busy(format!("blob {id} is being swept")));
+        for c in &found {
+            let Ok(sha) = c.get_str("_id") else { continue };
+            let files = self.files.clone();
+            let id = sha.to_string();
+            let file = self
+                .guarded("blob claim", async move {
+                    files
+                        .update_one(
+                            doc! {"_id": &id, "deleting": {"$exists": false}},
+                            doc! {"$set": {"touched_at": bson::DateTime::now()}},
+                        )
+                        .await?;
+                    files
+                        .find_one(doc! {"_id": &id})
+                        .projection(doc! {"_id": 1, "deleting": 1})
+                        .await
+                })
+                .await?;
+            match file {
+                Some(f) if f.contains_key("deleting") => {
+                    return Err(StoreError::Busy(format!("blob {sha} is being swept")))
+                }
+                present => {
+                    out.insert(sha.to_string(), present.is_some());
+                }
             }
-            missing.remove(id);
         }
-        Ok(missing)
+        Ok(out)
     }
 
     /// Removes the blobs that no message document refers to and that nobody touched for
@@ -545,13 +565,19 @@ impl Store {
             {"touched_at": {"$lt": cutoff}},
             {"touched_at": {"$exists": false}, "uploadDate": {"$lt": cutoff}},
         ]};
-        let files = self.files.clone();
-        let mut filter = untouched.clone();
-        filter.insert("sweep_candidate", true);
+        let coll = self.blob_candidates.clone();
+        let kept = bson::DateTime::from_chrono(
+            chrono::Utc::now()
+                - chrono::Duration::from_std(older_than * 2)
+                    .unwrap_or_default()
+                    .max(chrono::Duration::hours(2)),
+        );
         let candidates: Vec<String> = self
             .guarded("sweep candidates", async move {
-                let docs: Vec<Document> = files
-                    .find(filter)
+                // entries of blobs swept long ago go (a writer's second claim has long looked)
+                coll.delete_many(doc! {"swept_at": {"$lt": kept}}).await?;
+                let docs: Vec<Document> = coll
+                    .find(doc! {"since": {"$lt": cutoff}, "swept_at": {"$exists": false}})
                     .projection(doc! {"_id": 1})
                     .await?
                     .try_collect()
@@ -576,13 +602,9 @@ impl Store {
             if !still.is_empty() {
                 // referred to again (the same bytes arrived in another message): no longer a
                 // candidate
-                let files = self.files.clone();
+                let coll = self.blob_candidates.clone();
                 self.guarded("sweep candidates", async move {
-                    files
-                        .update_many(
-                            doc! {"_id": {"$in": still}},
-                            doc! {"$unset": {"sweep_candidate": ""}},
-                        )
+                    coll.delete_many(doc! {"_id": {"$in": still}})
                         .await
                         .map(|_| ())
                 })
@@ -591,6 +613,7 @@ impl Store {
             for sha in chunk.iter().filter(|s| !referenced.contains(*s)) {
                 let files = self.files.clone();
                 let chunks = self.chunks.clone();
+                let candidates = self.blob_candidates.clone();
                 let (sha, mut filter) = (sha.clone(), untouched.clone());
                 filter.insert("_id", &sha);
                 let removed = self
@@ -623,6 +646,14 @@ impl Store {
                         chunks.delete_many(doc! {"files_id": &sha}).await?;
                         files
                             .delete_one(doc! {"_id": &sha, "deleting.token": token})
+                            .await?;
+                        // kept a while: a writer that looked before the removal claims again
+                        // after its documents are in, and finds it here
+                        candidates
+                            .update_one(
+                                doc! {"_id": &sha},
+                                doc! {"$set": {"swept_at": bson::DateTime::now()}},
+                            )
                             .await?;
                         Ok(true)
                     })

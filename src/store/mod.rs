@@ -106,6 +106,10 @@ pub struct Store {
     messages: Collection<Document>,
     mailboxes: Collection<Document>,
     pop3_uidl: Collection<Document>,
+    /// Digests of messages expunged in the last hour, by account (`store::mirror`: MOVE links).
+    recent_expunges: Collection<Document>,
+    /// Blobs of removed documents, the only ones the sweep looks at (`store::mirror`).
+    blob_candidates: Collection<Document>,
     files: Collection<Document>,
     chunks: Collection<Document>,
     op_timeout: Duration,
@@ -149,6 +153,8 @@ impl Store {
             messages: db.collection("messages"),
             mailboxes: db.collection("mailboxes"),
             pop3_uidl: db.collection("pop3_uidl"),
+            recent_expunges: db.collection("recent_expunges"),
+            blob_candidates: db.collection("blob_candidates"),
             files: db.collection("blobs.files"),
             chunks: db.collection("blobs.chunks"),
             inflight: Default::default(),
@@ -253,21 +259,7 @@ impl Store {
                     )
                     .await?;
             }
-            // the blob sweep's candidates (blobs of removed documents)
-            files
-                .create_index(
-                    IndexModel::builder()
-                        .keys(doc! {"sweep_candidate": 1})
-                        .options(
-                            IndexOptions::builder()
-                                .partial_filter_expression(
-                                    doc! {"sweep_candidate": {"$exists": true}},
-                                )
-                                .build(),
-                        )
-                        .build(),
-                )
-                .await?;
+
             // The indexes every GridFS driver expects.
             chunks
                 .create_index(

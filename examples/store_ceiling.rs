@@ -49,6 +49,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         op_timeout: Duration::from_secs(120),
         max_inline_body: 1024 * 1024,
         write_concern: Default::default(),
+        on_expunge: Default::default(),
+        blob_sweep_after: Duration::from_secs(3600),
     })
     .await?;
     let started = Instant::now();

@@ -19,7 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let account = config::from_toml_str(&toml)?.accounts.remove(0);
     let mut session = Session::connect(&account).await?;
     let started = Instant::now();
-    session.open_mailbox("INBOX", false).await?;
+    session.open_mailbox("INBOX", false, None).await?;
     let uids = session.search_after(0, None, false).await?;
     let mut sizes = Vec::new();
     for chunk in uids.chunks(5000) {

@@ -724,6 +724,407 @@ def verify(n):
         s.close()
 
 
+
+def mirror(n):
+    """Flags and deletions followed by mailpump (see src/mirror.rs): (1) flag-change and
+    expunge latency to an idling daemon (CONDSTORE + QRESYNC Dovecot), with a bare IDLE client
+    as the server's own delay; (2) the cost of a wake-up with nothing changed (raw imaplib:
+    EXAMINE with QRESYNC, plain EXAMINE, the full UID FETCH 1:* (FLAGS)) and the commands
+    mailpump sends in one quiet wake-up (Dovecot rawlog); (3) the full flag scan of `mailpump
+    sync` against a Dovecot with CONDSTORE and QRESYNC taken out of its capabilities."""
+    import imaplib
+    import socket
+    import statistics
+    import threading
+    import pymongo
+
+    class Imap(imaplib.IMAP4):
+        """imaplib counting the bytes it reads from the server."""
+        received = 0
+
+        def readline(self):
+            line = super().readline()
+            self.received += len(line)
+            return line
+
+        def read(self, size):
+            data = super().read(size)
+            self.received += len(data)
+            return data
+
+    def login(port):
+        c = Imap("127.0.0.1", port)
+        c.login("bench", "pw-bench")
+        return c
+
+    def ok(typ, data, what):
+        if typ != "OK":
+            raise SystemExit("%s: %s %r" % (what, typ, data))
+        return data
+
+    def warnings(path):
+        out = []
+        for line in open(path, errors="replace"):
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("level") in ("WARN", "ERROR"):
+                out.append(line.strip()[:600])
+        return out
+
+    # rawlog only where its directory exists: created just before the quiet-wake-up daemon, so
+    # the backfill's 10,000 bodies are never logged
+    s = Services()
+    r = {"messages": n, "database": s.dbkind}
+    try:
+        rawlog_root = os.path.join(s.work, "rawlog")
+        with open(os.path.join(s.work, "extra.conf"), "w") as f:
+            f.write("rawlog_dir = %s/%%u\n" % rawlog_root)
+        sh("dovecot-config", s.dc, str(s.imap), str(free_port()), str(s.pop3), str(free_port()), os.path.join(s.work, "extra.conf"))
+        s.add_users(["bench"])
+        seed = bench_mail.seed_quiet(s.maildir("bench"), s.uid, n)
+        s.start_dovecot()
+        db = pymongo.MongoClient(s.uri).mirror
+        print("\n== mirror: %d messages, %.1f MB in INBOX; database: %s" % (n, seed["bytes"] / 1e6, s.dbkind))
+        cfg = s.config("mirror", [("bench", "imap", s.imap)])
+        logpath = os.path.join(s.work, "run.log")
+        log = open(logpath, "w")
+        started = time.time()
+        daemon = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "run"], stdout=log, stderr=subprocess.STDOUT)
+        wait_log(logpath, "watching", 1, 900)
+        r["backfill_seconds"] = round(time.time() - started, 1)
+        stored = db.messages.count_documents({})
+        if stored != n:
+            raise SystemExit("daemon watching with %d of %d stored" % (stored, n))
+        r["recent_after_backfill"] = db.messages.count_documents({"flags": "\\Recent"})
+        print("daemon backfilled %d messages and is idling after %.1f s; documents with \\Recent stored: %d" %
+              (n, r["backfill_seconds"], r["recent_after_backfill"]))
+
+        # (1) latency. A bare IDLE client (raw socket, EXAMINE) notes when Dovecot announces
+        # each change: the server's own delay.
+        events, ready = [], threading.Event()
+
+        def bare_idle():
+            sock = socket.create_connection(("127.0.0.1", s.imap))
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b'a LOGIN "bench" "pw-bench"\r\n')
+            while not f.readline().startswith(b"a "):
+                pass
+            sock.sendall(b"b EXAMINE INBOX\r\nc IDLE\r\n")
+            while not f.readline().startswith(b"+"):
+                pass
+            ready.set()
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                words = line.split()
+                if len(words) >= 3 and words[0] == b"*" and words[2] in (b"FETCH", b"EXPUNGE"):
+                    events.append((time.time(), words[2].decode()))
+
+        threading.Thread(target=bare_idle, daemon=True).start()
+        ready.wait(10)
+        c = login(s.imap)
+        ok(*c.select("INBOX"), "SELECT")
+        uidvalidity = int(c.response("UIDVALIDITY")[1][0])
+        ident = lambda uid: "bench/INBOX/%d/%d" % (uidvalidity, uid)
+        rng = random.Random(17)
+        pool = list(range(1, n + 1))
+        rng.shuffle(pool)
+        flagged = []
+
+        def wait_doc(uid, test, timeout=30):
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                d = db.messages.find_one({"_id": ident(uid)}, {"flags": 1, "flags_updated_at": 1, "expunged_at": 1})
+                if d and test(d):
+                    return time.time(), d
+                time.sleep(0.005)
+            return None, None
+
+        def server_delay(sent, done, kind):
+            t = next((t for t, k in events if t >= sent and k == kind), None)
+            return None if t is None else t - done
+
+        def epoch(dt):
+            import datetime
+            return dt.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+        flag_samples, flag_missed = [], []
+        for i in range(50):
+            time.sleep(rng.uniform(0.3, 1.5))
+            if i % 2 == 0 or not flagged:
+                uid, op, want = pool.pop(), "+FLAGS", True
+                flagged.append(uid)
+            else:
+                uid, op, want = flagged.pop(rng.randrange(len(flagged))), "-FLAGS", False
+            sent = time.time()
+            ok(*c.uid("STORE", str(uid), op, "(\\Flagged)"), "UID STORE")
+            done = time.time()
+            seen, d = wait_doc(uid, lambda d: ("\\Flagged" in d.get("flags", [])) == want)
+            if seen is None:
+                flag_missed.append({"uid": uid, "op": op})
+                continue
+            flag_samples.append({"uid": uid, "op": op, "visible_s": seen - done,
+                                 "flags_updated_at_s": epoch(d["flags_updated_at"]) - done if d.get("flags_updated_at") else None,
+                                 "server_s": server_delay(sent, done, "FETCH")})
+        exp_samples, exp_missed = [], []
+        for i in range(10):
+            time.sleep(rng.uniform(0.3, 1.5))
+            uid = pool.pop()
+            ok(*c.uid("STORE", str(uid), "+FLAGS.SILENT", "(\\Deleted)"), "UID STORE")
+            sent = time.time()
+            ok(*c.uid("EXPUNGE", str(uid)), "UID EXPUNGE")
+            done = time.time()
+            seen, d = wait_doc(uid, lambda d: d.get("expunged_at") is not None)
+            if seen is None:
+                exp_missed.append(uid)
+                continue
+            exp_samples.append({"uid": uid, "visible_s": seen - done, "expunged_at_s": epoch(d["expunged_at"]) - done,
+                                "server_s": server_delay(sent, done, "EXPUNGE")})
+        c.logout()
+        time.sleep(2)
+        # every change must be in the end state, not only seen once
+        final_flagged = {d["_id"] for d in db.messages.find({"flags": "\\Flagged"}, {"_id": 1})}
+        final_expunged = db.messages.count_documents({"expunged_at": {"$ne": None}})
+        # \Recent is a session flag: the SELECT above took it from every message, and no MODSEQ
+        # moved for that, so QRESYNC never reports it
+        r["recent_at_end"] = db.messages.count_documents({"flags": "\\Recent"})
+        applied = log_events(logpath, "changes_applied")
+
+        def pct(values):
+            values = [v for v in values if v is not None]
+            return bench_mail.percentiles(values) if values else None
+        r["flags"] = {"changes": 50, "missed": flag_missed,
+                      "server_idle_notify_ms": pct([x["server_s"] for x in flag_samples]),
+                      "visible_ms": pct([x["visible_s"] for x in flag_samples]),
+                      "flags_updated_at_ms": pct([x["flags_updated_at_s"] for x in flag_samples]),
+                      "flagged_at_end": len(final_flagged), "flagged_expected": len(flagged),
+                      "flagged_end_state_right": final_flagged == {ident(u) for u in flagged}}
+        r["expunge"] = {"expunges": 10, "missed": exp_missed,
+                        "server_idle_notify_ms": pct([x["server_s"] for x in exp_samples]),
+                        "visible_ms": pct([x["visible_s"] for x in exp_samples]),
+                        "expunged_at_ms": pct([x["expunged_at_s"] for x in exp_samples]),
+                        "marked_at_end": final_expunged}
+        r["flag_samples"] = [{k: (round(v * 1000, 1) if isinstance(v, float) else v) for k, v in x.items()} for x in flag_samples]
+        r["expunge_samples"] = [{k: (round(v * 1000, 1) if isinstance(v, float) else v) for k, v in x.items()} for x in exp_samples]
+        r["changes_applied_events"] = {"events": len(applied), "flags": sum(e.get("flags", 0) for e in applied),
+                                       "expunged": sum(e.get("expunged", 0) for e in applied)}
+        rss, hwm = proc_mem(daemon.pid)
+        r["daemon_rss_mb"], r["daemon_hwm_mb"] = round(rss, 1), round(hwm, 1)
+        print("%-52s %8s %8s %8s %8s %4s" % ("ms after the tagged OK", "p50", "p95", "p99", "max", "n"))
+        for label, v in (("flag change: Dovecot's FETCH to a bare IDLE client", r["flags"]["server_idle_notify_ms"]),
+                         ("flag change: visible in MongoDB (polled, 5 ms)", r["flags"]["visible_ms"]),
+                         ("flag change: flags_updated_at", r["flags"]["flags_updated_at_ms"]),
+                         ("expunge: Dovecot's EXPUNGE to a bare IDLE client", r["expunge"]["server_idle_notify_ms"]),
+                         ("expunge: expunged_at visible (polled, 5 ms)", r["expunge"]["visible_ms"]),
+                         ("expunge: expunged_at", r["expunge"]["expunged_at_ms"])):
+            if v:
+                print("%-52s %8.1f %8.1f %8.1f %8.1f %4d" % (label, v["p50"], v["p95"], v["p99"], v["max"], v["n"]))
+        print("missed within 30 s: %d flag changes, %d expunges; end state: %d flagged (expected %d, same set: %s), %d marked expunged" %
+              (len(flag_missed), len(exp_missed), len(final_flagged), len(flagged), r["flags"]["flagged_end_state_right"], final_expunged))
+        print("changes_applied events: %(events)d, flags %(flags)d, expunged %(expunged)d; daemon RSS" % r["changes_applied_events"],
+              "%.1f MB (peak %.1f MB)" % (rss, hwm))
+        print("documents still stored with \\Recent after another client's SELECT: %d" % r["recent_at_end"])
+
+        # (2) a wake-up with nothing changed, on the same 10,000-message folder
+        record = db.mailboxes.find_one({"_id": "bench/INBOX"}) or {}
+        modseq, mvalidity = record.get("highest_modseq"), record.get("modseq_uidvalidity")
+        if modseq is None or mvalidity != uidvalidity:
+            raise SystemExit("no usable highest_modseq in mailboxes: %r" % record)
+        wake = {"stored_highest_modseq": int(modseq)}
+        qr, qr_examine, qr_bytes, qr_changes, plain, plain_bytes = [], [], [], 0, [], []
+        for _ in range(20):
+            c = login(s.imap)
+            c.received = 0
+            t0 = time.perf_counter()
+            ok(*c.enable("QRESYNC"), "ENABLE")
+            t1 = time.perf_counter()
+            c.is_readonly = True  # imaplib refuses the next command after a READ-ONLY it did not ask for
+            ok(*c._simple_command("EXAMINE", "INBOX", "(QRESYNC (%d %d))" % (uidvalidity, modseq)), "EXAMINE QRESYNC")
+            t2 = time.perf_counter()
+            qr.append(t2 - t0)
+            qr_examine.append(t2 - t1)
+            qr_bytes.append(c.received)
+            qr_changes += len([x for x in c.untagged_responses.get("FETCH", []) if x]) + len(c.untagged_responses.get("VANISHED", []))
+            wake["server_highest_modseq"] = int(c.untagged_responses.get("HIGHESTMODSEQ", [b"0"])[-1])
+            c.logout()
+        for _ in range(20):
+            c = login(s.imap)
+            c.received = 0
+            t0 = time.perf_counter()
+            ok(*c.select("INBOX", readonly=True), "EXAMINE")
+            plain.append(time.perf_counter() - t0)
+            plain_bytes.append(c.received)
+            c.logout()
+        c = login(s.imap)
+        ok(*c.select("INBOX", readonly=True), "EXAMINE")
+        full, full_bytes = [], 0
+        for _ in range(5):
+            c.received = 0
+            t0 = time.perf_counter()
+            data = ok(*c.uid("FETCH", "1:*", "(FLAGS)"), "UID FETCH")
+            full.append(time.perf_counter() - t0)
+            full_bytes = c.received
+        c.logout()
+        med = lambda v: round(statistics.median(v) * 1000, 2)
+        wake.update({"qresync_enable_examine_ms": med(qr), "qresync_examine_ms": med(qr_examine), "qresync_bytes": int(statistics.median(qr_bytes)),
+                     "qresync_changes_reported": qr_changes, "plain_examine_ms": med(plain), "plain_examine_bytes": int(statistics.median(plain_bytes)),
+                     "uid_fetch_all_flags_ms": med(full), "uid_fetch_all_flags_bytes": full_bytes, "uid_fetch_all_flags_responses": len(data)})
+
+        # the commands of one quiet wake-up: a second daemon on the same database with
+        # idle_refresh = 3s, its connection logged by Dovecot (rawlog_dir)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        log.close()
+        r["warnings"] = warnings(logpath)
+        os.makedirs(os.path.join(rawlog_root, "bench"))
+        for d in (rawlog_root, os.path.join(rawlog_root, "bench")):
+            os.chown(d, s.uid, 65534)
+        cfg2 = s.config("mirror", [("bench", "imap", s.imap)], account_extra='idle_refresh = "3s"\n')
+        log2path = os.path.join(s.work, "run2.log")
+        log2 = open(log2path, "w")
+        daemon = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg2, "run"], stdout=log2, stderr=subprocess.STDOUT)
+        wait_log(log2path, "watching", 1, 120)
+        time.sleep(8)  # two refreshes
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        log2.close()
+        r["warnings"] += warnings(log2path)
+        with open(os.path.join(ROOT, "bench-mirror.log"), "w") as keep:
+            for path in (logpath, log2path):
+                keep.write(open(path, errors="replace").read())
+        def rawlog(path):
+            """(epoch seconds, text) of each line Dovecot logged (it prefixes a timestamp)."""
+            out = []
+            for line in open(path, "rb").read().decode("utf-8", "replace").splitlines():
+                ts, _, text = line.partition(" ")
+                try:
+                    out.append((float(ts), text.strip()))
+                except ValueError:
+                    pass
+            return out
+        wakeups = []  # from a DONE to the next IDLE: (commands, ms, bytes the server sent)
+        bench_dir = os.path.join(rawlog_root, "bench")
+        for name in sorted(os.listdir(bench_dir)):
+            if not name.endswith(".in"):
+                continue
+            lines = rawlog(os.path.join(bench_dir, name))
+            out_lines = rawlog(os.path.join(bench_dir, name[:-3] + ".out")) if os.path.exists(os.path.join(bench_dir, name[:-3] + ".out")) else []
+            cmds = [(ts, text if text == "DONE" else text.partition(" ")[2]) for ts, text in lines if text]
+            i = 0
+            while i < len(cmds):
+                if cmds[i][1] == "DONE":
+                    j = i + 1
+                    while j < len(cmds) and cmds[j][1] != "IDLE":
+                        j += 1
+                    if j < len(cmds):
+                        t0, t1 = cmds[i][0], cmds[j][0]
+                        sent = sum(len(text) + 2 for ts, text in out_lines if t0 <= ts < t1)
+                        wakeups.append({"commands": [c for _, c in cmds[i + 1:j]], "ms": round((t1 - t0) * 1000, 1), "server_bytes": sent})
+                    i = j
+                else:
+                    i += 1
+        wake["quiet_wakeups_logged"] = len(wakeups)
+        wake["quiet_wakeups"] = wakeups
+        r["wakeup"] = wake
+        print("\nwake-up with nothing changed (stored HIGHESTMODSEQ %d, server's %d)" % (wake["stored_highest_modseq"], wake["server_highest_modseq"]))
+        print("%-52s %10s %10s" % ("", "median ms", "bytes"))
+        print("%-52s %10.2f %10d" % ("ENABLE QRESYNC + EXAMINE INBOX (QRESYNC (v m)), n=20", wake["qresync_enable_examine_ms"], wake["qresync_bytes"]))
+        print("%-52s %10.2f %10s" % ("  of which the EXAMINE", wake["qresync_examine_ms"], ""))
+        print("%-52s %10.2f %10d" % ("plain EXAMINE INBOX, n=20", wake["plain_examine_ms"], wake["plain_examine_bytes"]))
+        print("%-52s %10.2f %10d" % ("UID FETCH 1:* (FLAGS) (no CONDSTORE), n=5", wake["uid_fetch_all_flags_ms"], wake["uid_fetch_all_flags_bytes"]))
+        print("changes reported by the 20 QRESYNC EXAMINEs: %d" % qr_changes)
+        print("mailpump's quiet wake-ups (idle_refresh = 3s, Dovecot rawlog), from DONE to the next IDLE:")
+        for w in wakeups:
+            print("  %d commands, %.1f ms, %d bytes from the server: %s" % (len(w["commands"]), w["ms"], w["server_bytes"], "; ".join(w["commands"])))
+    finally:
+        s.close()
+
+    # (3) the full flag scan of a server without CONDSTORE/QRESYNC
+    caps = ("imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT THREAD=REFERENCES MULTIAPPEND "
+            "UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 LITERAL+\n")
+    s = Services(caps)
+    try:
+        s.add_users(["bench"])
+        bench_mail.seed_quiet(s.maildir("bench"), s.uid, n)
+        s.start_dovecot()
+        c = login(s.imap)
+        capabilities = sorted(ok(*c.capability(), "CAPABILITY")[0].decode().split())
+        if "CONDSTORE" in capabilities or "QRESYNC" in capabilities:
+            raise SystemExit("CONDSTORE still offered: %s" % capabilities)
+        cfg = s.config("scan", [("bench", "imap", s.imap)], account_extra='flag_scan_interval = "1s"\n')
+        mp = [os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"]
+        out, wall0, rss0 = timed(mp)
+        first = summary(out)
+        scan_db = pymongo.MongoClient(s.uri).scan.messages
+        recent_first = scan_db.count_documents({"flags": "\\Recent"})
+
+        def scanned(stdout):
+            for line in stdout.splitlines():
+                if '"message":"flags_scanned"' in line:
+                    return json.loads(line)
+            return None
+        ok(*c.select("INBOX"), "SELECT")
+        changed = random.Random(23).sample(range(1, n + 1), 200)
+        for uid in changed:
+            ok(*c.uid("STORE", str(uid), "+FLAGS", "(\\Flagged)"), "UID STORE")
+        c.logout()
+        time.sleep(1.5)  # flag_scan_interval is 1s
+        out, wall, rss = timed(mp)
+        cpu = CPU["last"]
+        scan = scanned(out)
+        time.sleep(1.5)
+        out2, wall2, rss2 = timed(mp)
+        quiet = scanned(out2)
+        flagged = scan_db.count_documents({"flags": "\\Flagged"})
+        recent_second = scan_db.count_documents({"flags": "\\Recent"})
+        if scan is None:
+            raise SystemExit("no flags_scanned event in the second sync:\n" + out[-3000:])
+        # 200 more changes now that no message carries \Recent any more (nor its document)
+        c = login(s.imap)
+        ok(*c.select("INBOX"), "SELECT")
+        seen_uids = random.Random(29).sample(sorted(set(range(1, n + 1)) - set(changed)), 200)
+        for uid in seen_uids:
+            ok(*c.uid("STORE", str(uid), "+FLAGS", "(\\Seen)"), "UID STORE")
+        c.logout()
+        time.sleep(1.5)
+        out3, wall3, rss3 = timed(mp)
+        clean = scanned(out3)
+        if clean is None:
+            raise SystemExit("no flags_scanned event in the fourth sync:\n" + out3[-3000:])
+        r["scan"] = {"capabilities": " ".join(capabilities), "first_sync_seconds": round(wall0, 2), "first_sync_stored": first.get("stored"),
+                     "changed": 200, "found": scan.get("flags"), "expunged": scan.get("expunged"), "last_uid": scan.get("last_uid"),
+                     "scan_elapsed_ms": scan.get("elapsed_ms"), "sync_wall_seconds": round(wall, 2), "sync_peak_rss_mb": round(rss),
+                     "sync_cpu_seconds": round(cpu, 2), "flagged_in_db": flagged,
+                     "quiet_scan_elapsed_ms": quiet.get("elapsed_ms") if quiet else None, "quiet_scan_found": quiet.get("flags") if quiet else None,
+                     "quiet_sync_wall_seconds": round(wall2, 2), "quiet_sync_peak_rss_mb": round(rss2),
+                     "recent_stored_after_first_sync": recent_first, "recent_stored_after_second_sync": recent_second,
+                     "clean_changed": 200, "clean_found": clean.get("flags"), "clean_scan_elapsed_ms": clean.get("elapsed_ms"),
+                     "clean_sync_wall_seconds": round(wall3, 2), "clean_sync_peak_rss_mb": round(rss3),
+                     "clean_sync_cpu_seconds": round(CPU["last"], 2)}
+        print("\nfull flag scan without CONDSTORE/QRESYNC (capabilities trimmed), %d messages, 200 flags changed:" % n)
+        print("%-52s %10s %10s %10s %8s" % ("", "scan ms", "sync s", "peak RSS", "found"))
+        print("%-52s %10d %10.2f %10s %8d" % ("second mailpump sync (flags_scanned)", scan["elapsed_ms"], wall, "%.0f MB" % rss, scan["flags"]))
+        if quiet:
+            print("%-52s %10d %10.2f %10s %8d" % ("third mailpump sync, nothing changed", quiet["elapsed_ms"], wall2, "%.0f MB" % rss2, quiet["flags"]))
+        print("%-52s %10d %10.2f %10s %8d" % ("fourth sync: 200 \\Seen added, no \\Recent left", clean["elapsed_ms"], wall3, "%.0f MB" % rss3, clean["flags"]))
+        print("documents flagged in MongoDB: %d; first sync (backfill) %.2f s; documents with \\Recent after the first sync %d, after the second %d" %
+              (flagged, wall0, recent_first, recent_second))
+    finally:
+        s.close()
+    if r["warnings"]:
+        print("\ndaemon log WARN/ERROR lines:")
+        for w in r["warnings"]:
+            print("  " + w)
+    else:
+        print("\nno WARN/ERROR in the daemons' logs")
+    print("daemon logs copied to bench-mirror.log")
+    return r
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it happens
     args = sys.argv[1:]
@@ -734,7 +1135,8 @@ def main():
     runs = {"backfill": lambda: backfill(size or 10000), "latency": lambda: latency(size or 100),
             "scale": lambda: scale(size or 1000), "big": lambda: big(size or 50),
             "verify": lambda: verify(size or 100000),
-            "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100, int(args[3]) if len(args) > 3 else 3)}
+            "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100, int(args[3]) if len(args) > 3 else 3),
+            "mirror": lambda: mirror(size or 10000)}
     for name in (runs if scenario == "all" else [scenario]):
         results[name] = runs[name]()
     out = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench-results.json"))

@@ -12,6 +12,7 @@
 #                                             `mailpump verify` timed (twice, then --deep)
 #   bash deploy/bench.sh folders [A] [F] [M]  A accounts (10) x F folders (100) of M messages (3),
 #                                             mailboxes = ["*"]: connections, RSS, NOTIFY latency
+#   bash deploy/bench.sh mirror [N]           N messages (10,000): flag/expunge latency, quiet wake-up, flag scan
 # See BENCHMARKS.md for the latest figures.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

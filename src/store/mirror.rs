@@ -4,15 +4,17 @@
 //! no document refers to any more.
 //!
 //! **Invariant (blobs):** once a batch is acknowledged, every blob its documents refer to is
-//! complete in the bucket, whatever sweep ran meanwhile. Writers claim every blob of a batch
-//! before they write its documents ([`Store::claim_blobs`]: `touched_at` set on those present,
-//! in one update; the missing ones written), and claim them again after the documents are in
-//! (rewriting any that a sweep removed in between). The sweep takes only blobs no document
-//! refers to and nobody touched for `blob_sweep_after`: it marks one `deleting` (only if still
-//! untouched), looks once more for a document, then removes the chunks, then the files
-//! document; a writer that meets a blob marked `deleting` waits (`StoreError::Busy`, the batch
-//! is retried) instead of pointing a document at it. The unit test
-//! `a_sweep_racing_a_writer_...` runs a sweep with no grace at all against such a writer.
+//! complete in the bucket, whatever sweep ran meanwhile. The sweep looks only at
+//! `blob_candidates` (the blobs of documents `on_expunge = "delete"` removed), only once they
+//! have been candidates for `blob_sweep_after`, only at blobs no document refers to and nobody
+//! touched for that long: it takes a lease on one (`deleting` with its own token, only if still
+//! untouched and not leased), removes the chunks, then the files document, and records
+//! `swept_at` on the candidate (kept two hours). Writers look their blobs up among the
+//! candidates before writing documents and again after ([`Store::claim_blobs`]: a candidate is
+//! touched and looked up one by one; every other blob cannot be swept within that time): a
+//! candidate that is gone is written again, one under a lease makes the batch wait
+//! (`StoreError::Busy`, retried). The unit test `a_sweep_racing_a_writer_...` runs a sweep with
+//! no grace at all against such a writer.
 
 use std::collections::{HashMap, HashSet};
 

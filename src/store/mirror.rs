@@ -67,6 +67,21 @@ fn message_id(account: &str, mailbox: &str, uidvalidity: u32, uid: u32) -> Strin
     format!("{account}/{mailbox}/{uidvalidity}/{uid}")
 }
 
+/// The `_id`s of `uids`, [`IDS_PER_QUERY`] at a time.
+fn id_chunks<'a>(
+    account: &'a str,
+    mailbox: &'a str,
+    uidvalidity: u32,
+    uids: &'a [u32],
+) -> impl Iterator<Item = Vec<String>> + 'a {
+    uids.chunks(IDS_PER_QUERY).map(move |chunk| {
+        chunk
+            .iter()
+            .map(|u| message_id(account, mailbox, uidvalidity, *u))
+            .collect()
+    })
+}
+
 impl Store {
     /// Writes the flags the server reports now; a document is only touched (and
     /// `flags_updated_at` only moves) when its flags really differ. Returns how many changed.
@@ -123,11 +138,7 @@ impl Store {
         uids: &[u32],
     ) -> Result<usize, StoreError> {
         let mut done = 0;
-        for chunk in uids.chunks(IDS_PER_QUERY) {
-            let ids: Vec<String> = chunk
-                .iter()
-                .map(|u| message_id(account, mailbox, uidvalidity, *u))
-                .collect();
+        for ids in id_chunks(account, mailbox, uidvalidity, uids) {
             let coll = self.messages.clone();
             done += match self.on_expunge {
                 OnExpunge::Delete => {
@@ -194,11 +205,7 @@ impl Store {
         uids: &[u32],
     ) -> Result<usize, StoreError> {
         let mut done = 0;
-        for chunk in uids.chunks(IDS_PER_QUERY) {
-            let ids: Vec<String> = chunk
-                .iter()
-                .map(|u| message_id(account, mailbox, uidvalidity, *u))
-                .collect();
+        for ids in id_chunks(account, mailbox, uidvalidity, uids) {
             let coll = self.messages.clone();
             done += self
                 .guarded("expunged unmark", async move {

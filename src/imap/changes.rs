@@ -1,6 +1,7 @@
 //! What the server said about the selected mailbox's existing messages, inside any response:
 //! flag changes (`* n FETCH (FLAGS ...)`, with `UID` and `MODSEQ` under QRESYNC), expunges
-//! (`* n EXPUNGE`, or `* VANISHED [(EARLIER)] uids` under QRESYNC) and `[HIGHESTMODSEQ n]`.
+//! (`* n EXPUNGE`, or `* VANISHED [(EARLIER)] uids` under QRESYNC). (HIGHESTMODSEQ is read
+//! from the SELECT itself: `MailboxInfo::highest_modseq`.)
 //! Pure: `Session` feeds it every untagged response, the catch-up pass takes it
 //! (`Session::take_changes`) and writes it to the store.
 //!
@@ -12,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 
-use async_imap::imap_proto::{AttributeValue, Response, ResponseCode};
+use async_imap::imap_proto::{AttributeValue, Response};
 
 /// More flag changes than this held at once (a hostile server, or a mailbox whose every flag
 /// changed) are dropped, and a full flag read is asked for instead.
@@ -32,8 +33,6 @@ pub struct Changes {
     pub expunged: bool,
     /// More was announced than is held: read every flag and compare every UID.
     pub overflow: bool,
-    /// The highest `[HIGHESTMODSEQ n]` seen.
-    pub highest_modseq: Option<u64>,
 }
 
 impl Changes {
@@ -104,32 +103,8 @@ impl Changes {
                     }
                 }
             }
-            Response::Data { outcome, .. } | Response::Done { outcome, .. } => {
-                if let Some(ResponseCode::HighestModSeq(m)) = outcome.code {
-                    self.highest_modseq = Some(self.highest_modseq.map_or(m, |h| h.max(m)));
-                }
-            }
             _ => {}
         }
-    }
-
-    /// Merges `later` (announced after `self`) into `self`.
-    pub fn merge(&mut self, later: Changes) {
-        for range in &later.vanished {
-            let gone: Vec<u32> = self.flags.range(range.clone()).map(|(u, _)| *u).collect();
-            for u in gone {
-                self.flags.remove(&u);
-            }
-        }
-        self.flags.extend(later.flags);
-        self.seqs.extend(later.seqs);
-        self.vanished.extend(later.vanished);
-        self.expunged |= later.expunged;
-        self.overflow |= later.overflow;
-        self.highest_modseq = match (self.highest_modseq, later.highest_modseq) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
     }
 
     /// The vanished UIDs, expanded, when they are few (at most `limit`); None when a range is
@@ -147,12 +122,6 @@ impl Changes {
         out.sort_unstable();
         out.dedup();
         Some(out)
-    }
-
-    /// Whether `uid` is in a vanished range (linear: for a few checks; many go through
-    /// [`Changes::vanished_ranges`] and [`in_ranges`]).
-    pub fn is_vanished(&self, uid: u32) -> bool {
-        self.vanished.iter().any(|r| r.contains(&uid))
     }
 
     /// The vanished ranges sorted and merged, for [`in_ranges`].
@@ -231,8 +200,8 @@ mod tests {
             uids: vec![1..=4_000_000_000],
         });
         assert_eq!(c.vanished_uids(1_000_000), None);
-        assert!(c.is_vanished(3_999_999_999));
         let ranges = c.vanished_ranges();
+        assert!(in_ranges(&ranges, 3_999_999_999));
         assert_eq!(ranges, vec![1..=4_000_000_000]);
         assert!(in_ranges(&ranges, 11) && !in_ranges(&ranges, 4_000_000_001));
         let d = Changes {

@@ -658,13 +658,7 @@ impl Session {
             }
         }
         let changes = std::mem::take(&mut self.changes);
-        Ok(
-            (!changes.is_empty() || changes.highest_modseq.is_some()).then_some((
-                name,
-                uidvalidity,
-                changes,
-            )),
-        )
+        Ok((!changes.is_empty()).then_some((name, uidvalidity, changes)))
     }
 
     /// `UID FETCH 1:last_uid (UID FLAGS) (CHANGEDSINCE modseq)`: the messages whose flags

@@ -193,20 +193,26 @@ async fn server(fault: Fault) -> (u16, Arc<Mutex<Vec<String>>>) {
     (port, seen)
 }
 
-async fn sync_against(fault: Fault) -> (Run, TestDb) {
-    let (port, _) = server(fault).await;
-    let db = TestDb::new().await;
-    let spec = AccountSpec {
-        name: "hostile".into(),
+/// An account on the scripted server at `port`, with `extra` config lines.
+fn scripted(name: &str, port: u16, extra: &[&str]) -> AccountSpec {
+    AccountSpec {
+        name: name.into(),
         port,
         security: "plain",
         username: "u".into(),
         password: "p".into(),
-        extra: vec![
-            "command_timeout = \"3s\"".into(),
-            "connect_timeout = \"2s\"".into(),
-        ],
-    };
+        extra: extra.iter().map(|l| l.to_string()).collect(),
+    }
+}
+
+async fn sync_against(fault: Fault) -> (Run, TestDb) {
+    let (port, _) = server(fault).await;
+    let db = TestDb::new().await;
+    let spec = scripted(
+        "hostile",
+        port,
+        &["command_timeout = \"3s\"", "connect_timeout = \"2s\""],
+    );
     let mp = Mailpump::new(&db, &[spec]);
     let run = tokio::time::timeout(Duration::from_secs(30), mp.run_async(&["sync"]))
         .await
@@ -268,17 +274,11 @@ async fn the_well_behaved_script_syncs() {
 async fn a_gmail_style_server_is_synced_from_all_mail_with_its_ids_and_labels() {
     let (port, seen) = server(Fault::Gmail).await;
     let db = TestDb::new().await;
-    let spec = AccountSpec {
-        name: "gm".into(),
+    let spec = scripted(
+        "gm",
         port,
-        security: "plain",
-        username: "u".into(),
-        password: "p".into(),
-        extra: vec![
-            "command_timeout = \"3s\"".into(),
-            "mailboxes = [\"\\\\All\"]".into(),
-        ],
-    };
+        &["command_timeout = \"3s\"", "mailboxes = [\"\\\\All\"]"],
+    );
     let mp = Mailpump::new(&db, &[spec]);
     let run = tokio::time::timeout(Duration::from_secs(30), mp.run_async(&["sync"]))
         .await
@@ -310,14 +310,7 @@ async fn a_gmail_style_server_is_synced_from_all_mail_with_its_ids_and_labels() 
 async fn a_163_style_server_that_wants_imap_id_before_select_is_served() {
     let (port, seen) = server(Fault::RequireId).await;
     let db = TestDb::new().await;
-    let spec = AccountSpec {
-        name: "netease".into(),
-        port,
-        security: "plain",
-        username: "u".into(),
-        password: "p".into(),
-        extra: vec![],
-    };
+    let spec = scripted("netease", port, &[]);
     let run = Mailpump::new(&db, &[spec]).run_async(&["sync"]).await;
     assert_eq!(run.code(), 0, "{}", run.stdout());
     assert_eq!(db.count("messages", doc! {}).await, 1);
@@ -403,17 +396,11 @@ async fn unknown_untagged_responses_are_ignored() {
 async fn a_refused_lone_message_is_an_outage_never_quarantined() {
     let (port, _) = server(Fault::FetchNo).await;
     let db = TestDb::new().await;
-    let spec = AccountSpec {
-        name: "hostile".into(),
+    let spec = scripted(
+        "hostile",
         port,
-        security: "plain",
-        username: "u".into(),
-        password: "p".into(),
-        extra: vec![
-            "quarantine_after = 1".into(),
-            "quarantine_min_age = \"0s\"".into(),
-        ],
-    };
+        &["quarantine_after = 1", "quarantine_min_age = \"0s\""],
+    );
     let mp = Mailpump::new(&db, &[spec]);
     for _ in 1..=3 {
         let run = mp.run_async(&["sync"]).await;
@@ -448,17 +435,11 @@ async fn a_refused_lone_message_is_an_outage_never_quarantined() {
 async fn an_empty_uid_list_for_a_full_mailbox_marks_nothing_expunged() {
     let (port, seen) = server(Fault::EmptySearchAll).await;
     let db = TestDb::new().await;
-    let spec = AccountSpec {
-        name: "hostile".into(),
+    let spec = scripted(
+        "hostile",
         port,
-        security: "plain",
-        username: "u".into(),
-        password: "p".into(),
-        extra: vec![
-            "command_timeout = \"3s\"".into(),
-            "flag_scan_interval = \"1s\"".into(),
-        ],
-    };
+        &["command_timeout = \"3s\"", "flag_scan_interval = \"1s\""],
+    );
     let mp = Mailpump::new_with_store(&db, "on_expunge = \"delete\"", &[spec]);
     assert_eq!(mp.run_async(&["sync"]).await.code(), 0);
     assert_eq!(db.count("messages", doc! {}).await, 1);
@@ -489,17 +470,11 @@ async fn an_empty_uid_list_for_a_full_mailbox_marks_nothing_expunged() {
 async fn an_emptied_folder_is_believed_only_when_a_later_comparison_agrees() {
     let (port, _seen) = server(Fault::EmptiedLater).await;
     let db = TestDb::new().await;
-    let spec = AccountSpec {
-        name: "hostile".into(),
+    let spec = scripted(
+        "hostile",
         port,
-        security: "plain",
-        username: "u".into(),
-        password: "p".into(),
-        extra: vec![
-            "command_timeout = \"3s\"".into(),
-            "flag_scan_interval = \"2s\"".into(),
-        ],
-    };
+        &["command_timeout = \"3s\"", "flag_scan_interval = \"2s\""],
+    );
     let mp = Mailpump::new_with_store(&db, "on_expunge = \"delete\"", &[spec]);
     assert_eq!(mp.run_async(&["sync"]).await.code(), 0);
     assert_eq!(db.count("messages", doc! {}).await, 1);

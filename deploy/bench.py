@@ -223,6 +223,52 @@ def backfill(n):
         s.close()
 
 
+def instructions(n):
+    """Instructions mailpump executes per message (valgrind callgrind: repeatable on a noisy
+    machine, unlike CPU seconds), for `mailpump sync` of n messages and for its two ceilings,
+    with the functions that cost most."""
+    s = Services()
+    try:
+        s.add_users(["bench"])
+        seed = bench_mail.seed_quiet(s.maildir("bench"), s.uid, n)
+        s.start_dovecot()
+        bench_mail.fetch_quiet(s.imap, "bench", "pw-bench")
+        print("\n== instructions (valgrind callgrind): %d messages, %.1f MB; database: %s" % (n, seed["bytes"] / 1e6, s.dbkind))
+        cfg = s.config("callgrind", [("bench", "imap", s.imap)])
+        out = {}
+        for label, cmd in (
+            ("mailpump sync (IMAP)", [os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "sync"]),
+            ("fetch ceiling", [os.path.join(BIN_DIR, "examples", "fetch_ceiling"), str(s.imap), "bench", "pw-bench", "100"]),
+            ("store ceiling (parse included)", [os.path.join(BIN_DIR, "examples", "store_ceiling"), s.uri, "ceiling", s.maildir("bench"), "100"]),
+        ):
+            data = os.path.join(s.work, "callgrind.%d.out" % len(out))
+            r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + data, *cmd], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit("%s under callgrind failed:\n%s" % (label, r.stderr[-3000:]))
+            total = next(int(l.split()[-1].replace(",", "")) for l in r.stderr.splitlines() if "Collected" in l)
+            ann = subprocess.run(["callgrind_annotate", "--threshold=100", data], capture_output=True, text=True).stdout
+            top = []
+            lines = ann.splitlines()
+            start = next((i for i, l in enumerate(lines) if "file:function" in l), len(lines))
+            for line in lines[start + 1:]:
+                if not line.strip() and top:
+                    break  # the function list ends; annotated source follows
+                parts = line.strip().split(None, 2)
+                if "PROGRAM TOTALS" in line:
+                    continue
+                if len(parts) >= 2 and parts[0].replace(",", "").isdigit() and "(" in parts[1] and len(top) < 12:
+                    ir = int(parts[0].replace(",", ""))
+                    name = line.split(")", 1)[1].strip() if ")" in line else parts[-1]
+                    top.append((ir, name[:110]))
+            print("%-32s %12.0f instructions per message (%.2f G in all)" % (label, total / n, total / 1e9))
+            for ir, name in top[:8]:
+                print("    %5.1f%%  %s" % (100 * ir / total, name))
+            out[label] = {"instructions": total, "per_message": round(total / n), "top": [[round(100 * ir / total, 1), name] for ir, name in top]}
+        return {"messages": n, "bytes": seed["bytes"], "results": out}
+    finally:
+        s.close()
+
+
 def latency(n):
     s = Services()
     try:
@@ -1136,8 +1182,9 @@ def main():
             "scale": lambda: scale(size or 1000), "big": lambda: big(size or 50),
             "verify": lambda: verify(size or 100000),
             "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100, int(args[3]) if len(args) > 3 else 3),
-            "mirror": lambda: mirror(size or 10000)}
-    for name in (runs if scenario == "all" else [scenario]):
+            "mirror": lambda: mirror(size or 10000),
+            "instructions": lambda: instructions(size or 2000)}
+    for name in ([n for n in runs if n != "instructions"] if scenario == "all" else [scenario]):
         results[name] = runs[name]()
     out = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench-results.json"))
     if os.path.exists(out):  # scenarios run one at a time accumulate in one file

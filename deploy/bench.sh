@@ -13,6 +13,8 @@
 #   bash deploy/bench.sh folders [A] [F] [M]  A accounts (10) x F folders (100) of M messages (3),
 #                                             mailboxes = ["*"]: connections, RSS, NOTIFY latency
 #   bash deploy/bench.sh mirror [N]           N messages (10,000): flag/expunge latency, quiet wake-up, flag scan
+#   bash deploy/bench.sh instructions [N]     N messages (2,000): instructions per message (valgrind
+#                                             callgrind) of sync and the two ceilings (not in "all")
 # See BENCHMARKS.md for the latest figures.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source deploy/services.sh
 mp_install
 command -v /usr/bin/time >/dev/null || apt-get install -y -qq time >/dev/null
+[ "${1:-}" != instructions ] || command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
 command -v node >/dev/null || apt-get install -y -qq nodejs npm >/dev/null
 PEERS=${XDG_CACHE_HOME:-$HOME/.cache}/mailpump/peers
 mkdir -p "$PEERS"

@@ -48,6 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         connect_timeout: Duration::from_secs(10),
         op_timeout: Duration::from_secs(120),
         max_inline_body: 1024 * 1024,
+        inline_raw_max: mailpump::parse::DEFAULT_INLINE_RAW,
         write_concern: Default::default(),
         on_expunge: Default::default(),
         blob_sweep_after: Duration::from_secs(3600),

@@ -121,6 +121,7 @@ struct RawStore {
     connect_timeout: Option<String>,
     op_timeout: Option<String>,
     max_inline_body: Option<i64>,
+    inline_raw_max: Option<i64>,
     write_concern: Option<RawWriteConcern>,
     on_expunge: Option<String>,
     blob_sweep_after: Option<String>,
@@ -308,6 +309,9 @@ pub struct StoreConfig {
     pub op_timeout: Duration,
     /// Text or HTML bodies larger than this many bytes go to the `blobs` bucket.
     pub max_inline_body: usize,
+    /// Raw messages up to this many bytes are stored inside their document (`raw.data`),
+    /// larger ones in the `blobs` bucket (0: always in the bucket).
+    pub inline_raw_max: usize,
     /// What MongoDB must have done before a write counts as acknowledged.
     pub write_concern: WriteConcern,
     /// What a message deleted on the server does to its document.
@@ -725,6 +729,17 @@ fn validate(raw: RawConfig, secrets: Secrets) -> Result<Config, ConfigError> {
                 return Err(invalid(
                     "store.max_inline_body",
                     format!("{n} is outside 1024..=4194304 bytes"),
+                ))
+            }
+        },
+        inline_raw_max: match store.inline_raw_max {
+            None => crate::parse::DEFAULT_INLINE_RAW,
+            // with parse's 12 MiB budget for the parsed part, still under MongoDB's 16 MiB
+            Some(n) if (0..=crate::parse::MAX_INLINE_RAW as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "store.inline_raw_max",
+                    format!("{n} is outside 0..={} bytes", crate::parse::MAX_INLINE_RAW),
                 ))
             }
         },

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::parse::sha256_hex;
 use crate::progress::Tracker;
-use crate::store::{ExportItem, Store, StoreError};
+use crate::store::{ExportItem, ExportRaw, Store, StoreError};
 
 /// Messages whose files may wait for, or be in, the blocking pool at once.
 pub const MAX_JOBS: usize = 4;
@@ -266,10 +266,11 @@ impl ExportReport {
 /// Reads what one message's files hold (raw, body, attachments) and names them.
 async fn prepare(store: &Store, item: &ExportItem, dir: &Path) -> Result<Job, ExportError> {
     let uid = item.uid.to_string();
-    let mut files = vec![(
-        dir.join(format!("{uid}.eml")),
-        store.read_blob(&item.raw_sha256).await?,
-    )];
+    let raw = match &item.raw {
+        ExportRaw::Inline(data) => data.clone(),
+        ExportRaw::Blob(sha) => store.read_blob(sha).await?,
+    };
+    let mut files = vec![(dir.join(format!("{uid}.eml")), raw)];
     let html = match (&item.html, &item.html_blob) {
         (Some(h), _) => Some(h.as_bytes().to_vec()),
         (None, Some(sha)) => Some(store.read_blob(sha).await?),

@@ -22,6 +22,17 @@ pub struct BlobRef {
     pub blob: String,
 }
 
+/// Where a message's raw bytes are: `sha256` and `size` always; `blob` when they are in the
+/// `blobs` bucket (larger than [`Limits::inline_raw_max`]), else they travel inline
+/// ([`ParsedMessage::raw_data`], stored as `raw.data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RawRef {
+    pub sha256: String,
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob: Option<String>,
+}
+
 /// Bytes to be stored in the `blobs` bucket under `sha256`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blob {
@@ -97,11 +108,30 @@ pub struct ParsedMessage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub html_blob: Option<BlobRef>,
     pub attachments: Vec<Attachment>,
-    pub raw: BlobRef,
+    pub raw: RawRef,
     pub parse_errors: Vec<String>,
-    /// Bytes for the `blobs` bucket: the raw message, every attachment, oversized bodies.
+    /// The raw bytes when they are stored inside the message document (`raw.data`): messages
+    /// up to [`Limits::inline_raw_max`]. Larger ones are the first of `blobs` instead.
+    #[serde(skip)]
+    pub raw_data: Option<Vec<u8>>,
+    /// Bytes for the `blobs` bucket: every attachment, oversized bodies, and the raw message
+    /// when it is larger than [`Limits::inline_raw_max`] (then always first).
     #[serde(skip)]
     pub blobs: Vec<Blob>,
+}
+
+impl ParsedMessage {
+    /// The exact bytes the server sent, wherever they are kept.
+    pub fn raw_bytes(&self) -> &[u8] {
+        match &self.raw_data {
+            Some(data) => data,
+            None => self
+                .blobs
+                .iter()
+                .find(|b| b.sha256 == self.raw.sha256)
+                .map_or(&[], |b| b.bytes.as_slice()),
+        }
+    }
 }
 
 /// Limits that keep a document well under MongoDB's 16 MiB.
@@ -113,7 +143,15 @@ pub struct Limits {
     pub max_headers_bytes: usize,
     /// The parsed part of a document stays under this many bytes of BSON ([`DOCUMENT_BUDGET`]).
     pub document_budget: usize,
+    /// Raw messages up to this many bytes are kept inside the document (`raw.data`), larger
+    /// ones in the `blobs` bucket. At most [`MAX_INLINE_RAW`].
+    pub inline_raw_max: usize,
 }
+
+/// The largest `inline_raw_max`: the parsed budget plus this stay under MongoDB's limit.
+pub const MAX_INLINE_RAW: usize = 2 * 1024 * 1024;
+/// The default `[store] inline_raw_max`: most mail is far smaller.
+pub const DEFAULT_INLINE_RAW: usize = 256 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -121,6 +159,7 @@ impl Default for Limits {
             max_inline_body: 1024 * 1024,
             max_headers_bytes: 4 * 1024 * 1024,
             document_budget: DOCUMENT_BUDGET,
+            inline_raw_max: DEFAULT_INLINE_RAW,
         }
     }
 }
@@ -149,8 +188,17 @@ pub fn parse(raw: Vec<u8>, limits: Limits) -> ParsedMessage {
             )
         }
     };
-    parsed.raw = raw_blob.reference();
-    parsed.blobs.insert(0, raw_blob);
+    parsed.raw = RawRef {
+        sha256: raw_blob.sha256.clone(),
+        size: raw_blob.bytes.len() as u64,
+        blob: None,
+    };
+    if raw_blob.bytes.len() <= limits.inline_raw_max.min(MAX_INLINE_RAW) {
+        parsed.raw_data = Some(raw_blob.bytes);
+    } else {
+        parsed.raw.blob = Some(raw_blob.sha256.clone());
+        parsed.blobs.insert(0, raw_blob);
+    }
     if parsed.raw.size > (limits.document_budget / MAX_EXPANSION) as u64 {
         fit(&mut parsed, limits.document_budget, limits);
     }
@@ -327,7 +375,7 @@ fn fit(p: &mut ParsedMessage, budget: usize, limits: Limits) {
     ));
 }
 
-fn empty(raw: BlobRef) -> ParsedMessage {
+fn empty(raw: RawRef) -> ParsedMessage {
     ParsedMessage {
         message_id: None,
         in_reply_to: Vec::new(),
@@ -348,15 +396,16 @@ fn empty(raw: BlobRef) -> ParsedMessage {
         attachments: Vec::new(),
         raw,
         parse_errors: Vec::new(),
+        raw_data: None,
         blobs: Vec::new(),
     }
 }
 
-fn placeholder_ref() -> BlobRef {
-    BlobRef {
+fn placeholder_ref() -> RawRef {
+    RawRef {
         sha256: String::new(),
         size: 0,
-        blob: String::new(),
+        blob: None,
     }
 }
 
@@ -714,7 +763,43 @@ mod tests {
             }
         );
         assert!(p.parse_errors.is_empty());
-        assert_eq!(p.blobs[0].sha256, p.raw.sha256);
+        // a small message travels inline, never as a blob
+        assert_eq!(p.raw_data.as_deref(), Some(p.raw_bytes()));
+        assert_eq!(p.raw.blob, None);
+        assert!(p.blobs.is_empty());
+    }
+
+    #[test]
+    fn raw_bytes_above_the_inline_limit_are_the_first_blob() {
+        let raw = format!("Subject: s\r\n\r\n{}\r\n", "y".repeat(5000)).into_bytes();
+        let small = Limits {
+            inline_raw_max: 4096,
+            ..Limits::default()
+        };
+        let p = parse(raw.clone(), small);
+        assert_eq!(p.raw_data, None);
+        assert_eq!(p.raw.blob.as_deref(), Some(p.raw.sha256.as_str()));
+        assert_eq!(p.blobs[0].bytes, raw);
+        assert_eq!(p.raw_bytes(), raw.as_slice());
+        // exactly at the limit is still inline
+        let at = Limits {
+            inline_raw_max: raw.len(),
+            ..Limits::default()
+        };
+        assert_eq!(
+            parse(raw.clone(), at).raw_data.as_deref(),
+            Some(raw.as_slice())
+        );
+        // the limit is capped, whatever the caller asks
+        let huge = "z".repeat(MAX_INLINE_RAW + 1).into_bytes();
+        let p = parse(
+            huge,
+            Limits {
+                inline_raw_max: usize::MAX,
+                ..Limits::default()
+            },
+        );
+        assert!(p.raw_data.is_none() && p.raw.blob.is_some());
     }
 
     #[test]
@@ -749,16 +834,22 @@ mod tests {
         let p = parse_str(&m);
         assert_eq!(p.attachments.len(), 2);
         assert_eq!(p.attachments[0].sha256, p.attachments[1].sha256);
-        assert_eq!(p.blobs.len(), 2, "raw + one attachment blob");
+        assert_eq!(
+            p.blobs.len(),
+            1,
+            "one attachment blob (the raw bytes are inline)"
+        );
     }
 
     /// A budget small enough for debug-build tests; `fit` does not depend on its value.
     const SMALL_BUDGET: usize = 400 * 1024;
 
-    /// The BSON size of the whole `messages` document of `raw`.
+    /// The BSON size of the whole `messages` document of `raw` (raw bytes in a blob: the
+    /// budget is about the parsed part).
     fn document_size(raw: Vec<u8>, budget: usize) -> (usize, ParsedMessage) {
         let limits = Limits {
             document_budget: budget,
+            inline_raw_max: 0,
             ..Limits::default()
         };
         let ready = crate::store::ReadyMessage {
@@ -880,7 +971,7 @@ mod tests {
 
         fn check(raw: Vec<u8>) -> Result<(), TestCaseError> {
             let parsed = parse(raw.clone(), Limits::default());
-            prop_assert_eq!(&parsed.blobs[0].bytes, &raw);
+            prop_assert_eq!(parsed.raw_bytes(), raw.as_slice());
             let ready = crate::store::ReadyMessage {
                 uid: 1,
                 flags: vec![],

@@ -28,6 +28,7 @@ pub const STORE_SHUTDOWN: Duration = Duration::from_secs(2);
 pub fn limits(config: &Config) -> Limits {
     Limits {
         max_inline_body: config.store.max_inline_body,
+        inline_raw_max: config.store.inline_raw_max,
         ..Limits::default()
     }
 }

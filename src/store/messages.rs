@@ -109,7 +109,21 @@ impl Store {
         let stored_at = bson::DateTime::now();
         let docs: Vec<Document> = batch
             .iter()
-            .map(|m| message_document(account, mailbox, uidvalidity, m, stored_at))
+            .map(|m| {
+                let d = message_document(account, mailbox, uidvalidity, m, stored_at);
+                // Never send what MongoDB must refuse. parse keeps the parsed part under its
+                // budget and inline raw bytes are capped, so only documents that may come near
+                // the limit are measured (encoding one costs as much as sending it).
+                if !may_exceed_limit(m) {
+                    return d;
+                }
+                let size = encoded_size(&d);
+                if size > MAX_DOCUMENT_BYTES {
+                    minimal_document(&d, &format!("the parsed document ({size} bytes) exceeds MongoDB's limit: stored raw only"))
+                } else {
+                    d
+                }
+            })
             .collect();
         let (inserted, replaced) = self.write_messages(docs).await?;
         // The blobs again, now that documents point at them: a sweep that removed one between
@@ -133,24 +147,14 @@ impl Store {
             return Ok((0, 0));
         }
         let total = docs.len();
-        // Never send what MongoDB must refuse: parse keeps documents far below the limit, but the
-        // server supplies the flags.
-        let docs: Vec<Document> = docs
-            .into_iter()
-            .map(|d| {
-                let size = encoded_size(&d);
-                if size > MAX_DOCUMENT_BYTES {
-                    minimal_document(&d, &format!("the parsed document ({size} bytes) exceeds MongoDB's limit: stored raw only"))
-                } else {
-                    d
-                }
-            })
-            .collect();
-        let keep = docs.clone();
+        // Shared with the insert's task, not copied: the documents are needed again only when
+        // some of them come back (duplicates, refusals).
+        let keep = std::sync::Arc::new(docs);
+        let sent = keep.clone();
         let coll = self.messages.clone();
         let outcome = self
             .guarded("message insert", async move {
-                match coll.insert_many(docs).ordered(false).await {
+                match coll.insert_many(sent.iter()).ordered(false).await {
                     Ok(_) => Ok(Ok((Vec::new(), Vec::new()))),
                     Err(e) => match classify_insert_many(&e) {
                         Some(split) => Ok(Ok(split)),
@@ -166,7 +170,7 @@ impl Store {
             Err(why) => {
                 tracing::warn!(count = keep.len(), error = %why, "batch_refused_per_document");
                 let mut replaced = 0;
-                for d in &keep {
+                for d in keep.iter() {
                     replaced += self.write_one(d.clone()).await? as usize;
                 }
                 return Ok((total - replaced, replaced));
@@ -229,6 +233,17 @@ impl Store {
         }
         Ok(false)
     }
+}
+
+/// Whether the document of `m` could exceed [`MAX_DOCUMENT_BYTES`] and must be measured. A
+/// message whose parsed part cannot have reached parse's budget (its raw size is below the
+/// budget over parse's largest expansion factor) and whose server-supplied lists (flags, Gmail
+/// labels) are small cannot: those are the ordinary ones. A document refused all the same is
+/// still stored, minimal (`write_messages`).
+fn may_exceed_limit(m: &ReadyMessage) -> bool {
+    let listed = |l: &[String]| l.iter().map(|s| s.len() + 16).sum::<usize>();
+    let extra = listed(&m.flags) + m.gmail.as_ref().map_or(0, |g| listed(&g.labels));
+    m.parsed.raw.size as usize > crate::parse::DOCUMENT_BUDGET / 32 || extra > 512 * 1024
 }
 
 /// The update that rewrites a stored message document with `d` (a replayed batch): every field
@@ -314,6 +329,25 @@ fn opt_string(s: &Option<String>) -> Bson {
         .unwrap_or(Bson::Null)
 }
 
+/// `raw`: `{sha256, size, data}` with the bytes inline (up to `[store] inline_raw_max`), or
+/// `{sha256, size, blob}` naming them in the `blobs` bucket (larger messages, and every
+/// document written before inline raw bytes existed).
+fn raw_field(p: &ParsedMessage) -> Document {
+    let mut raw = doc! {"sha256": &p.raw.sha256, "size": p.raw.size as i64};
+    match (&p.raw_data, &p.raw.blob) {
+        (Some(data), _) => raw.insert(
+            "data",
+            bson::Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: data.clone(),
+            },
+        ),
+        (None, Some(blob)) => raw.insert("blob", blob),
+        (None, None) => raw.insert("blob", &p.raw.sha256),
+    };
+    raw
+}
+
 /// The `messages` document (README, "What lands in MongoDB").
 pub fn message_document(
     account: &str,
@@ -347,7 +381,7 @@ pub fn message_document(
         "text": opt_string(&p.text),
         "html": opt_string(&p.html),
         "attachments": to_bson(&p.attachments),
-        "raw": to_bson(&p.raw),
+        "raw": raw_field(p),
         "parse_errors": &p.parse_errors,
         "stored_at": stored_at,
     };
@@ -416,6 +450,7 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             op_timeout: Duration::from_secs(60),
             max_inline_body: 1024 * 1024,
+            inline_raw_max: crate::parse::DEFAULT_INLINE_RAW,
             write_concern: Default::default(),
             on_expunge: Default::default(),
             blob_sweep_after: Duration::from_secs(3600),

@@ -704,18 +704,19 @@ impl Store {
 
 /// The fields of a message document that name blobs.
 static REFERENCE_FIELDS: std::sync::LazyLock<Document> = std::sync::LazyLock::new(|| {
-    doc! {"raw.sha256": 1, "attachments.sha256": 1, "text_blob.sha256": 1, "html_blob.sha256": 1}
+    doc! {"raw.sha256": 1, "raw.blob": 1, "attachments.sha256": 1, "text_blob.sha256": 1, "html_blob.sha256": 1}
 });
 
 /// Every blob digest a message document (or its projection on [`REFERENCE_FIELDS`]) names.
+/// Raw bytes stored inline (`raw.data`, no `raw.blob`) are no blob.
 fn blob_refs(d: &Document) -> Vec<String> {
     let mut out = Vec::new();
     for key in ["raw", "text_blob", "html_blob"] {
-        if let Some(s) = d
-            .get_document(key)
-            .ok()
-            .and_then(|r| r.get_str("sha256").ok())
-        {
+        let Ok(r) = d.get_document(key) else { continue };
+        if key == "raw" && !r.contains_key("blob") {
+            continue;
+        }
+        if let Ok(s) = r.get_str("sha256") {
             out.push(s.to_string());
         }
     }
@@ -779,9 +780,27 @@ mod tests {
             flags: vec![],
             internal_date: None,
             size: raw.len() as u64,
-            parsed: parse(raw, Limits::default()),
+            // raw bytes as a blob too: the sweep has raw blobs to judge
+            parsed: parse(
+                raw,
+                Limits {
+                    inline_raw_max: 0,
+                    ..Limits::default()
+                },
+            ),
             gmail: None,
         }
+    }
+
+    #[test]
+    fn inline_raw_bytes_are_no_blob_reference() {
+        let inline = doc! {"raw": {"sha256": "r", "size": 3i64, "data": bson::Binary {subtype: bson::spec::BinarySubtype::Generic, bytes: b"abc".to_vec()}},
+        "attachments": [{"sha256": "a"}], "text_blob": {"sha256": "t"}};
+        assert_eq!(blob_refs(&inline), vec!["t".to_string(), "a".to_string()]);
+        let projected = doc! {"raw": {"sha256": "r"}, "attachments": []};
+        assert!(blob_refs(&projected).is_empty(), "no raw.blob: inline");
+        let old_layout = doc! {"raw": {"sha256": "r", "size": 3i64, "blob": "r"}};
+        assert_eq!(blob_refs(&old_layout), vec!["r".to_string()]);
     }
 
     /// A sweep running flat out (nothing is "old enough" to protect a blob: `older_than` 0)
@@ -798,6 +817,7 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             op_timeout: Duration::from_secs(60),
             max_inline_body: 1024 * 1024,
+            inline_raw_max: crate::parse::DEFAULT_INLINE_RAW,
             write_concern: Default::default(),
             on_expunge: OnExpunge::Delete,
             blob_sweep_after: Duration::from_secs(1),

@@ -34,7 +34,7 @@ pub use mailboxes::{Checkpoint, FailureCount, FolderRecord, MailboxRecord, Mailb
 pub use messages::{message_document, minimal_document, CommitReport, GmailIds, ReadyMessage};
 pub use mirror::{FlagChange, StoredMeta, SweepReport};
 pub use pop3::Pop3Entry;
-pub use reads::{ExportCursor, ExportItem, MailboxSummary, EXPORT_QUEUE};
+pub use reads::{ExportCursor, ExportItem, ExportRaw, MailboxSummary, EXPORT_QUEUE};
 
 use std::future::Future;
 use std::time::Duration;

@@ -25,13 +25,23 @@ pub struct ExportItem {
     pub mailbox: String,
     pub uidvalidity: u32,
     pub uid: u32,
-    pub raw_sha256: String,
+    pub raw: ExportRaw,
     pub text: Option<String>,
     pub html: Option<String>,
     pub text_blob: Option<String>,
     pub html_blob: Option<String>,
     /// (filename, content_type, sha256) of each attachment, in document order.
     pub attachments: Vec<(Option<String>, String, String)>,
+}
+
+/// Where an exported message's raw bytes are.
+#[derive(Debug, Clone)]
+pub enum ExportRaw {
+    /// In the document (`raw.data`).
+    Inline(Vec<u8>),
+    /// In the `blobs` bucket under this SHA-256 (`raw.blob`: large messages, and every
+    /// document written before raw bytes were stored inline).
+    Blob(String),
 }
 
 impl ExportItem {
@@ -47,7 +57,10 @@ impl ExportItem {
             mailbox: d.get_str("mailbox").ok()?.to_string(),
             uidvalidity: d.get_i64("uidvalidity").ok()? as u32,
             uid: d.get_i64("uid").ok()? as u32,
-            raw_sha256: blob_of("raw")?,
+            raw: match d.get_document("raw").ok()?.get_binary_generic("data") {
+                Ok(data) => ExportRaw::Inline(data.clone()),
+                Err(_) => ExportRaw::Blob(blob_of("raw")?),
+            },
             text: text_of("text"),
             html: text_of("html"),
             text_blob: blob_of("text_blob"),

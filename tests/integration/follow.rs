@@ -35,6 +35,7 @@ async fn store(uri: &str, database: &str, on_expunge: OnExpunge) -> Store {
         connect_timeout: Duration::from_secs(10),
         op_timeout: Duration::from_secs(30),
         max_inline_body: 1024 * 1024,
+        inline_raw_max: mailpump::parse::DEFAULT_INLINE_RAW,
         write_concern: Default::default(),
         on_expunge,
         blob_sweep_after: Duration::from_secs(3600),

@@ -84,8 +84,12 @@ fn every_fixture_parses_to_its_expected_document() {
                 }
             }
         }
-        // the raw bytes are always kept whole, as the first blob
-        assert_eq!(parsed.blobs[0].bytes, *raw, "{name}: raw bytes intact");
+        // the raw bytes are always kept whole: inline, these fixtures are all small
+        assert_eq!(
+            parsed.raw_data.as_ref(),
+            Some(raw),
+            "{name}: raw bytes intact"
+        );
     }
     assert!(
         failures.is_empty(),
@@ -166,7 +170,7 @@ fn every_malformed_message_parses_to_a_storable_document_with_its_raw_bytes() {
     assert!(cases.len() >= 100, "{} cases", cases.len());
     for (name, raw, broken) in &cases {
         let parsed = parse::parse(raw.clone(), Limits::default());
-        assert_eq!(&parsed.blobs[0].bytes, raw, "{name}: raw intact");
+        assert_eq!(parsed.raw_bytes(), raw.as_slice(), "{name}: raw intact");
         if *broken {
             assert!(
                 !parsed.parse_errors.is_empty(),
@@ -184,5 +188,11 @@ fn every_malformed_message_parses_to_a_storable_document_with_its_raw_bytes() {
         let doc = mailpump::store::message_document("a", "INBOX", 1, &ready, bson::DateTime::now());
         let size = bson::to_vec(&doc).expect("the document encodes").len();
         assert!(size < 16 * 1024 * 1024, "{name}: {size} bytes");
+        // what the document holds of the raw bytes is them, exactly
+        let stored = doc.get_document("raw").unwrap();
+        match stored.get_binary_generic("data") {
+            Ok(data) => assert_eq!(data, raw, "{name}: raw.data"),
+            Err(_) => assert!(raw.len() > 256 * 1024, "{name}: a small message is inline"),
+        }
     }
 }

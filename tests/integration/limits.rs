@@ -75,11 +75,7 @@ async fn messages_whose_parsed_form_exceeds_16_mib_are_stored_and_later_mail_too
             bytes.len() as i64,
             "{subject}"
         );
-        assert_eq!(
-            db.blob(raw.get_str("sha256").unwrap()).await,
-            *bytes,
-            "{subject}"
-        );
+        assert_eq!(db.raw(&d[0]).await, *bytes, "{subject}");
     }
     assert_eq!(
         db.messages(doc! {"subject": "after the monsters"})

@@ -248,7 +248,8 @@ async fn on_expunge_delete_removes_documents_and_the_sweep_keeps_shared_blobs() 
     server.append(&user, "INBOX", &with_attachment("two", &shared));
     server.append(&user, "INBOX", &with_attachment("three", &unique));
     let db = TestDb::new().await;
-    let toml_store = "on_expunge = \"delete\"\nblob_sweep_after = \"1s\"";
+    // raw bytes as blobs too (inline_raw_max = 0), so that the sweep has raw blobs to judge
+    let toml_store = "on_expunge = \"delete\"\nblob_sweep_after = \"1s\"\ninline_raw_max = 0";
     let mp = Mailpump::new_with_store(
         &db,
         toml_store,

@@ -43,10 +43,7 @@ async fn pop3_over_plain_tls_and_stls_stores_the_exact_bytes() {
         for d in &docs {
             assert_eq!(d.get_str("mailbox").unwrap(), "INBOX");
             assert_eq!(d.get_i64("uidvalidity").unwrap(), 0);
-            stored.insert(
-                db.blob(d.get_document("raw").unwrap().get_str("sha256").unwrap())
-                    .await,
-            );
+            stored.insert(db.raw(d).await);
         }
         assert_eq!(
             stored,
@@ -486,17 +483,7 @@ async fn a_connection_dropped_mid_retr_stores_and_deletes_nothing_then_recovers(
     assert_eq!(run.code(), 0, "{}", run.stdout());
     let docs = db.messages(doc! {}).await;
     assert_eq!(docs.len(), 1);
-    assert_eq!(
-        db.blob(
-            docs[0]
-                .get_document("raw")
-                .unwrap()
-                .get_str("sha256")
-                .unwrap()
-        )
-        .await,
-        SCRIPTED_MESSAGE.as_bytes()
-    );
+    assert_eq!(db.raw(&docs[0]).await, SCRIPTED_MESSAGE.as_bytes());
     let second = log.lock().unwrap()[1].clone();
     let dele = second
         .iter()

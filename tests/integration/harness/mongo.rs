@@ -68,6 +68,30 @@ impl TestDb {
             .unwrap()
     }
 
+    /// The raw bytes of a message document: inline (`raw.data`) or from its blob
+    /// (`raw.blob`), checked against `raw.sha256` and `raw.size`.
+    pub async fn raw(&self, d: &Document) -> Vec<u8> {
+        let raw = d.get_document("raw").expect("raw");
+        let sha = raw.get_str("sha256").unwrap();
+        let bytes = match raw.get_binary_generic("data") {
+            Ok(data) => {
+                assert!(
+                    !raw.contains_key("blob"),
+                    "raw is inline or a blob, not both"
+                );
+                data.clone()
+            }
+            Err(_) => self.blob(raw.get_str("blob").expect("raw.blob")).await,
+        };
+        assert_eq!(
+            mailpump::parse::sha256_hex(&bytes),
+            sha,
+            "raw bytes match raw.sha256"
+        );
+        assert_eq!(bytes.len() as i64, raw.get_i64("size").unwrap());
+        bytes
+    }
+
     /// Reassembles a blob from its GridFS chunks.
     pub async fn blob(&self, sha: &str) -> Vec<u8> {
         let files = self

@@ -95,9 +95,10 @@ async fn fetch_batch(
     failing: &HashSet<u32>,
     uids: &[u32],
     probes: &[u32],
+    next: Option<&[u32]>,
 ) -> Result<BatchOutcome, SyncError> {
     let mut failed: Vec<(u32, String)> = Vec::new();
-    let mut messages = match session.fetch_bodies(uids).await {
+    let mut messages = match session.fetch_bodies_then(uids, next).await {
         Ok(m) => m,
         Err(ImapError::Rejected { status, text, .. }) if uids.len() == 1 => {
             failed.push((uids[0], refusal(status, &text)));
@@ -593,6 +594,13 @@ impl Source for ImapSource<'_> {
             self.start_uid,
             failing,
         );
+        // The next batch's FETCH goes out now, so that the server works on it while this one
+        // is read (not with mark_seen: its STORE between batches would have to read it first).
+        let next = plan
+            .batches
+            .get(i + 1)
+            .filter(|_| !self.mark_seen)
+            .map(|b| b.uids.as_slice());
         let outcome = fetch_batch(
             self.session,
             self.store,
@@ -600,6 +608,7 @@ impl Source for ImapSource<'_> {
             failing,
             &batch.uids,
             &probes,
+            next,
         )
         .await?;
         if let Some(m) = outcome.messages.last() {

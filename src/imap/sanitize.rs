@@ -81,7 +81,16 @@ pub struct Sanitize<T> {
     /// The response being captured, and the queue it goes to once whole.
     capturing: Vec<u8>,
     captured: Captured,
+    /// The buffer socket reads go into (kept between reads; its capacity is the read size).
+    scratch: Vec<u8>,
+    /// Bytes the last read gave.
+    last_read: usize,
 }
+
+/// The smallest read of the socket, and the size an idle connection's buffer returns to.
+const MIN_READ: usize = 16 * 1024;
+/// The largest read of the socket.
+const MAX_READ: usize = 512 * 1024;
 
 /// The `n` of a line ending in `{n}\r\n` or `{n+}\r\n`.
 fn literal_length(line: &[u8]) -> Option<u64> {
@@ -154,6 +163,8 @@ impl<T> Sanitize<T> {
             eof: false,
             capturing: Vec::new(),
             captured: Captured::default(),
+            scratch: Vec::new(),
+            last_read: 0,
         }
     }
 
@@ -260,21 +271,48 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sanitize<T> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            let mut scratch = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut scratch);
+            // One read takes what the socket holds, up to the buffer's size: that doubles
+            // after every read that filled it (a backfill moves hundreds of MB: few large
+            // reads, not many small ones), up to MAX_READ, and goes back to MIN_READ when the
+            // connection falls quiet (an idling session keeps no large buffer).
+            let mut scratch = std::mem::take(&mut this.scratch);
+            if scratch.capacity() < MIN_READ {
+                scratch = Vec::with_capacity(MIN_READ);
+            }
+            scratch.clear();
+            let size = scratch.capacity();
+            let mut rb = ReadBuf::uninit(scratch.spare_capacity_mut());
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    this.scratch = if this.last_read < MIN_READ && scratch.capacity() > MIN_READ {
+                        Vec::new()
+                    } else {
+                        scratch
+                    };
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    this.scratch = scratch;
+                    return Poll::Ready(Err(e));
+                }
                 Poll::Ready(Ok(())) => {
                     let filled = rb.filled();
-                    if filled.is_empty() {
+                    this.last_read = filled.len();
+                    let full = filled.len() == size;
+                    let result = if filled.is_empty() {
                         // EOF: whatever partial line there is goes up as it is
                         this.eof = true;
                         let rest = std::mem::take(&mut this.line);
                         this.out.extend_from_slice(&rest);
+                        Ok(())
                     } else {
-                        this.process(filled)?;
+                        this.process(filled)
+                    };
+                    if full && size < MAX_READ {
+                        scratch = Vec::with_capacity(size * 2);
                     }
+                    this.scratch = scratch;
+                    result?;
                 }
             }
         }

@@ -79,6 +79,25 @@ pub struct Session {
     /// The server refused a SELECT/EXAMINE with a `(QRESYNC ...)` or `(CONDSTORE)` parameter:
     /// plain ones from then on (and no CONDSTORE: CHANGEDSINCE would go the same way).
     no_select_parameters: bool,
+    /// A body FETCH sent ahead of its turn ([`Session::fetch_bodies_then`]): the server works
+    /// on it while the one before is read. Any other command first reads it to its end.
+    ahead: Option<Ahead>,
+    /// The server answered pipelined FETCHes out of order or interleaved: no more of them
+    /// in this session.
+    no_pipelining: bool,
+}
+
+/// A body FETCH sent before its turn.
+#[derive(Debug)]
+struct Ahead {
+    tag: imap_proto::RequestId,
+    verb: String,
+    uids: Vec<u32>,
+    /// Its tagged reply, or some of its FETCH responses, were read while another command was
+    /// being read: what it fetched is not all there, it is asked again.
+    spoiled: bool,
+    /// Its tagged reply was read already.
+    done: bool,
 }
 
 /// At most this many captured responses wait to be read (a server that streams STATUS lines
@@ -550,6 +569,8 @@ impl Session {
             opening_other: false,
             compare_due: HashSet::new(),
             no_select_parameters: false,
+            ahead: None,
+            no_pipelining: false,
         };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
@@ -834,6 +855,7 @@ impl Session {
         names: &[String],
         items: &str,
     ) -> Result<Vec<StatusEntry>, ImapError> {
+        self.settle_ahead().await?;
         self.hold_listings();
         let asked: HashSet<&String> = names.iter().collect();
         let mut out = Vec::new();
@@ -933,6 +955,7 @@ impl Session {
         deadline: tokio::time::Instant,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<WaitEnd, ImapError> {
+        self.settle_ahead().await?;
         self.cap_listings();
         if !self.held.is_empty() || !crate::error::lock(&self.captured).is_empty() || self.changed {
             return Ok(WaitEnd::News);
@@ -995,26 +1018,62 @@ impl Session {
 
     /// Sends `command` and hands every untagged response to `on_untagged` until the tagged
     /// reply, which must be OK. A BYE ends the session with an error.
-    pub async fn command<F>(&mut self, command: &str, mut on_untagged: F) -> Result<(), ImapError>
+    pub async fn command<F>(&mut self, command: &str, on_untagged: F) -> Result<(), ImapError>
     where
         F: FnMut(&Response<'_>) -> Result<(), ImapError>,
     {
+        self.settle_ahead().await?;
+        let (tag, verb) = self.send(command).await?;
+        self.finish(&tag, &verb, on_untagged).await
+    }
+
+    /// Sends `command`; returns its tag and its verb (for messages).
+    async fn send(&mut self, command: &str) -> Result<(imap_proto::RequestId, String), ImapError> {
         let verb = command
             .split(' ')
             .take(if command.starts_with("UID ") { 2 } else { 1 })
             .collect::<Vec<_>>()
             .join(" ");
-        let tag = match tokio::time::timeout(self.timeout, self.inner.run_command(command)).await {
-            Err(_) => {
-                return Err(NetError::Timeout {
-                    what: format!("sending {verb}"),
-                    after: self.timeout,
-                }
-                .into())
+        match tokio::time::timeout(self.timeout, self.inner.run_command(command)).await {
+            Err(_) => Err(NetError::Timeout {
+                what: format!("sending {verb}"),
+                after: self.timeout,
             }
-            Ok(Err(e)) => return Err(map_async_imap(e)),
-            Ok(Ok(tag)) => tag,
+            .into()),
+            Ok(Err(e)) => Err(map_async_imap(e)),
+            Ok(Ok(tag)) => Ok((tag, verb)),
+        }
+    }
+
+    /// Reads the FETCH sent ahead (if any) to its end, dropping what it fetched: whatever runs
+    /// next must find the stream in step. Its refusal does not matter (nobody asked yet).
+    async fn settle_ahead(&mut self) -> Result<(), ImapError> {
+        let Some(ahead) = self.ahead.take() else {
+            return Ok(());
         };
+        if ahead.done {
+            return Ok(());
+        }
+        match self.finish(&ahead.tag, &ahead.verb, |_| Ok(())).await {
+            Ok(()) | Err(ImapError::Rejected { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the responses to the command tagged `tag` up to its tagged reply, which must be
+    /// OK, handing every untagged one to `on_untagged`. A BYE ends the session with an error.
+    /// The tagged reply of the FETCH sent ahead may come first (a server that answers
+    /// pipelined commands out of order): it is noted, and that FETCH is asked again later.
+    async fn finish<F>(
+        &mut self,
+        tag: &imap_proto::RequestId,
+        verb: &str,
+        mut on_untagged: F,
+    ) -> Result<(), ImapError>
+    where
+        F: FnMut(&Response<'_>) -> Result<(), ImapError>,
+    {
+        let tag = tag.clone();
         let mut pending_error = None;
         loop {
             let response = next_response!(
@@ -1044,9 +1103,19 @@ impl Session {
                             } else {
                                 ""
                             };
-                            Err(rejected(&verb, other, text, hint))
+                            Err(rejected(verb, other, text, hint))
                         }
                     };
+                }
+                Response::Done { tag: t, .. }
+                    if self.ahead.as_ref().is_some_and(|a| a.tag == *t && !a.done) =>
+                {
+                    if let Some(a) = self.ahead.as_mut() {
+                        a.done = true;
+                        a.spoiled = true;
+                    }
+                    self.no_pipelining = true;
+                    tracing::debug!(command = %verb, "pipelined_reply_out_of_order");
                 }
                 Response::Done { tag: t, .. } => {
                     return Err(ImapError::Protocol(format!(
@@ -1274,65 +1343,82 @@ impl Session {
     /// `UID FETCH set (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])`: never sets \Seen.
     /// Untagged FETCHes without a body (flag updates for other messages) are ignored.
     pub async fn fetch_bodies(&mut self, uids: &[u32]) -> Result<Vec<FetchedMessage>, ImapError> {
-        let wanted: HashSet<u32> = uids.iter().copied().collect();
-        let mut out = Vec::with_capacity(uids.len());
+        self.fetch_bodies_then(uids, None).await
+    }
+
+    /// [`Session::fetch_bodies`] of `uids`, with the FETCH of `next` (the batch after, if
+    /// any) sent before this one's responses are read: the server starts on it while this one
+    /// is read, instead of waiting a round trip for it (IMAP pipelining, RFC 3501 5.5). Its
+    /// bytes wait in the socket until the next call asks for exactly `next`; anything else
+    /// reads and drops them first. A server that answers the two out of order or interleaved
+    /// is noticed (the FETCH ahead is then asked again) and gets no more pipelining in this
+    /// session.
+    pub async fn fetch_bodies_then(
+        &mut self,
+        uids: &[u32],
+        next: Option<&[u32]>,
+    ) -> Result<Vec<FetchedMessage>, ImapError> {
         let gmail = self.has_capability("X-GM-EXT-1");
-        let cmd = format!(
-            "UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE{} BODY.PEEK[])",
-            uid_set(uids),
-            if gmail {
-                " X-GM-MSGID X-GM-THRID X-GM-LABELS"
-            } else {
-                ""
+        let cmd_for = |uids: &[u32]| {
+            format!(
+                "UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE{} BODY.PEEK[])",
+                uid_set(uids),
+                if gmail {
+                    " X-GM-MSGID X-GM-THRID X-GM-LABELS"
+                } else {
+                    ""
+                }
+            )
+        };
+        // this batch's command: sent ahead already, or now
+        let (tag, verb) = match self.ahead.take() {
+            Some(a) if a.uids == uids && !a.spoiled => (a.tag, a.verb),
+            other => {
+                self.ahead = other;
+                self.settle_ahead().await?;
+                self.send(&cmd_for(uids)).await?
             }
-        );
-        self.command(&cmd, |r| {
-            if let Response::Fetch(_, attrs) = r {
-                let (mut uid, mut flags, mut date, mut size, mut body) =
-                    (None, Vec::new(), None, None, None);
-                let (mut msgid, mut thrid, mut labels) = (None, None, Vec::new());
-                for a in attrs {
-                    match a {
-                        AttributeValue::GmailMsgId(id) => msgid = Some(*id),
-                        AttributeValue::GmailThrId(id) => thrid = Some(*id),
-                        AttributeValue::GmailLabels(l) => {
-                            labels = l
-                                .iter()
-                                .map(|s| utf7::decode_mailbox(s).unwrap_or_else(|| s.to_string()))
-                                .collect()
+        };
+        let next = next.filter(|n| !n.is_empty() && !self.no_pipelining);
+        if let Some(next) = next {
+            let (tag, verb) = self.send(&cmd_for(next)).await?;
+            self.ahead = Some(Ahead {
+                tag,
+                verb,
+                uids: next.to_vec(),
+                spoiled: false,
+                done: false,
+            });
+        }
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let ahead_uids: HashSet<u32> = next
+            .map(|n| n.iter().copied().collect())
+            .unwrap_or_default();
+        let mut interleaved = false;
+        let mut out = Vec::with_capacity(uids.len());
+        let result = self
+            .finish(&tag, &verb, |r| {
+                if let Response::Fetch(_, attrs) = r {
+                    if let Some(m) = fetched_message(attrs) {
+                        if wanted.contains(&m.uid) {
+                            out.push(m);
+                        } else if ahead_uids.contains(&m.uid) {
+                            // the batch ahead answered inside this one: it is asked again
+                            interleaved = true;
                         }
-                        AttributeValue::Uid(u) => uid = Some(*u),
-                        AttributeValue::Flags(f) => flags = super::message_flags(f.iter()),
-                        AttributeValue::InternalDate(d) => date = parse_internal_date(d),
-                        AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
-                        AttributeValue::BodySection {
-                            section: None,
-                            data,
-                            ..
-                        } => body = Some(data.as_deref().unwrap_or(&[]).to_vec()),
-                        _ => {}
                     }
                 }
-                if let (Some(uid), Some(body)) = (uid, body) {
-                    if wanted.contains(&uid) {
-                        out.push(FetchedMessage {
-                            uid,
-                            flags,
-                            internal_date: date,
-                            size: size.unwrap_or(body.len() as u64),
-                            body,
-                            gmail: msgid.map(|msgid| crate::store::GmailIds {
-                                msgid,
-                                thrid: thrid.unwrap_or(0),
-                                labels,
-                            }),
-                        });
-                    }
-                }
+                Ok(())
+            })
+            .await;
+        if interleaved {
+            if let Some(a) = self.ahead.as_mut() {
+                a.spoiled = true;
             }
-            Ok(())
-        })
-        .await?;
+            self.no_pipelining = true;
+            tracing::debug!("pipelined_fetch_interleaved");
+        }
+        result?;
         out.sort_by_key(|m| m.uid);
         out.dedup_by_key(|m| m.uid);
         Ok(out)
@@ -1395,6 +1481,7 @@ impl Session {
         silence: Duration,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<IdleEnd, ImapError> {
+        self.settle_ahead().await?;
         let timeout = self.timeout;
         let tag = match tokio::time::timeout(timeout, self.inner.run_command("IDLE")).await {
             Err(_) => {
@@ -1514,6 +1601,48 @@ impl Session {
         self.timeout = timeout;
         let _ = tokio::time::timeout(timeout, self.command("LOGOUT", |_| Ok(()))).await;
     }
+}
+
+/// The message of a body FETCH response (UID and `BODY[]` present), else `None` (a flag
+/// update, or a response without its UID).
+fn fetched_message(attrs: &[AttributeValue<'_>]) -> Option<FetchedMessage> {
+    let (mut uid, mut flags, mut date, mut size, mut body) = (None, Vec::new(), None, None, None);
+    let (mut msgid, mut thrid, mut labels) = (None, None, Vec::new());
+    for a in attrs {
+        match a {
+            AttributeValue::GmailMsgId(id) => msgid = Some(*id),
+            AttributeValue::GmailThrId(id) => thrid = Some(*id),
+            AttributeValue::GmailLabels(l) => {
+                labels = l
+                    .iter()
+                    .map(|s| utf7::decode_mailbox(s).unwrap_or_else(|| s.to_string()))
+                    .collect()
+            }
+            AttributeValue::Uid(u) => uid = Some(*u),
+            AttributeValue::Flags(f) => flags = super::message_flags(f.iter()),
+            AttributeValue::InternalDate(d) => date = parse_internal_date(d),
+            AttributeValue::Rfc822Size(s) => size = Some(*s as u64),
+            AttributeValue::BodySection {
+                section: None,
+                data,
+                ..
+            } => body = Some(data.as_deref().unwrap_or(&[])),
+            _ => {}
+        }
+    }
+    let (uid, body) = (uid?, body?);
+    Some(FetchedMessage {
+        uid,
+        flags,
+        internal_date: date,
+        size: size.unwrap_or(body.len() as u64),
+        body: body.to_vec(),
+        gmail: msgid.map(|msgid| crate::store::GmailIds {
+            msgid,
+            thrid: thrid.unwrap_or(0),
+            labels,
+        }),
+    })
 }
 
 /// `* OK [CLOSED]` (RFC 7162): the mailbox selected before is closed; imap-proto does not
@@ -1935,5 +2064,196 @@ mod switching_tests {
         );
         let c = changes.unwrap_or_default();
         assert!(c.vanished.is_empty() && c.flags.is_empty(), "{c:?}");
+    }
+}
+
+#[cfg(test)]
+mod pipelining_tests {
+    use super::*;
+
+    /// How the scripted server answers two FETCHes that arrive together.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Answer {
+        /// One after the other, as Dovecot does.
+        Sequential,
+        /// The second one's responses and tagged OK first.
+        Reversed,
+        /// The responses of both mixed, then both tagged OKs.
+        Interleaved,
+    }
+
+    /// The FETCH response of `uid` (its body names it).
+    fn response(seq: u32, uid: u32) -> String {
+        let body = format!("Subject: m{uid}\r\n\r\nbody of {uid}\r\n");
+        format!(
+            "* {seq} FETCH (UID {uid} FLAGS () INTERNALDATE \"01-Jan-2024 00:00:00 +0000\" RFC822.SIZE {} BODY[] {{{}}}\r\n{body})\r\n",
+            body.len(),
+            body.len()
+        )
+    }
+
+    /// The UIDs of `UID FETCH a:b (...)` or `UID FETCH a (...)`.
+    fn uids_of(line: &str) -> Vec<u32> {
+        let set = line.split(' ').nth(3).unwrap_or("");
+        let mut out = Vec::new();
+        for part in set.split(',') {
+            match part.split_once(':') {
+                Some((a, b)) => out.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()),
+                None => out.extend(part.parse::<u32>().ok()),
+            }
+        }
+        out
+    }
+
+    /// A server with UIDs 1..=100 whose body FETCHes are answered in `order` when two are
+    /// waiting. Returns the FETCH lines it received.
+    fn server(
+        io: tokio::io::DuplexStream,
+        order: Answer,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(io);
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            w.write_all(b"* OK ready\r\n").await.unwrap();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let (tag, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+                let tag = tag.to_string();
+                let up = rest.to_ascii_uppercase();
+                let reply = if up.starts_with("LOGIN") {
+                    format!("{tag} OK Logged in\r\n")
+                } else if up.starts_with("CAPABILITY") {
+                    format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK done\r\n")
+                } else if up.starts_with("EXAMINE") {
+                    format!("* 100 EXISTS\r\n* OK [UIDVALIDITY 5] ok\r\n* OK [UIDNEXT 101] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                } else if up.starts_with("UID FETCH") && up.contains("BODY.PEEK[]") {
+                    seen.lock().unwrap().push(line.clone());
+                    let uids = uids_of(&line);
+                    let answer =
+                        |uids: &[u32]| uids.iter().map(|u| response(*u, *u)).collect::<String>();
+                    {
+                        // a second FETCH pipelined behind this one? wait a moment for it,
+                        // else answer this one alone
+                        {
+                            match tokio::time::timeout(
+                                Duration::from_millis(200),
+                                lines.next_line(),
+                            )
+                            .await
+                            {
+                                Ok(Ok(Some(second)))
+                                    if second.to_ascii_uppercase().contains("BODY.PEEK[]") =>
+                                {
+                                    seen.lock().unwrap().push(second.clone());
+                                    let tag2 = second.split(' ').next().unwrap().to_string();
+                                    let uids2 = uids_of(&second);
+                                    let (a, b) = (answer(&uids), answer(&uids2));
+                                    let done1 = format!("{tag} OK fetched\r\n");
+                                    let done2 = format!("{tag2} OK fetched\r\n");
+                                    match order {
+                                        Answer::Sequential => format!("{a}{done1}{b}{done2}"),
+                                        Answer::Reversed => format!("{b}{done2}{a}{done1}"),
+                                        Answer::Interleaved => {
+                                            let mut mixed = String::new();
+                                            let (ua, ub) = (uids.clone(), uids2.clone());
+                                            for i in 0..ua.len().max(ub.len()) {
+                                                if let Some(u) = ub.get(i) {
+                                                    mixed.push_str(&response(*u, *u));
+                                                }
+                                                if let Some(u) = ua.get(i) {
+                                                    mixed.push_str(&response(*u, *u));
+                                                }
+                                            }
+                                            format!("{mixed}{done1}{done2}")
+                                        }
+                                    }
+                                }
+                                Ok(Ok(Some(other))) => {
+                                    // not a FETCH: answer ours, then that one (LOGOUT here)
+                                    let (t2, _) =
+                                        other.split_once(' ').unwrap_or((other.as_str(), ""));
+                                    format!(
+                                        "{}{tag} OK fetched\r\n* BYE bye\r\n{t2} OK done\r\n",
+                                        answer(&uids)
+                                    )
+                                }
+                                _ => format!("{}{tag} OK fetched\r\n", answer(&uids)),
+                            }
+                        }
+                    }
+                } else if up.starts_with("LOGOUT") {
+                    format!("* BYE bye\r\n{tag} OK done\r\n")
+                } else {
+                    format!("{tag} BAD unknown\r\n")
+                };
+                w.write_all(reply.as_bytes()).await.unwrap();
+            }
+        })
+    }
+
+    async fn session(order: Answer) -> (Session, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let (client, srv) = tokio::io::duplex(1024 * 1024);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _h = server(srv, order, seen.clone());
+        let config = crate::config::from_toml_str(
+            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let mut s = Session::establish(Transport::Memory(client), false, &config.accounts[0])
+            .await
+            .unwrap();
+        s.open_mailbox("INBOX", false, None).await.unwrap();
+        (s, seen)
+    }
+
+    /// Ten batches of ten, each FETCH sent ahead of its turn: every message arrives once, in
+    /// its own batch, with its own bytes, whatever order the server answers in; a server that
+    /// mixes them up is asked again and gets no more pipelining.
+    #[tokio::test]
+    async fn pipelined_batches_get_exactly_their_messages_whatever_order_the_server_answers_in() {
+        for order in [Answer::Sequential, Answer::Reversed, Answer::Interleaved] {
+            let (mut s, seen) = session(order).await;
+            let uids: Vec<u32> = (1..=100).collect();
+            let batches: Vec<&[u32]> = uids.chunks(10).collect();
+            for (i, batch) in batches.iter().enumerate() {
+                let got = s
+                    .fetch_bodies_then(batch, batches.get(i + 1).copied())
+                    .await
+                    .unwrap();
+                let got_uids: Vec<u32> = got.iter().map(|m| m.uid).collect();
+                assert_eq!(got_uids, batch.to_vec(), "batch {i}");
+                for m in &got {
+                    let body = String::from_utf8(m.body.clone()).unwrap();
+                    assert!(body.contains(&format!("body of {}\r\n", m.uid)), "{body}");
+                }
+            }
+            let fetches = seen.lock().unwrap().clone();
+            match order {
+                // one FETCH per batch, none repeated
+                Answer::Sequential => assert_eq!(fetches.len(), 10, "{fetches:?}"),
+                // the first mixed-up pair costs one FETCH again, then no more pipelining
+                _ => {
+                    assert_eq!(fetches.len(), 11, "{fetches:?}");
+                    assert!(s.no_pipelining);
+                }
+            }
+            s.logout(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// A FETCH sent ahead that nobody asks for (the pass was cancelled) is read to its end by
+    /// the next command, which then works as always.
+    #[tokio::test]
+    async fn a_fetch_sent_ahead_and_never_asked_for_is_drained_by_the_next_command() {
+        let (mut s, seen) = session(Answer::Sequential).await;
+        let got = s.fetch_bodies_then(&[1, 2], Some(&[3, 4])).await.unwrap();
+        assert_eq!(got.len(), 2);
+        // another batch than the one sent ahead: that one is drained, this one fetched
+        let got = s.fetch_bodies(&[7]).await.unwrap();
+        assert_eq!(got.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![7]);
+        assert!(s.ahead.is_none());
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        s.logout(Duration::from_secs(5)).await;
     }
 }

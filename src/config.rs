@@ -1502,6 +1502,7 @@ mod tests {
         assert_eq!(example, minimal.accounts[0].settings);
         assert_eq!(c.store.op_timeout, minimal.store.op_timeout);
         assert_eq!(c.store.max_inline_body, minimal.store.max_inline_body);
+        assert_eq!(c.store.inline_raw_max, minimal.store.inline_raw_max);
         assert_eq!(c.store.on_expunge, minimal.store.on_expunge);
         assert_eq!(c.store.blob_sweep_after, minimal.store.blob_sweep_after);
     }

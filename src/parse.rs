@@ -193,7 +193,9 @@ pub fn parse(raw: Vec<u8>, limits: Limits) -> ParsedMessage {
         size: raw_blob.bytes.len() as u64,
         blob: None,
     };
-    if raw_blob.bytes.len() <= limits.inline_raw_max.min(MAX_INLINE_RAW) {
+    let inline_max = limits.inline_raw_max.min(MAX_INLINE_RAW);
+    // (0: every raw message goes to the bucket, even an empty one)
+    if inline_max > 0 && raw_blob.bytes.len() <= inline_max {
         parsed.raw_data = Some(raw_blob.bytes);
     } else {
         parsed.raw.blob = Some(raw_blob.sha256.clone());

@@ -23,6 +23,10 @@ use crate::store::{MailboxRecord, MailboxStatus, ReadyMessage, Store};
 
 /// async-imap holds each FETCH response whole and refuses literals above 512 MiB.
 const MAX_FETCHABLE: u64 = 500 * 1024 * 1024;
+/// A batch is sent ahead (pipelined) only up to this size: when the batch before needs a
+/// look UID by UID (a refusal, a UID gone), the one ahead is read and dropped first, once,
+/// outside the memory budget, and fetched again in its turn.
+const AHEAD_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// UIDs per `UID FETCH (UID RFC822.SIZE)` while planning.
 const SIZE_QUERY_CHUNK: usize = 5000;
 
@@ -599,7 +603,7 @@ impl Source for ImapSource<'_> {
         let next = plan
             .batches
             .get(i + 1)
-            .filter(|_| !self.mark_seen)
+            .filter(|b| !self.mark_seen && b.bytes <= AHEAD_MAX_BYTES)
             .map(|b| b.uids.as_slice());
         let outcome = fetch_batch(
             self.session,

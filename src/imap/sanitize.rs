@@ -273,22 +273,24 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sanitize<T> {
             }
             // One read takes what the socket holds, up to the buffer's size: that doubles
             // after every read that filled it (a backfill moves hundreds of MB: few large
-            // reads, not many small ones), up to MAX_READ, and goes back to MIN_READ when the
-            // connection falls quiet (an idling session keeps no large buffer).
+            // reads, not many small ones), up to MAX_READ, and the buffers go when the
+            // connection falls quiet (an idling session keeps none). The buffer is initialised
+            // once when allocated: TLS streams zero whatever uninitialised space they are
+            // handed, on every read.
             let mut scratch = std::mem::take(&mut this.scratch);
-            if scratch.capacity() < MIN_READ {
-                scratch = Vec::with_capacity(MIN_READ);
+            if scratch.len() < MIN_READ {
+                scratch = vec![0; MIN_READ];
             }
-            scratch.clear();
-            let size = scratch.capacity();
-            let mut rb = ReadBuf::uninit(scratch.spare_capacity_mut());
+            let size = scratch.len();
+            let mut rb = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Pending => {
-                    this.scratch = if this.last_read < MIN_READ && scratch.capacity() > MIN_READ {
-                        Vec::new()
+                    if this.last_read < MIN_READ {
+                        // quiet: nothing kept while waiting (out is empty here)
+                        this.out = Vec::new();
                     } else {
-                        scratch
-                    };
+                        this.scratch = scratch;
+                    }
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => {
@@ -309,7 +311,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sanitize<T> {
                         this.process(filled)
                     };
                     if full && size < MAX_READ {
-                        scratch = Vec::with_capacity(size * 2);
+                        scratch = vec![0; size * 2];
                     }
                     this.scratch = scratch;
                     result?;
@@ -338,6 +340,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Sanitize<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
     /// Runs `input` through the filter, fed `step` bytes at a time.
@@ -372,6 +375,32 @@ mod tests {
         for step in [1, 2, 3, 5, 7, 11, 64] {
             assert_eq!(filtered(SESSION, step).await, EXPECTED, "step {step}");
         }
+    }
+
+    /// After a large transfer, a connection that falls quiet (a small read, then nothing)
+    /// keeps no read buffers: a thousand idling sessions must not each hold one.
+    #[tokio::test]
+    async fn a_quiet_connection_keeps_no_read_buffer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut server, client) = tokio::io::duplex(1024 * 1024);
+        let body = vec![b'x'; 8 * 1024 * 1024];
+        let mut sent = format!("* 1 FETCH (UID 1 BODY[] {{{}}}\r\n", body.len()).into_bytes();
+        sent.extend_from_slice(&body);
+        sent.extend_from_slice(b")\r\nA1 OK done\r\n* OK still here\r\n");
+        let expected = sent.len();
+        let writer = tokio::spawn(async move {
+            server.write_all(&sent).await.unwrap();
+            server // kept open: the connection stays up, and quiet
+        });
+        let mut s = Sanitize::new(client);
+        let mut got = vec![0u8; expected];
+        s.read_exact(&mut got).await.unwrap();
+        assert!(s.scratch.len() > MIN_READ, "reads grew while streaming");
+        let _server = writer.await.unwrap();
+        let mut one = [0u8; 1];
+        let quiet = tokio::time::timeout(Duration::from_millis(50), s.read(&mut one)).await;
+        assert!(quiet.is_err(), "nothing more to read");
+        assert_eq!((s.scratch.capacity(), s.out.capacity()), (0, 0));
     }
 
     #[test]

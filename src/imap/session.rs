@@ -85,6 +85,23 @@ pub struct Session {
     /// The server answered pipelined FETCHes out of order or interleaved: no more of them
     /// in this session.
     no_pipelining: bool,
+    /// `user@host:port`, for what is remembered of the server beyond one session.
+    key: String,
+}
+
+/// Accounts (`user@host:port`) whose server timed out on a pipelined FETCH: they get none
+/// for the rest of the process.
+static NO_PIPELINING: std::sync::LazyLock<std::sync::Mutex<HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn pipelining_allowed(key: &str) -> bool {
+    !crate::error::lock(&NO_PIPELINING).contains(key)
+}
+
+fn forbid_pipelining(key: &str) {
+    if crate::error::lock(&NO_PIPELINING).insert(key.to_string()) {
+        tracing::warn!(server = key, "pipelining_disabled");
+    }
 }
 
 /// A body FETCH sent before its turn.
@@ -571,6 +588,7 @@ impl Session {
             no_select_parameters: false,
             ahead: None,
             no_pipelining: false,
+            key: format!("{}@{}:{}", account.username, account.host, account.port),
         };
         session.refresh_capabilities().await?;
         if session.has_capability("ID") {
@@ -658,6 +676,8 @@ impl Session {
     /// by sequence number only are turned into UIDs here, with one `FETCH set (UID FLAGS)`
     /// while the numbering still holds.
     pub async fn take_changes(&mut self) -> Result<Option<(String, u32, Changes)>, ImapError> {
+        // what a FETCH sent ahead still carries (EXPUNGEs, flag changes) is part of it
+        self.settle_ahead().await?;
         let Some((name, uidvalidity)) = self.selected.clone() else {
             self.changes = Changes::default();
             return Ok(None);
@@ -1371,15 +1391,20 @@ impl Session {
             )
         };
         // this batch's command: sent ahead already, or now
+        let mut pipelined = false;
         let (tag, verb) = match self.ahead.take() {
-            Some(a) if a.uids == uids && !a.spoiled => (a.tag, a.verb),
+            Some(a) if a.uids == uids && !a.spoiled => {
+                pipelined = true;
+                (a.tag, a.verb)
+            }
             other => {
                 self.ahead = other;
                 self.settle_ahead().await?;
                 self.send(&cmd_for(uids)).await?
             }
         };
-        let next = next.filter(|n| !n.is_empty() && !self.no_pipelining);
+        let next =
+            next.filter(|n| !n.is_empty() && !self.no_pipelining && pipelining_allowed(&self.key));
         if let Some(next) = next {
             let (tag, verb) = self.send(&cmd_for(next)).await?;
             self.ahead = Some(Ahead {
@@ -1417,6 +1442,11 @@ impl Session {
             }
             self.no_pipelining = true;
             tracing::debug!("pipelined_fetch_interleaved");
+        }
+        if let (Err(ImapError::Net(NetError::Timeout { .. })), true) = (&result, pipelined) {
+            // a server (or a proxy) that drops or stalls pipelined commands: this account
+            // gets none from now on, so the next session makes progress
+            forbid_pipelining(&self.key);
         }
         result?;
         out.sort_by_key(|m| m.uid);
@@ -1598,6 +1628,10 @@ impl Session {
 
     /// LOGOUT, best effort, bounded by `timeout`.
     pub async fn logout(mut self, timeout: Duration) {
+        if self.ahead.is_some() {
+            // a batch sent ahead would have to be read whole first: just close
+            return;
+        }
         self.timeout = timeout;
         let _ = tokio::time::timeout(timeout, self.command("LOGOUT", |_| Ok(()))).await;
     }

@@ -271,30 +271,34 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sanitize<T> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            // One read takes what the socket holds, up to the buffer's size: that doubles
-            // after every read that filled it (a backfill moves hundreds of MB: few large
-            // reads, not many small ones), up to MAX_READ, and the buffers go when the
-            // connection falls quiet (an idling session keeps none). The buffer is initialised
-            // once when allocated: TLS streams zero whatever uninitialised space they are
-            // handed, on every read.
-            let mut scratch = std::mem::take(&mut this.scratch);
-            if scratch.len() < MIN_READ {
-                scratch = vec![0; MIN_READ];
-            }
-            let size = scratch.len();
-            let mut rb = ReadBuf::new(&mut scratch);
+            // One read takes what the socket holds, up to the buffer's size. Reads start in
+            // a MIN_READ buffer on the stack (no heap for the small reads of an idle session);
+            // after a read that filled it the buffer moves to the heap and doubles after each
+            // full read up to MAX_READ (a backfill moves hundreds of MB: few large reads, not
+            // many small ones), and goes again when the connection falls quiet. Buffers are
+            // initialised: TLS streams zero whatever uninitialised space they are handed, on
+            // every read.
+            let mut stack = [0u8; MIN_READ];
+            let mut heap = std::mem::take(&mut this.scratch);
+            let buffer: &mut [u8] = if heap.is_empty() {
+                &mut stack
+            } else {
+                &mut heap
+            };
+            let size = buffer.len();
+            let mut rb = ReadBuf::new(buffer);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Pending => {
                     if this.last_read < MIN_READ {
                         // quiet: nothing kept while waiting (out is empty here)
                         this.out = Vec::new();
                     } else {
-                        this.scratch = scratch;
+                        this.scratch = heap;
                     }
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => {
-                    this.scratch = scratch;
+                    this.scratch = heap;
                     return Poll::Ready(Err(e));
                 }
                 Poll::Ready(Ok(())) => {
@@ -311,9 +315,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sanitize<T> {
                         this.process(filled)
                     };
                     if full && size < MAX_READ {
-                        scratch = vec![0; size * 2];
+                        heap = vec![0; size * 2];
+                    } else if this.last_read < MIN_READ {
+                        heap = Vec::new();
                     }
-                    this.scratch = scratch;
+                    this.scratch = heap;
                     result?;
                 }
             }
@@ -395,7 +401,10 @@ mod tests {
         let mut s = Sanitize::new(client);
         let mut got = vec![0u8; expected];
         s.read_exact(&mut got).await.unwrap();
-        assert!(s.scratch.len() > MIN_READ, "reads grew while streaming");
+        assert!(
+            s.scratch.len() > MIN_READ || s.last_read < MIN_READ,
+            "reads grew while streaming"
+        );
         let _server = writer.await.unwrap();
         let mut one = [0u8; 1];
         let quiet = tokio::time::timeout(Duration::from_millis(50), s.read(&mut one)).await;

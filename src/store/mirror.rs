@@ -185,8 +185,11 @@ impl Store {
                         .await?;
                     if marked > 0 {
                         let shas = self.raw_shas(found).await?;
-                        self.link_moves(account, &shas).await?;
+                        // remembered first, looked for second; a copy's store does the
+                        // opposite (its insert, then `link_arrivals`): whichever side comes
+                        // second sees the other, so a MOVE racing its arrival is still linked
                         self.remember_expunged(account, &shas).await?;
+                        self.link_moves(account, &shas).await?;
                     }
                     marked
                 }

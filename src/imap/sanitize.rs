@@ -263,7 +263,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sanitize<T> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    if this.out.capacity() > 4 * MIN_READ {
+                        // read out: a large buffer is not kept (a session may sit unread)
+                        this.out = Vec::new();
+                    } else {
+                        this.out.clear();
+                    }
                     this.out_pos = 0;
                 }
                 return Poll::Ready(Ok(()));

@@ -1443,6 +1443,8 @@ impl Session {
             self.no_pipelining = true;
             tracing::debug!("pipelined_fetch_interleaved");
         }
+        // (this batch was sent ahead, or one is queued behind it)
+        let pipelined = pipelined || self.ahead.as_ref().is_some_and(|a| !a.done);
         if let (Err(ImapError::Net(NetError::Timeout { .. })), true) = (&result, pipelined) {
             // a server (or a proxy) that drops or stalls pipelined commands: this account
             // gets none from now on, so the next session makes progress

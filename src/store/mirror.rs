@@ -409,37 +409,74 @@ impl Store {
                     .get_datetime("expunged_at")
                     .ok()
                     .map(|t| bson::DateTime::from_chrono(t.to_chrono() - MOVE_WINDOW));
-                let Some(new) = live.iter().find(|d| {
-                    d.get_str("mailbox").unwrap_or("") != from
-                        && !used.contains(d.get_str("_id").unwrap_or(""))
-                        && earliest.is_none_or(|e| {
-                            d.get_datetime("stored_at").ok().is_some_and(|s| *s >= e)
+                let old_id = old.get_str("_id").unwrap_or("").to_string();
+                let candidates: Vec<String> = live
+                    .iter()
+                    .filter(|d| {
+                        d.get_str("mailbox").unwrap_or("") != from
+                            && !used.contains(d.get_str("_id").unwrap_or(""))
+                            && earliest.is_none_or(|e| {
+                                d.get_datetime("stored_at").ok().is_some_and(|s| *s >= e)
+                            })
+                    })
+                    .map(|d| d.get_str("_id").unwrap_or("").to_string())
+                    .collect();
+                // Another writer may be linking the same documents right now (the expunge
+                // side and the store side both look): the new copy is claimed first
+                // (`moved_from` set only where absent), then the old one; a claim lost on
+                // either side is given back or passed over, so that each copy ends with at
+                // most one link and both sides of every link agree.
+                for new_id in candidates {
+                    used.insert(new_id.clone());
+                    let coll = self.messages.clone();
+                    let (a, b) = (old_id.clone(), new_id.clone());
+                    let outcome = self
+                        .guarded("move link", async move {
+                            let claimed = coll
+                                .update_one(
+                                    doc! {"_id": &b, "moved_from": {"$exists": false}},
+                                    doc! {"$set": {"moved_from": &a}},
+                                )
+                                .await?
+                                .modified_count
+                                > 0;
+                            if !claimed {
+                                return Ok(None);
+                            }
+                            let linked = coll
+                                .update_one(
+                                    doc! {"_id": &a, "moved_to": {"$exists": false}},
+                                    doc! {"$set": {"moved_to": &b}},
+                                )
+                                .await?
+                                .modified_count
+                                > 0;
+                            if !linked {
+                                // the old one was linked elsewhere meanwhile: give this back
+                                coll.update_one(
+                                    doc! {"_id": &b, "moved_from": &a},
+                                    doc! {"$unset": {"moved_from": ""}},
+                                )
+                                .await?;
+                            }
+                            Ok(Some(linked))
                         })
-                }) else {
-                    continue;
-                };
-                let (old_id, new_id) = (
-                    old.get_str("_id").unwrap_or("").to_string(),
-                    new.get_str("_id").unwrap_or("").to_string(),
-                );
-                used.insert(new_id.clone());
-                let coll = self.messages.clone();
-                let (a, b) = (old_id.clone(), new_id.clone());
-                self.guarded("move link", async move {
-                    coll.update_one(
-                        doc! {"_id": &a, "moved_to": {"$exists": false}},
-                        doc! {"$set": {"moved_to": &b}},
-                    )
-                    .await?;
-                    coll.update_one(
-                        doc! {"_id": &b, "moved_from": {"$exists": false}},
-                        doc! {"$set": {"moved_from": &a}},
-                    )
-                    .await
-                    .map(|_| ())
-                })
-                .await?;
-                linked += 1;
+                        .await?;
+                    match outcome {
+                        Some(true) => {
+                            linked += 1;
+                            break;
+                        }
+                        // the old one is taken: nothing more to do for it (and this copy
+                        // is free for another)
+                        Some(false) => {
+                            used.remove(&new_id);
+                            break;
+                        }
+                        // this copy is taken: the next one
+                        None => continue,
+                    }
+                }
             }
         }
         Ok(linked)
@@ -793,6 +830,71 @@ mod tests {
             ),
             gmail: None,
         }
+    }
+
+    /// The same message in two folders, both moved to a third: two expunged copies, two new
+    /// ones. Linking from several writers at once gives each copy at most one link, and both
+    /// ends of every link agree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_move_links_pair_each_copy_once_and_both_ends_agree() {
+        let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI").expect(
+            "MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)",
+        );
+        let cfg = crate::config::StoreConfig {
+            uri: crate::config::Secret::new(uri),
+            database: format!("mp_links_{}", std::process::id()),
+            connect_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(60),
+            max_inline_body: 1024 * 1024,
+            inline_raw_max: crate::parse::DEFAULT_INLINE_RAW,
+            write_concern: Default::default(),
+            on_expunge: OnExpunge::Mark,
+            blob_sweep_after: Duration::from_secs(3600),
+        };
+        let store = Store::connect(&cfg).await.unwrap();
+        let one = |uid| with_attachment(uid, "same");
+        // the same raw bytes everywhere (uid 7 in every folder)
+        for mailbox in ["INBOX", "Archive"] {
+            store
+                .commit_batch("a", mailbox, 1, MailboxStatus::default(), &[one(7)], 7)
+                .await
+                .unwrap();
+        }
+        let coll = store.messages.clone();
+        coll.update_many(
+            doc! {"mailbox": {"$in": ["INBOX", "Archive"]}},
+            doc! {"$set": {"expunged_at": bson::DateTime::now()}},
+        )
+        .await
+        .unwrap();
+        for mailbox in ["Trash", "Trash2"] {
+            store
+                .commit_batch("a", mailbox, 1, MailboxStatus::default(), &[one(7)], 7)
+                .await
+                .unwrap();
+        }
+        let sha = vec![one(7).parsed.raw.sha256.clone()];
+        let (a, b, c) = tokio::join!(
+            store.link_moves("a", &sha),
+            store.link_moves("a", &sha),
+            store.link_moves("a", &sha)
+        );
+        assert!(a.unwrap() + b.unwrap() + c.unwrap() >= 2);
+        let docs: Vec<Document> = coll
+            .find(doc! {"account": "a"})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let get = |id: &str| docs.iter().find(|d| d.get_str("_id") == Ok(id)).unwrap();
+        let mut targets = HashSet::new();
+        for old in ["a/INBOX/1/7", "a/Archive/1/7"] {
+            let to = get(old).get_str("moved_to").expect("every old copy linked");
+            assert!(targets.insert(to.to_string()), "{to} linked twice");
+            assert_eq!(get(to).get_str("moved_from"), Ok(old), "both ends agree");
+        }
+        let _ = store.client.database(&cfg.database).drop().await;
     }
 
     #[test]

@@ -1747,6 +1747,25 @@ fn clean_status_text(text: &str) -> String {
     }
 }
 
+/// The account of the scripted-server tests (every setting at its default).
+#[cfg(test)]
+fn test_account() -> Account {
+    crate::config::from_toml_str(
+        "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
+    )
+    .unwrap()
+    .accounts
+    .remove(0)
+}
+
+/// A logged-in session over `client`, an in-memory pipe to a scripted server.
+#[cfg(test)]
+async fn memory_session(client: tokio::io::DuplexStream) -> Session {
+    Session::establish(Transport::Memory(client), false, &test_account())
+        .await
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1873,13 +1892,7 @@ mod tests {
     ) -> (Session, tokio::task::JoinHandle<Vec<String>>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let handle = scripted_server(server, after_idle);
-        let config = crate::config::from_toml_str(
-            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
-        )
-        .unwrap();
-        let session = Session::establish(Transport::Memory(client), false, &config.accounts[0])
-            .await
-            .unwrap();
+        let session = memory_session(client).await;
         assert!(session.has_capability("IDLE"));
         (session, handle)
     }
@@ -1932,11 +1945,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_quiet_healthy_idle_connection_is_never_replaced_with_the_defaults() {
         let (mut session, server) = session_against(AfterIdle::Silence).await;
-        let config = crate::config::from_toml_str(
-            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
-        )
-        .unwrap();
-        let s = &config.accounts[0].settings;
+        let account = test_account();
+        let s = &account.settings;
         let started = tokio::time::Instant::now();
         for _ in 0..12 {
             let end = session
@@ -2060,13 +2070,7 @@ mod switching_tests {
         let (client, srv) = tokio::io::duplex(64 * 1024);
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let _h = server(srv, unselect, seen.clone());
-        let config = crate::config::from_toml_str(
-            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
-        )
-        .unwrap();
-        let mut s = Session::establish(Transport::Memory(client), false, &config.accounts[0])
-            .await
-            .unwrap();
+        let mut s = memory_session(client).await;
         assert!(s.qresync());
         s.open_mailbox("A", false, None).await.unwrap();
         let _ = s.take_changes().await.unwrap();
@@ -2232,13 +2236,7 @@ mod pipelining_tests {
         let (client, srv) = tokio::io::duplex(1024 * 1024);
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let _h = server(srv, order, seen.clone());
-        let config = crate::config::from_toml_str(
-            "[store]\nuri = \"mongodb://x\"\n[accounts.t]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n",
-        )
-        .unwrap();
-        let mut s = Session::establish(Transport::Memory(client), false, &config.accounts[0])
-            .await
-            .unwrap();
+        let mut s = memory_session(client).await;
         s.open_mailbox("INBOX", false, None).await.unwrap();
         (s, seen)
     }

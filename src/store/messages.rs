@@ -441,20 +441,8 @@ mod tests {
     /// instead of failing the batch for ever.
     #[tokio::test]
     async fn a_document_the_database_must_refuse_is_stored_minimal_and_the_batch_goes_on() {
-        let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI").expect(
-            "MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)",
-        );
-        let cfg = crate::config::StoreConfig {
-            uri: crate::config::Secret::new(uri),
-            database: format!("mp_unit_{}", std::process::id()),
-            connect_timeout: Duration::from_secs(10),
-            op_timeout: Duration::from_secs(60),
-            max_inline_body: 1024 * 1024,
-            inline_raw_max: crate::parse::DEFAULT_INLINE_RAW,
-            write_concern: Default::default(),
-            on_expunge: Default::default(),
-            blob_sweep_after: Duration::from_secs(3600),
-        };
+        let cfg =
+            crate::store::test_config("mp_unit", Default::default(), Duration::from_secs(3600));
         let store = Store::connect(&cfg).await.unwrap();
         let flood: Vec<String> = (0..2_000_000).map(|i| format!("$flag{i}")).collect();
         let batch = vec![

@@ -837,20 +837,7 @@ mod tests {
     /// ends of every link agree.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_move_links_pair_each_copy_once_and_both_ends_agree() {
-        let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI").expect(
-            "MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)",
-        );
-        let cfg = crate::config::StoreConfig {
-            uri: crate::config::Secret::new(uri),
-            database: format!("mp_links_{}", std::process::id()),
-            connect_timeout: Duration::from_secs(10),
-            op_timeout: Duration::from_secs(60),
-            max_inline_body: 1024 * 1024,
-            inline_raw_max: crate::parse::DEFAULT_INLINE_RAW,
-            write_concern: Default::default(),
-            on_expunge: OnExpunge::Mark,
-            blob_sweep_after: Duration::from_secs(3600),
-        };
+        let cfg = crate::store::test_config("mp_links", OnExpunge::Mark, Duration::from_secs(3600));
         let store = Store::connect(&cfg).await.unwrap();
         let one = |uid| with_attachment(uid, "same");
         // the same raw bytes everywhere (uid 7 in every folder)
@@ -913,20 +900,7 @@ mod tests {
     /// deleted: whatever interleaving happens, every stored document's blobs are there.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sweep_racing_a_writer_never_leaves_a_document_without_its_blobs() {
-        let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI").expect(
-            "MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)",
-        );
-        let cfg = crate::config::StoreConfig {
-            uri: crate::config::Secret::new(uri),
-            database: format!("mp_sweep_{}", std::process::id()),
-            connect_timeout: Duration::from_secs(10),
-            op_timeout: Duration::from_secs(60),
-            max_inline_body: 1024 * 1024,
-            inline_raw_max: crate::parse::DEFAULT_INLINE_RAW,
-            write_concern: Default::default(),
-            on_expunge: OnExpunge::Delete,
-            blob_sweep_after: Duration::from_secs(1),
-        };
+        let cfg = crate::store::test_config("mp_sweep", OnExpunge::Delete, Duration::from_secs(1));
         let store = Store::connect(&cfg).await.unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let sweeper = {

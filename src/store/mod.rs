@@ -369,3 +369,26 @@ fn duplicate_indexes(err: &mongodb::error::Error) -> Option<Vec<usize>> {
         .filter(|(_, refused)| refused.is_empty())
         .map(|(dups, _)| dups)
 }
+
+/// For tests against the MongoDB-protocol server of the test run: the default store settings
+/// on a database of this process's own, named `prefix_<pid>` (each test drops it at its end).
+#[cfg(test)]
+pub(crate) fn test_config(
+    prefix: &str,
+    on_expunge: crate::config::OnExpunge,
+    blob_sweep_after: Duration,
+) -> StoreConfig {
+    let uri = std::env::var("MAILPUMP_TEST_MONGODB_URI")
+        .expect("MAILPUMP_TEST_MONGODB_URI must point at a MongoDB (deploy/test.sh starts one)");
+    StoreConfig {
+        uri: crate::config::Secret::new(uri),
+        database: format!("{prefix}_{}", std::process::id()),
+        connect_timeout: Duration::from_secs(10),
+        op_timeout: Duration::from_secs(60),
+        max_inline_body: 1024 * 1024,
+        inline_raw_max: crate::parse::DEFAULT_INLINE_RAW,
+        write_concern: Default::default(),
+        on_expunge,
+        blob_sweep_after,
+    }
+}

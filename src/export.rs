@@ -264,11 +264,11 @@ impl ExportReport {
 }
 
 /// Reads what one message's files hold (raw, body, attachments) and names them.
-async fn prepare(store: &Store, item: &ExportItem, dir: &Path) -> Result<Job, ExportError> {
+async fn prepare(store: &Store, item: ExportItem, dir: &Path) -> Result<Job, ExportError> {
     let uid = item.uid.to_string();
-    let raw = match &item.raw {
-        ExportRaw::Inline(data) => data.clone(),
-        ExportRaw::Blob(sha) => store.read_blob(sha).await?,
+    let raw = match item.raw {
+        ExportRaw::Inline(data) => data,
+        ExportRaw::Blob(sha) => store.read_blob(&sha).await?,
     };
     let mut files = vec![(dir.join(format!("{uid}.eml")), raw)];
     let html = match (&item.html, &item.html_blob) {
@@ -372,7 +372,7 @@ async fn run(store: &Store, options: &ExportOptions) -> Result<ExportReport, Exp
         if newest.is_some_and(|v| v != item.uidvalidity) {
             dir.push(format!("uidvalidity-{}", item.uidvalidity));
         }
-        let job = prepare(store, &item, &dir).await?;
+        let job = prepare(store, item, &dir).await?;
         while writers.full(job.bytes()) {
             if let Some(done) = writers.next().await {
                 report.add(done?, &progress);

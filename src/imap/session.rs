@@ -1,5 +1,9 @@
 //! One logged-in IMAP connection and the checked commands mailpump needs: CAPABILITY, ID,
 //! EXAMINE/SELECT, UID SEARCH, UID FETCH (sizes, then bodies), UID STORE, LOGOUT.
+//!
+//! **Invariant:** at most one command is in flight besides a body FETCH sent ahead of its
+//! turn ([`Session::fetch_bodies_then`]); every other command reads that one to its end first,
+//! so the stream never gets out of step.
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -126,6 +126,10 @@ struct Watchers {
     /// Watched folders whose task stopped for good (fatal): not restarted until the folder
     /// leaves the plan and comes back.
     ended: HashSet<String>,
+    /// `[cluster]`: a watched task's write was refused by the lease fence. The whole account
+    /// is another replica's now: `trip` (the account's token) is cancelled.
+    fenced: Option<String>,
+    trip: CancellationToken,
 }
 
 /// What survives the follower's reconnects.
@@ -194,6 +198,7 @@ impl AccountTask {
         // the watched folders' tasks stop with the account, also when its follower stops
         let cancel_all = cancel;
         let cancel = cancel_all.child_token();
+        watchers.trip = cancel.clone();
         let exit = loop {
             if cancel.is_cancelled() {
                 break Exit::Cancelled;
@@ -218,6 +223,11 @@ impl AccountTask {
             };
             let class = error.class();
             let text = error.to_string();
+            if error.is_fenced() {
+                tracing::error!(account, error = %text, "lease_lost_fenced");
+                cancel.cancel();
+                break Exit::Fenced(text);
+            }
             for name in folders.plan.shared() {
                 self.metrics.failure(&account, name, &text);
             }
@@ -264,7 +274,13 @@ impl AccountTask {
                 self.reaped(&mut watchers, joined);
             }
         }
-        exit
+        match watchers.fenced {
+            Some(error) if exit == Exit::Cancelled && !cancel_all.is_cancelled() => {
+                tracing::error!(account, error = %error, "lease_lost_fenced");
+                Exit::Fenced(error)
+            }
+            _ => exit,
+        }
     }
 
     fn reaped(
@@ -279,9 +295,16 @@ impl AccountTask {
             return; // an older task of a folder that was stopped and started again
         }
         watchers.running.remove(&name);
-        if let Exit::Fatal(error) = exit {
-            tracing::error!(account = %self.account.name, mailbox = %name, error = %error, "mailbox_task_ended");
-            watchers.ended.insert(name);
+        match exit {
+            Exit::Fatal(error) => {
+                tracing::error!(account = %self.account.name, mailbox = %name, error = %error, "mailbox_task_ended");
+                watchers.ended.insert(name);
+            }
+            Exit::Fenced(error) => {
+                watchers.fenced.get_or_insert(error);
+                watchers.trip.cancel();
+            }
+            Exit::Cancelled => {}
         }
     }
 

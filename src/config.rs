@@ -90,6 +90,16 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     log: Option<RawLog>,
     limits: Option<RawLimits>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    enabled: Option<bool>,
+    instance: Option<String>,
+    lease_ttl: Option<String>,
+    renew_every: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -297,6 +307,8 @@ pub struct Config {
     pub accounts: Vec<Account>,
     pub metrics: Option<MetricsConfig>,
     pub limits: LimitsConfig,
+    /// `[cluster]`: None when not enabled (one process serves every mailbox).
+    pub cluster: Option<ClusterConfig>,
     /// Log filter directives from `[log] level` (RUST_LOG wins when set).
     pub log_level: Option<String>,
 }
@@ -369,6 +381,15 @@ impl Default for LimitsConfig {
             max_inflight_bytes: 512 * 1024 * 1024,
         }
     }
+}
+
+/// `[cluster]`: replicas share the mailboxes through leases in MongoDB (`crate::cluster`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// This replica's name in `leases` and `instances` (default: hostname-pid).
+    pub instance: String,
+    pub lease_ttl: Duration,
+    pub renew_every: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -519,7 +540,9 @@ pub const MICROSOFT_TOKEN_URL: &str = "https://login.microsoftonline.com/common/
 
 /// Top-level sections that `MAILPUMP_*` env variables may address. Others (MAILPUMP_CONFIG,
 /// MAILPUMP_TEST_*) are not configuration keys and are left alone.
-const ENV_SECTIONS: &[&str] = &["store", "defaults", "accounts", "metrics", "log", "limits"];
+const ENV_SECTIONS: &[&str] = &[
+    "store", "defaults", "accounts", "metrics", "log", "limits", "cluster",
+];
 
 /// Keys whose env values stay byte-for-byte strings (figment's own Env provider reads values as
 /// TOML: `0123` would become 123, `true` a boolean, `1e5` a float).
@@ -549,6 +572,9 @@ const STRING_KEYS: &[&str] = &[
     "since",
     "listen",
     "level",
+    "instance",
+    "lease_ttl",
+    "renew_every",
     "idle_refresh",
     "poll_interval",
     "connect_timeout",
@@ -818,13 +844,71 @@ fn validate(raw: RawConfig, secrets: Secrets) -> Result<Config, ConfigError> {
         }
     };
 
+    let cluster = match raw.cluster {
+        Some(c) if c.enabled.unwrap_or(false) => Some(cluster(c)?),
+        _ => None,
+    };
+
     Ok(Config {
         store,
         accounts,
         metrics,
         limits,
+        cluster,
         log_level: raw.log.and_then(|l| l.level),
     })
+}
+
+fn cluster(c: RawCluster) -> Result<ClusterConfig, ConfigError> {
+    let lease_ttl = duration_or("cluster.lease_ttl", c.lease_ttl, "30s")?;
+    if lease_ttl < Duration::from_secs(2) {
+        return Err(invalid("cluster.lease_ttl", "must be at least 2s"));
+    }
+    let renew_every = match c.renew_every {
+        None => lease_ttl / 3,
+        Some(text) => {
+            let d = duration_or("cluster.renew_every", Some(text), "")?;
+            // a renewal must have time to fail and be retried before the lease runs out
+            if d.is_zero() || d > lease_ttl / 2 {
+                return Err(invalid(
+                    "cluster.renew_every",
+                    format!(
+                        "must be more than 0s and at most half of lease_ttl ({:?})",
+                        lease_ttl / 2
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    let instance = match c.instance {
+        Some(name) if !name.is_empty() && name.len() <= 200 && !name.contains(char::is_control) => {
+            name
+        }
+        Some(name) => {
+            return Err(invalid(
+                "cluster.instance",
+                format!("{name:?}: 1 to 200 characters, no control characters"),
+            ))
+        }
+        None => default_instance(),
+    };
+    Ok(ClusterConfig {
+        instance,
+        lease_ttl,
+        renew_every,
+    })
+}
+
+/// hostname-pid: unique on one host, readable in `mailpump status`.
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "mailpump".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn write_concern(raw: Option<RawWriteConcern>) -> Result<WriteConcern, ConfigError> {
@@ -1529,6 +1613,47 @@ mod tests {
             1,
         ));
         assert!(e.contains("flag_scan_interval"), "{e}");
+    }
+
+    #[test]
+    fn cluster_defaults_and_errors_name_their_key() {
+        assert_eq!(from_toml_str(MINIMAL).unwrap().cluster, None);
+        let with = |t: &str| format!("{MINIMAL}\n[cluster]\n{t}\n");
+        assert_eq!(
+            from_toml_str(&with("enabled = false")).unwrap().cluster,
+            None
+        );
+        let c = from_toml_str(&with("enabled = true"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(30));
+        assert_eq!(c.renew_every, Duration::from_secs(10));
+        assert!(
+            c.instance.ends_with(&format!("-{}", std::process::id())),
+            "{c:?}"
+        );
+        let c = from_toml_str(&with(
+            "enabled = true\ninstance = \"pod-7\"\nlease_ttl = \"6s\"\nrenew_every = \"1s\"",
+        ))
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(
+            (c.instance.as_str(), c.lease_ttl, c.renew_every),
+            ("pod-7", Duration::from_secs(6), Duration::from_secs(1))
+        );
+        let e = err(&with("enabled = true\nlease_ttl = \"1s\""));
+        assert!(e.contains("cluster.lease_ttl"), "{e}");
+        let e = err(&with("enabled = true\nrenew_every = \"20s\""));
+        assert!(
+            e.contains("cluster.renew_every") && e.contains("half"),
+            "{e}"
+        );
+        let e = err(&with("enabled = true\ninstance = \"\""));
+        assert!(e.contains("cluster.instance"), "{e}");
+        let e = err(&with("enabled = true\nleases = 3"));
+        assert!(e.contains("unknown field") && e.contains("leases"), "{e}");
     }
 
     #[test]

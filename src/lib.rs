@@ -6,6 +6,8 @@
 //! - [`telemetry`]: the JSON / text log subscriber (async-imap's leaky TRACE output capped).
 //! - [`signals`]: SIGTERM/SIGINT -> shutdown token, SIGHUP -> reload.
 //! - [`supervisor`]: `mailpump run`: one task per mailbox, restarts, reload, shutdown deadline.
+//! - [`cluster`]: `[cluster]`: replicas share the mailboxes through leases in MongoDB
+//!   (heartbeats, shares, handover, fencing tokens).
 //! - [`account`]: an account with folders beyond its watched ones: discovery, the shared
 //!   connection (NOTIFY or a STATUS poll) that follows them, the watched folders' tasks.
 //! - [`folders`]: which folders are synced and how each is followed (selectors); pure.
@@ -37,6 +39,7 @@
 pub mod account;
 pub mod backoff;
 pub mod budget;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod error;

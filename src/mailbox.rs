@@ -30,6 +30,9 @@ pub enum Exit {
     Cancelled,
     /// Nothing will change until the operator acts.
     Fatal(String),
+    /// `[cluster]`: a write was refused by the lease fence; the mailbox is another
+    /// replica's now.
+    Fenced(String),
 }
 
 #[derive(Clone)]
@@ -114,6 +117,11 @@ impl MailboxTask {
             };
             let class = error.class();
             let text = error.to_string();
+            if error.is_fenced() {
+                // no state is written: the mailbox's document is the new holder's
+                tracing::error!(account, mailbox, error = %text, "lease_lost_fenced");
+                return Exit::Fenced(text);
+            }
             self.metrics.failure(&account, &mailbox, &text);
             self.record_state("error", Some(text.clone()));
             if class == ErrorClass::Fatal {

@@ -81,6 +81,14 @@ pub struct Metrics {
     idle_cycles: Counter,
     flag_changes: Counter,
     expunges: Counter,
+    /// `[cluster]`.
+    pub leases_held: Gauge,
+    pub leases_taken: Counter,
+    pub leases_taken_over: Counter,
+    pub leases_lost: Counter,
+    pub leases_released: Counter,
+    pub fencing_refusals: Counter,
+    pub cluster_instances: Gauge,
     latency: Histogram,
     up: Family<MailboxLabels, Gauge>,
     state: Family<StateLabels, Gauge>,
@@ -114,6 +122,13 @@ impl Default for Metrics {
             idle_cycles: Counter::default(),
             flag_changes: Counter::default(),
             expunges: Counter::default(),
+            leases_held: Gauge::default(),
+            leases_taken: Counter::default(),
+            leases_taken_over: Counter::default(),
+            leases_lost: Counter::default(),
+            leases_released: Counter::default(),
+            fencing_refusals: Counter::default(),
+            cluster_instances: Gauge::default(),
             latency: Histogram::new(LATENCY_BUCKETS.iter().copied()),
             up: Family::default(),
             state: Family::default(),
@@ -178,6 +193,41 @@ impl Default for Metrics {
             "mailpump_quarantined",
             "UIDs in the mailbox's quarantine (failed again and again; retried on their own)",
             m.quarantined.clone(),
+        );
+        registry.register(
+            "mailpump_leases_held",
+            "[cluster] Mailbox leases this replica holds",
+            m.leases_held.clone(),
+        );
+        registry.register(
+            "mailpump_leases_taken",
+            "[cluster] Leases this replica took (free, released or expired)",
+            m.leases_taken.clone(),
+        );
+        registry.register(
+            "mailpump_leases_taken_over",
+            "[cluster] Leases this replica took after their holder let them expire",
+            m.leases_taken_over.clone(),
+        );
+        registry.register(
+            "mailpump_leases_lost",
+            "[cluster] Leases this replica lost (taken over, or not renewed in time)",
+            m.leases_lost.clone(),
+        );
+        registry.register(
+            "mailpump_leases_released",
+            "[cluster] Leases this replica gave back (rebalance, reload, shutdown)",
+            m.leases_released.clone(),
+        );
+        registry.register(
+            "mailpump_fencing_refusals",
+            "[cluster] Writes refused because a newer lease sealed the mailbox",
+            m.fencing_refusals.clone(),
+        );
+        registry.register(
+            "mailpump_cluster_instances",
+            "[cluster] Live replicas, as this replica last saw them",
+            m.cluster_instances.clone(),
         );
         registry.register(
             "mailpump_arrival_to_stored_seconds",

@@ -67,6 +67,11 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// A write refused by the `[cluster]` lease fence.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, SyncError::Store(e) if e.is_fenced())
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             SyncError::Imap(e) => e.class(),

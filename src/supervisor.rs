@@ -1,6 +1,10 @@
 //! The supervisor of `mailpump run`: one named task per configured mailbox, restarted with
 //! backoff if it panics, stopped on shutdown within a deadline; SIGHUP re-reads the config and
 //! starts, stops or restarts only the mailboxes whose configuration changed.
+//!
+//! With `[cluster]`, a unit runs only while this replica holds its lease: the
+//! [`crate::cluster`] coordinator says which to start (with the lease token their store handle
+//! carries) and which to stop, and hears back when a unit's task has ended.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -18,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::account::AccountTask;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::budget::Budget;
+use crate::cluster::{self, Command, Event};
 use crate::config::{self, Account, Config};
 use crate::error::ErrorClass;
 use crate::mailbox::{Exit, MailboxTask};
@@ -60,6 +65,11 @@ struct Supervisor {
     /// stay until a reload removes the mailbox (or restarts it).
     ended: std::collections::HashSet<Key>,
     generation: u64,
+    /// What the config asks for now (with `[cluster]`, only the held units of it run).
+    want: HashMap<Key, Account>,
+    /// `[cluster]`: the coordinator's events, and the lease token of every held unit.
+    cluster: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
+    tokens: HashMap<Key, i64>,
 }
 
 /// Runs a mailbox task (a fresh future from `run` each time), restarting it with backoff if it
@@ -137,6 +147,10 @@ impl Unit {
 
 impl Supervisor {
     fn start(&mut self, key: Key, account: Account) {
+        let fence = self.tokens.get(&key).copied();
+        if self.cluster.is_some() && fence.is_none() {
+            return; // not ours: the coordinator starts it once it holds the lease
+        }
         self.ended.remove(&key);
         if self.stopping.contains_key(&key) {
             // the old task is still finishing its batch: start when it has ended
@@ -150,7 +164,10 @@ impl Supervisor {
             tracing::info!(account = %key.0, "account_started");
             Unit::Account(AccountTask {
                 account: account.clone(),
-                store: self.store.clone(),
+                store: match fence {
+                    Some(t) => self.store.fenced(t),
+                    None => self.store.clone(),
+                },
                 limits: self.limits,
                 budget: self.budget.clone(),
                 metrics: self.metrics.clone(),
@@ -162,11 +179,16 @@ impl Supervisor {
                 account: account.clone(),
                 mailbox: key.1.clone(),
                 ctx: Context {
-                    store: self
-                        .scopes
-                        .entry(key.clone())
-                        .or_insert_with(|| self.store.scoped())
-                        .clone(),
+                    store: {
+                        let scope = self
+                            .scopes
+                            .entry(key.clone())
+                            .or_insert_with(|| self.store.scoped());
+                        match fence {
+                            Some(t) => scope.fenced(t),
+                            None => scope.clone(),
+                        }
+                    },
                     limits: self.limits,
                     budget: self.budget.clone(),
                 },
@@ -218,6 +240,7 @@ impl Supervisor {
             );
         }
         let want = desired(&new);
+        self.want = want.clone();
         for key in self.ended.iter().filter(|k| !want.contains_key(*k)) {
             self.metrics.forget(&key.0, &key.1);
         }
@@ -246,14 +269,66 @@ impl Supervisor {
                 Some(_) => {}
             }
         }
+        let units = want.keys().cloned().collect();
         for (key, account) in want {
             if !self.running.contains_key(&key) && !self.waiting.contains_key(&key) {
+                if self.cluster.is_none() || self.tokens.contains_key(&key) {
+                    added += 1;
+                }
                 self.start(key, account);
-                added += 1;
             }
+        }
+        if let Some(events) = &self.cluster {
+            let _ = events.send(Event::Configured(units));
         }
         tracing::info!(added, removed, restarted, "reloaded");
         current.accounts = new.accounts;
+    }
+}
+
+impl Supervisor {
+    /// `[cluster]`: the coordinator took or gave up a lease.
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Start { key, token } => {
+                if self.shutdown.is_cancelled() {
+                    return; // the release at the end of shutdown gives it back
+                }
+                self.tokens.insert(key.clone(), token);
+                match self.want.get(&key).cloned() {
+                    Some(account) => {
+                        if self.running.contains_key(&key) {
+                            // a token of ours that changed: the old task's writes would be refused
+                            self.stop(&key);
+                        }
+                        self.start(key, account)
+                    }
+                    None => self.ended_unit(key, false),
+                }
+            }
+            Command::Stop { key } => {
+                self.tokens.remove(&key);
+                self.waiting.remove(&key);
+                if self.ended.remove(&key) {
+                    self.metrics.forget(&key.0, &key.1);
+                }
+                if self.running.contains_key(&key) {
+                    self.stop(&key);
+                } else if !self.stopping.contains_key(&key) {
+                    self.ended_unit(key, false);
+                }
+            }
+        }
+    }
+
+    /// Tells the coordinator that a unit no longer runs here.
+    fn ended_unit(&mut self, key: Key, fenced: bool) {
+        if fenced {
+            self.tokens.remove(&key);
+        }
+        if let Some(events) = &self.cluster {
+            let _ = events.send(Event::Ended { key, fenced });
+        }
     }
 }
 
@@ -410,10 +485,33 @@ pub async fn run(
         tasks: JoinSet::new(),
         ended: Default::default(),
         generation: 0,
+        want: desired(&config),
+        cluster: None,
+        tokens: HashMap::new(),
     };
-    for (key, account) in desired(&config) {
-        sup.start(key, account);
-    }
+    let mut cluster_link = None;
+    let mut commands = match &config.cluster {
+        Some(c) => {
+            let (handle, commands) = cluster::start(
+                store.clone(),
+                c.clone(),
+                sup.metrics.clone(),
+                shutdown.clone(),
+            );
+            let _ = handle
+                .events
+                .send(Event::Configured(sup.want.keys().cloned().collect()));
+            sup.cluster = Some(handle.events.clone());
+            cluster_link = Some(handle);
+            commands
+        }
+        None => {
+            for (key, account) in sup.want.clone() {
+                sup.start(key, account);
+            }
+            tokio::sync::mpsc::unbounded_channel().1
+        }
+    };
     if config.store.on_expunge == config::OnExpunge::Delete {
         tokio::spawn(sweep_blobs(
             store.clone(),
@@ -433,6 +531,10 @@ pub async fn run(
                     status_running(sup.running.len());
                 }
             }
+            Some(command) = commands.recv() => {
+                sup.command(command);
+                status_running(sup.running.len());
+            }
             Some(joined) = sup.tasks.join_next(), if !sup.tasks.is_empty() => {
                 if let Ok((key, generation, exit)) = joined {
                     if sup.stopping.get(&key) == Some(&generation) {
@@ -447,10 +549,17 @@ pub async fn run(
                     let current = sup.running.get(&key).map(|r| r.generation) == Some(generation);
                     if current {
                         sup.running.remove(&key);
-                        if let Exit::Fatal(error) = exit {
-                            sup.ended.insert(key.clone());
-                            tracing::error!(account = %key.0, mailbox = %key.1, error = %error, "mailbox_task_ended");
+                        match &exit {
+                            Exit::Fatal(error) => {
+                                sup.ended.insert(key.clone());
+                                tracing::error!(account = %key.0, mailbox = %key.1, error = %error, "mailbox_task_ended");
+                            }
+                            Exit::Fenced(_) => sup.metrics.forget(&key.0, &key.1),
+                            Exit::Cancelled => {}
                         }
+                    }
+                    if !sup.running.contains_key(&key) && !sup.waiting.contains_key(&key) {
+                        sup.ended_unit(key, matches!(exit, Exit::Fenced(_)));
                     }
                 }
             }
@@ -475,6 +584,10 @@ pub async fn run(
                 break;
             }
         }
+    }
+    if let Some(handle) = cluster_link {
+        // every task has logged out: the others may take the mailboxes at once
+        cluster::shutdown(handle, Duration::from_secs(3)).await;
     }
     store.shutdown(crate::commands::STORE_SHUTDOWN).await;
     tracing::info!("stopped");

@@ -37,7 +37,13 @@ struct Row {
     messages: u64,
     /// No successful pass for longer than the staleness limit: nothing is running for it.
     stale: bool,
+    /// `[cluster]`: the replica whose lease covers the mailbox, and since when (None: nobody
+    /// holds it, or no cluster).
+    holder: Option<Holder>,
 }
+
+/// A lease's holder (instance name) and since when it holds it.
+type Holder = (String, Option<DateTime<Utc>>);
 
 /// How old a mailbox's last success may be before `status` calls it stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +109,8 @@ impl Row {
             "followed_by": s.followed_by,
             "deleted_at": s.deleted_at.map(time),
             "renamed_to": s.renamed_to,
+            "holder": self.holder.as_ref().map(|h| &h.0),
+            "held_since": self.holder.as_ref().and_then(|h| h.1).map(time),
         })
     }
 }
@@ -124,6 +132,7 @@ fn rows(
     let row = |key: (String, String), configured: bool, by_id: &mut HashMap<_, _>| Row {
         configured,
         stale: false,
+        holder: None,
         messages: counts.get(&key).copied().unwrap_or(0),
         summary: by_id.remove(&key).unwrap_or_else(|| MailboxSummary {
             account: key.0.clone(),
@@ -168,10 +177,10 @@ fn rows(
     out
 }
 
-/// The aligned table, header first.
-fn table(rows: &[Row]) -> String {
+/// The aligned table, header first; with `cluster`, the HOLDER and HELD_SINCE columns too.
+fn table(rows: &[Row], cluster: bool) -> String {
     let dash = || "-".to_string();
-    let mut lines = vec![[
+    let mut lines = vec![vec![
         "".to_string(),
         "MAILBOX".into(),
         "STATE".into(),
@@ -184,6 +193,9 @@ fn table(rows: &[Row]) -> String {
         "FAILING_UIDS".into(),
         "LAST_ERROR".into(),
     ]];
+    if cluster {
+        lines[0].splice(3..3, ["HOLDER".to_string(), "HELD_SINCE".to_string()]);
+    }
     for r in rows {
         let s = &r.summary;
         let mut name = format!("{}/{}", s.account, s.mailbox);
@@ -193,7 +205,7 @@ fn table(rows: &[Row]) -> String {
             _ if !r.configured => name.push_str(" (not configured)"),
             _ => {}
         }
-        lines.push([
+        let mut line = vec![
             match (r.failing(), r.configured) {
                 (true, _) if r.stale && !s.is_failing() => "STALE",
                 (true, _) => "FAIL",
@@ -211,9 +223,17 @@ fn table(rows: &[Row]) -> String {
             s.quarantined.to_string(),
             s.failing_uids.to_string(),
             s.last_error.clone().unwrap_or_else(dash),
-        ]);
+        ];
+        if cluster {
+            let (holder, since) = match &r.holder {
+                Some((h, since)) => (h.clone(), since.map_or_else(dash, time)),
+                None => (dash(), dash()),
+            };
+            line.splice(3..3, [holder, since]);
+        }
+        lines.push(line);
     }
-    let mut widths = [0usize; 11];
+    let mut widths = vec![0usize; lines[0].len()];
     widths[0] = "STALE".len();
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {
@@ -223,7 +243,7 @@ fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     for line in &lines {
         let mut text = String::new();
-        for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in line.iter().zip(widths.iter().copied()).enumerate() {
             if i + 1 == line.len() {
                 text.push_str(cell); // the error, last and unpadded
             } else {
@@ -246,13 +266,14 @@ pub async fn status(config: &Config, json: bool, stale_after: StaleAfter) -> boo
             Ok((
                 store.mailbox_summaries().await?,
                 store.message_counts().await?,
+                store.leases().await?,
             ))
         }
         .await;
         store.shutdown(super::STORE_SHUTDOWN).await;
         result
     };
-    let (summaries, counts) = match read.await {
+    let (summaries, counts, leases) = match read.await {
         Ok(found) => found,
         Err::<_, crate::store::StoreError>(e) => {
             eprintln!(
@@ -264,6 +285,19 @@ pub async fn status(config: &Config, json: bool, stale_after: StaleAfter) -> boo
     };
     let mut rows = rows(config, summaries, &counts);
     let now = Utc::now();
+    // (this machine's clock, for display only: the replicas judge expiry by the database's)
+    let held: HashMap<(String, String), Holder> = leases
+        .into_iter()
+        .filter(|l| !l.is_free(now))
+        .filter_map(|l| Some(((l.account, l.mailbox), (l.owner?, l.since))))
+        .collect();
+    for r in rows.iter_mut() {
+        let s = &r.summary;
+        r.holder = held
+            .get(&(s.account.clone(), s.mailbox.clone()))
+            .or_else(|| held.get(&(s.account.clone(), crate::supervisor::ACCOUNT_UNIT.into())))
+            .cloned();
+    }
     for r in rows.iter_mut().filter(|r| r.configured) {
         let account = config.accounts.iter().find(|a| a.name == r.summary.account);
         let limit = account.and_then(|a| stale_after.limit(a));
@@ -277,7 +311,7 @@ pub async fn status(config: &Config, json: bool, stale_after: StaleAfter) -> boo
             println!("{}", r.to_json());
         }
     } else {
-        print!("{}", table(&rows));
+        print!("{}", table(&rows, config.cluster.is_some()));
     }
     !rows.iter().any(Row::failing)
 }
@@ -289,6 +323,7 @@ mod tests {
     #[test]
     fn the_table_is_aligned_and_marks_failing_and_unconfigured_mailboxes() {
         let ok = Row {
+            holder: None,
             stale: false,
             configured: true,
             messages: 12,
@@ -303,6 +338,7 @@ mod tests {
             },
         };
         let gone = Row {
+            holder: None,
             stale: false,
             configured: false,
             messages: 3,
@@ -314,7 +350,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let text = table(&[ok.clone(), gone.clone()]);
+        let text = table(&[ok.clone(), gone.clone()], false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[1].starts_with("ok     work/INBOX "), "{text}");
@@ -342,12 +378,31 @@ mod tests {
             ..ok.clone()
         };
         assert!(stale.failing());
-        assert!(table(&[stale])
+        assert!(table(&[stale], false)
             .lines()
             .nth(1)
             .unwrap()
             .starts_with("STALE  work/INBOX"));
         assert_eq!(j["messages"], 3);
+        let held = Row {
+            holder: Some((
+                "replica-2".into(),
+                DateTime::from_timestamp(1_700_000_100, 0),
+            )),
+            ..ok.clone()
+        };
+        let text = table(&[held.clone(), gone.clone()], true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("STATE  HOLDER     HELD_SINCE  "),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("replica-2  2023-11-14T22:15:00Z"),
+            "{text}"
+        );
+        assert_eq!(held.to_json()["holder"], "replica-2");
+        assert_eq!(gone.to_json()["holder"], serde_json::Value::Null);
         assert_eq!(j["last_uid"], serde_json::Value::Null);
     }
 }

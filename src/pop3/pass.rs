@@ -266,6 +266,10 @@ pub async fn poll(
         // Recorded before the first DELE: whatever happens next, a message that vanishes
         // after this is one mailpump deleted (a DELE whose QUIT failed leaves it listed).
         let uidls: Vec<String> = to_delete.iter().map(|(_, u)| u.clone()).collect();
+        if !uidls.is_empty() {
+            // [cluster]: a replica whose lease was taken over deletes nothing
+            store.check_fence(name, "INBOX").await?;
+        }
         store.pop3_mark(name, &uidls, "dele_sent").await?;
         for (number, _) in &to_delete {
             session.dele(*number).await?;

@@ -247,24 +247,28 @@ impl Store {
         .await
     }
 
-    /// `$set` on the mailbox document, creating it (with an empty quarantine) if needed.
-    async fn upsert_mailbox(
+    /// `$set` on the mailbox document, creating it (with an empty quarantine) if needed;
+    /// fenced when this handle carries a lease token.
+    pub(super) async fn upsert_mailbox(
         &self,
         id: String,
         set: Document,
         what: &str,
     ) -> Result<(), StoreError> {
         let coll = self.mailboxes.clone();
-        self.guarded(what, async move {
-            coll.update_one(
-                doc! {"_id": id},
-                doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
-            )
-            .upsert(true)
-            .await
-            .map(|_| ())
-        })
-        .await
+        let (filter, set) = (self.fence_filter(doc! {"_id": id}), self.fence_set(set));
+        let r = self
+            .guarded(what, async move {
+                coll.update_one(
+                    filter,
+                    doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
+                )
+                .upsert(true)
+                .await
+                .map(|_| ())
+            })
+            .await;
+        self.fence_refusal(what, r)
     }
 
     /// Counts one more session in which `uid` (under `uidvalidity`) failed; returns how many
@@ -283,21 +287,24 @@ impl Store {
         let field = format!("failures.{key}");
         let reason = reason.to_string();
         let now = bson::DateTime::now();
+        let filter = self.fence_filter(doc! {"_id": id});
+        let set = self.fence_set(doc! {format!("{field}.last_at"): now, format!("{field}.reason"): &reason, "last_error": &reason, "last_error_at": now});
         let updated = self
             .guarded("failure count", async move {
                 coll.find_one_and_update(
-                    doc! {"_id": id},
+                    filter,
                     doc! {
                         "$inc": {format!("{field}.sessions"): 1i64},
                         "$min": {format!("{field}.first_at"): now},
-                        "$set": {format!("{field}.last_at"): now, format!("{field}.reason"): &reason, "last_error": &reason, "last_error_at": now},
+                        "$set": set,
                     },
                 )
                 .upsert(true)
                 .return_document(mongodb::options::ReturnDocument::After)
                 .await
             })
-            .await?;
+            .await;
+        let updated = self.fence_refusal("failure count", updated)?;
         let entry = updated
             .as_ref()
             .and_then(|d| d.get_document("failures").ok())

@@ -10,6 +10,7 @@
 //! - `mirror`: what changes after a message was stored: flags, expunges, moves, and the
 //!   sweep of blobs nothing refers to any more;
 //! - `pop3`: the POP3 UIDL map (`pop3_uidl`);
+//! - `leases`: `[cluster]`'s leases and replicas, and the fence on `mailboxes`;
 //! - `reads`: what `export` and `status` read.
 //!
 //! **Invariant (the checkpoint rule):** `last_uid` moves only in [`Store::commit_batch`], after
@@ -23,6 +24,7 @@
 //! own task and the timeout is put on its JoinHandle.
 
 mod blobs;
+mod leases;
 mod mailboxes;
 mod messages;
 mod mirror;
@@ -30,6 +32,7 @@ mod pop3;
 mod reads;
 
 pub use blobs::CHUNK_SIZE;
+pub use leases::{InstanceView, LeaseView, Taken};
 pub use mailboxes::{Checkpoint, FailureCount, FolderRecord, MailboxRecord, MailboxStatus};
 pub use messages::{message_document, minimal_document, CommitReport, GmailIds, ReadyMessage};
 pub use mirror::{FlagChange, StoredMeta, SweepReport};
@@ -63,11 +66,21 @@ pub enum StoreError {
     /// Another writer holds what this write needs (a blob being swept): try again shortly.
     #[error("busy: {0}")]
     Busy(String),
+    /// A newer lease sealed this mailbox: this replica's lease was taken over (`[cluster]`).
+    #[error(
+        "{what} refused: the mailbox's lease was taken over (this replica held token {token})"
+    )]
+    Fenced { what: String, token: i64 },
 }
 
 impl StoreError {
     pub fn class(&self) -> ErrorClass {
         ErrorClass::Retry
+    }
+
+    /// The write was refused by the lease fence: the mailbox is another replica's now.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
     }
 }
 
@@ -110,6 +123,10 @@ pub struct Store {
     recent_expunges: Collection<Document>,
     /// Blobs of removed documents, the only ones the sweep looks at (`store::mirror`).
     blob_candidates: Collection<Document>,
+    leases: Collection<Document>,
+    instances: Collection<Document>,
+    /// The lease token this handle's checkpoint-bearing writes carry (`[cluster]`).
+    fence: Option<i64>,
     files: Collection<Document>,
     chunks: Collection<Document>,
     op_timeout: Duration,
@@ -155,6 +172,9 @@ impl Store {
             pop3_uidl: db.collection("pop3_uidl"),
             recent_expunges: db.collection("recent_expunges"),
             blob_candidates: db.collection("blob_candidates"),
+            leases: db.collection("leases"),
+            instances: db.collection("instances"),
+            fence: None,
             files: db.collection("blobs.files"),
             chunks: db.collection("blobs.chunks"),
             inflight: Default::default(),

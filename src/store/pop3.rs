@@ -83,14 +83,22 @@ impl Store {
         let n = uidls.len() as i64;
         let coll = self.mailboxes.clone();
         let id = Self::mailbox_id(account, "INBOX");
+        let (filter, update) = (
+            self.fence_filter(doc! {"_id": id}),
+            match self.fence() {
+                Some(t) => doc! {"$inc": {"pop3_next_uid": n}, "$set": {"fence": t}},
+                None => doc! {"$inc": {"pop3_next_uid": n}},
+            },
+        );
         let counter = self
             .guarded("uid allocation", async move {
-                coll.find_one_and_update(doc! {"_id": id}, doc! {"$inc": {"pop3_next_uid": n}})
+                coll.find_one_and_update(filter, update)
                     .upsert(true)
                     .return_document(mongodb::options::ReturnDocument::After)
                     .await
             })
-            .await?;
+            .await;
+        let counter = self.fence_refusal("uid allocation", counter)?;
         let top = counter
             .and_then(|d| d.get_i64("pop3_next_uid").ok())
             .unwrap_or(n);
@@ -140,14 +148,17 @@ impl Store {
         if let Some(top) = batch.iter().map(|m| m.uid).max() {
             let coll = self.mailboxes.clone();
             let id = Self::mailbox_id(account, "INBOX");
-            let set = doc! {"account": account, "mailbox": "INBOX", "uidvalidity": 0i64, "updated_at": bson::DateTime::now()};
-            self.guarded("checkpoint write", async move {
-                coll.update_one(doc! {"_id": id}, doc! {"$set": set, "$max": {"last_uid": top as i64}, "$setOnInsert": {"quarantined": []}})
-                    .upsert(true)
-                    .await
-                    .map(|_| ())
-            })
-            .await?;
+            let set = self.fence_set(doc! {"account": account, "mailbox": "INBOX", "uidvalidity": 0i64, "updated_at": bson::DateTime::now()});
+            let filter = self.fence_filter(doc! {"_id": id});
+            let r = self
+                .guarded("checkpoint write", async move {
+                    coll.update_one(filter, doc! {"$set": set, "$max": {"last_uid": top as i64}, "$setOnInsert": {"quarantined": []}})
+                        .upsert(true)
+                        .await
+                        .map(|_| ())
+                })
+                .await;
+            self.fence_refusal("checkpoint write", r)?;
         }
         Ok(report)
     }

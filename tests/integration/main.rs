@@ -6,6 +6,7 @@
 mod harness;
 
 mod cli;
+mod cluster;
 mod daemon;
 mod export;
 mod faults;

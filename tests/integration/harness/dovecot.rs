@@ -253,6 +253,24 @@ impl Dovecot {
         }
     }
 
+    /// Open IMAP connections per user, as Dovecot counts them (`doveadm who`).
+    pub fn connections(&self) -> std::collections::HashMap<String, usize> {
+        let out = Command::new("doveadm")
+            .arg("-c")
+            .arg(self.path().join("dovecot.conf"))
+            .args(["who", "-1"])
+            .output()
+            .expect("run doveadm who");
+        let mut per_user = std::collections::HashMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() >= 2 && cols[1] == "imap" {
+                *per_user.entry(cols[0].to_string()).or_insert(0) += 1;
+            }
+        }
+        per_user
+    }
+
     /// Every message file in the user's INBOX (new/ and cur/).
     pub fn inbox_files(&self, user: &User) -> Vec<PathBuf> {
         ["new", "cur"]

@@ -1195,6 +1195,162 @@ def mirror(n):
     return r
 
 
+def failover(n, ttls=(30, 6)):
+    """n mailboxes over 3 replicas ([cluster]): new mail in every mailbox with one process and
+    with three, then kill -9 of the replica holding most: the time until every orphan's lease is
+    taken, its session is idling again, and mail delivered right after the kill is stored; then
+    the restart and the time until the shares are even again. Once per lease TTL in ttls."""
+    import pymongo
+    import datetime
+    extra = ("default_process_limit = %d\ndefault_client_limit = %d\nservice imap {\n  process_limit = %d\n}\n"
+             "service stats {\n  client_limit = %d\n}\n" % (2 * n + 200, 8 * n + 1000, 2 * n + 200, 8 * n + 1000))
+    s = Services(extra)
+    results = {"mailboxes": n, "replicas": 3}
+    try:
+        names = ["f%04d" % i for i in range(n)]
+        uids = s.add_users(names)
+        s.start_dovecot()
+        client = pymongo.MongoClient(s.uri)
+        seq = [0]
+
+        def deliver(users, tag):
+            at = {}
+            for user in users:
+                seq[0] += 1
+                raw = ("From: a@example.com\r\nSubject: %s %s %d\r\n\r\nping\r\n" % (tag, user, seq[0])).encode()
+                name = "%d.fo%d.bench" % (int(time.time()), seq[0])
+                tmp = os.path.join(s.maildir(user), "tmp", name)
+                with open(tmp, "wb") as f:
+                    f.write(raw)
+                os.chown(tmp, uids[user], 65534)
+                at[user] = time.time()
+                os.rename(tmp, os.path.join(s.maildir(user), "new", name))
+            return at
+
+        def wait_stored(coll, users, tag, timeout=300):
+            want = set(users)
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                got = {d["account"] for d in coll.find({"subject": {"$regex": "^%s " % tag}}, {"account": 1})}
+                if want <= got:
+                    return time.time()
+                time.sleep(0.1)
+            raise SystemExit("not all %s stored" % tag)
+
+        def start(cfg, name, logpath):
+            env = dict(os.environ, MAILPUMP_CLUSTER__INSTANCE=name)
+            p = subprocess.Popen([os.path.join(BIN_DIR, "mailpump"), "--config", cfg, "run"],
+                                 stdout=open(logpath, "a"), env=env)
+            PIDS.append(p.pid)
+            return p
+
+        def held(coll, now):
+            return {d["_id"]: d["owner"] for d in coll.find({}) if d.get("run") and d["expires_at"].replace(tzinfo=datetime.timezone.utc).timestamp() > now}
+
+        # one process, no [cluster]: the reference for new mail in every mailbox
+        cfg = s.config("fo_single", [(u, "imap", s.imap) for u in names])
+        log1 = os.path.join(s.work, "single.log")
+        one = start(cfg, "single", log1)
+        wait_log(log1, "watching", n, 600)
+        t0 = time.time()
+        deliver(names, "one")
+        single = wait_stored(client[s.db("fo_single")].messages, names, "one") - t0
+        stop(one.pid)
+        results["new_mail_all_mailboxes_one_process_s"] = round(single, 2)
+        print("\n== failover: %d mailboxes, 3 replicas sharing them through leases; database: %s" % (n, s.dbkind))
+        print("one message in each of %d mailboxes: stored in %.2f s by one process" % (n, single))
+
+        for ttl in ttls:
+            db = "fo_ttl%d" % ttl
+            renew = max(1, ttl // 3)
+            cfg = s.config(db, [(u, "imap", s.imap) for u in names],
+                           extra='\n[cluster]\nenabled = true\nlease_ttl = "%ds"\nrenew_every = "%ds"\n' % (ttl, renew))
+            logs = {r: os.path.join(s.work, "%s-%s.log" % (db, r)) for r in ("r1", "r2", "r3")}
+            procs = {r: start(cfg, r, logs[r]) for r in logs}
+            leases = client[s.db(db)].leases
+            coll = client[s.db(db)].messages
+            t0 = time.time()
+            while True:
+                h = held(leases, time.time())
+                if len(h) == n and sum(len(log_events(logs[r], "watching")) for r in logs) >= n:
+                    break
+                if time.time() - t0 > 600:
+                    raise SystemExit("replicas did not take every mailbox")
+                time.sleep(0.2)
+            spread = time.time() - t0
+            shares = {r: sum(1 for o in h.values() if o == r) for r in logs}
+            t1 = time.time()
+            deliver(names, "three%d" % ttl)
+            three = wait_stored(coll, names, "three%d" % ttl) - t1
+            victim = max(shares, key=shares.get)
+            orphans = sorted(k.split("/")[0] for k, o in h.items() if o == victim)
+            survivors = [r for r in logs if r != victim]
+            marks = {r: len(log_events(logs[r], "watching")) for r in survivors}
+            procs[victim].send_signal(signal.SIGKILL)
+            procs[victim].wait()
+            killed = time.time()
+            deliver(orphans, "orphan%d" % ttl)
+            taken_at = idle_at = None
+            while taken_at is None or idle_at is None:
+                now = time.time()
+                h = held(leases, now)
+                if taken_at is None and all(h.get(a + "/INBOX") in survivors for a in orphans):
+                    taken_at = now
+                if idle_at is None:
+                    back = set()
+                    for r in survivors:
+                        for e in log_events(logs[r], "watching")[marks[r]:]:
+                            back.add(e.get("account"))
+                    if set(orphans) <= back:
+                        idle_at = now
+                if now - killed > ttl + 300:
+                    raise SystemExit("orphans not served")
+                time.sleep(0.05)
+            stored_at = wait_stored(coll, orphans, "orphan%d" % ttl)
+            lat = []
+            for d in coll.find({"subject": {"$regex": "^orphan%d " % ttl}}):
+                lat.append(d["stored_at"].replace(tzinfo=datetime.timezone.utc).timestamp() - killed)
+            # the restart: shares even again (within one), every mailbox held once
+            procs[victim] = start(cfg, victim, logs[victim])
+            restarted = time.time()
+            while True:
+                h = held(leases, time.time())
+                sh_ = {r: sum(1 for o in h.values() if o == r) for r in logs}
+                if len(h) == n and max(sh_.values()) - min(sh_.values()) <= 1:
+                    break
+                if time.time() - restarted > 300:
+                    raise SystemExit("no rebalance: %s" % sh_)
+                time.sleep(0.1)
+            rebalance = time.time() - restarted
+            t2 = time.time()
+            for r in logs:
+                procs[r].send_signal(signal.SIGTERM)
+            for r in logs:
+                procs[r].wait(60)
+            stop_s = time.time() - t2
+            left = len(held(leases, time.time()))
+            r = {"lease_ttl_s": ttl, "renew_every_s": renew, "seconds_until_all_held_and_idle": round(spread, 1),
+                 "shares": shares, "new_mail_all_mailboxes_three_replicas_s": round(three, 2),
+                 "orphans": len(orphans), "kill9_to_all_leases_taken_s": round(taken_at - killed, 2),
+                 "kill9_to_all_orphans_idle_s": round(idle_at - killed, 2),
+                 "kill9_to_all_orphan_mail_stored_s": round(stored_at - killed, 2),
+                 "orphan_mail_stored_after_kill_ms": bench_mail.percentiles(lat),
+                 "restart_to_even_shares_s": round(rebalance, 2), "sigterm_all_s": round(stop_s, 2),
+                 "leases_left_after_sigterm": left}
+            results["ttl_%ds" % ttl] = r
+            print("lease_ttl %ds (renew %ds): all %d held and idling %.1f s after start, shares %s" %
+                  (ttl, renew, n, spread, shares))
+            print("  one message in each of %d mailboxes: stored in %.2f s by three replicas (one process: %.2f s)" %
+                  (n, three, single))
+            print("  kill -9 of %s (%d mailboxes): every lease taken after %.2f s, every orphan idling after %.2f s, "
+                  "mail delivered at the kill stored after %.2f s" %
+                  (victim, len(orphans), taken_at - killed, idle_at - killed, stored_at - killed))
+            print("  restarted: shares even after %.2f s; SIGTERM of all three: %.2f s, %d leases left" % (rebalance, stop_s, left))
+        return results
+    finally:
+        s.close()
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it happens
     args = sys.argv[1:]
@@ -1207,7 +1363,8 @@ def main():
             "verify": lambda: verify(size or 100000),
             "folders": lambda: folders(size or 10, int(args[2]) if len(args) > 2 else 100, int(args[3]) if len(args) > 3 else 3),
             "mirror": lambda: mirror(size or 10000),
-            "instructions": lambda: instructions(size or 2000)}
+            "instructions": lambda: instructions(size or 2000),
+            "failover": lambda: failover(size or 300)}
     for name in ([n for n in runs if n != "instructions"] if scenario == "all" else [scenario]):
         results[name] = runs[name]()
     out = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench-results.json"))

@@ -13,6 +13,8 @@
 #   bash deploy/bench.sh folders [A] [F] [M]  A accounts (10) x F folders (100) of M messages (3),
 #                                             mailboxes = ["*"]: connections, RSS, NOTIFY latency
 #   bash deploy/bench.sh mirror [N]           N messages (10,000): flag/expunge latency, quiet wake-up, flag scan
+#   bash deploy/bench.sh failover [N]         N mailboxes (300) over 3 replicas ([cluster]): kill -9 to
+#                                             every orphan served, rebalance after the restart
 #   bash deploy/bench.sh instructions [N]     N messages (2,000): instructions per message (valgrind
 #                                             callgrind) of sync and the two ceilings (not in "all")
 # See BENCHMARKS.md for the latest figures.

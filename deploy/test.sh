@@ -43,6 +43,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+echo "== deploy manifests"; bash deploy/validate-deploy.sh
 
 if [ -z "${MAILPUMP_TEST_MONGODB_URI:-}" ]; then
   port=$(mp_free_port)

@@ -93,8 +93,9 @@ if cm and dep:
     check("MAILPUMP_STORE__URI" in env or "uri" in conf.get("store", {}), "no [store] uri and no MAILPUMP_STORE__URI")
     check(env.get("MAILPUMP_CLUSTER__INSTANCE", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
           == "metadata.name", "deployment.yaml: MAILPUMP_CLUSTER__INSTANCE is not the pod name")
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         check(c.get(probe, {}).get("httpGet", {}).get("path") == "/healthz", f"deployment.yaml: {probe} is not httpGet /healthz")
+    check(c.get("livenessProbe", {}).get("tcpSocket", {}).get("port") == "metrics", "deployment.yaml: livenessProbe is not tcpSocket on port metrics")
 
 compose_path = sys.argv[1]
 compose = docs(compose_path)[0]

@@ -171,6 +171,26 @@ impl Coordinator {
         self.cfg.renew_every.min(MAX_TICK)
     }
 
+    /// Waits at most `renew_every` for a database call, so that a hung database never keeps
+    /// the coordinator from stopping its units before its leases run out. A call given up on
+    /// may still land: a take or a renewal that did is found by the next renewal (a lease of
+    /// ours that we do not hold is released), a release that did not is left to expire.
+    async fn db<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let within = self.cfg.renew_every;
+        tokio::time::timeout(within, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Timeout {
+                    what: what.to_string(),
+                    after: within,
+                })
+            })
+    }
+
     async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
@@ -241,8 +261,11 @@ impl Coordinator {
 
     async fn release(&mut self, key: &Key, held: Held) {
         match self
-            .store
-            .release_lease(&key.0, &key.1, &self.run, held.token)
+            .db(
+                "lease release",
+                self.store
+                    .release_lease(&key.0, &key.1, &self.run, held.token),
+            )
             .await
         {
             Ok(true) => {
@@ -259,14 +282,20 @@ impl Coordinator {
 
     /// Shutdown: every task has ended; every lease goes back at once.
     async fn leave(&mut self) {
-        match self.store.release_all(&self.run).await {
+        match self
+            .db("lease release", self.store.release_all(&self.run))
+            .await
+        {
             Ok(n) => {
                 self.metrics.leases_released.inc_by(n);
                 tracing::info!(released = n, "leases_released")
             }
             Err(e) => tracing::warn!(error = %e, "lease_release_failed"),
         }
-        if let Err(e) = self.store.leave(&self.run).await {
+        if let Err(e) = self
+            .db("instance removal", self.store.leave(&self.run))
+            .await
+        {
             tracing::warn!(error = %e, "instance_removal_failed");
         }
         self.held.clear();
@@ -296,8 +325,11 @@ impl Coordinator {
         let tick = self.tick_every();
         let ttl = self.cfg.lease_ttl;
         let now = match self
-            .store
-            .heartbeat(&self.run, &self.cfg.instance, ttl, self.held.len())
+            .db(
+                "heartbeat",
+                self.store
+                    .heartbeat(&self.run, &self.cfg.instance, ttl, self.held.len()),
+            )
             .await
         {
             Ok(now) => now,
@@ -332,7 +364,13 @@ impl Coordinator {
 
     async fn renew(&mut self) {
         let sent = Instant::now();
-        match self.store.renew_leases(&self.run, self.cfg.lease_ttl).await {
+        match self
+            .db(
+                "lease renewal",
+                self.store.renew_leases(&self.run, self.cfg.lease_ttl),
+            )
+            .await
+        {
             Ok(ours) => {
                 self.last_renewal = Some(sent);
                 self.valid_until = Some(sent + self.cfg.lease_ttl);
@@ -364,8 +402,7 @@ impl Coordinator {
 
     async fn balance(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
         let mut runs: Vec<String> = self
-            .store
-            .instances()
+            .db("instances read", self.store.instances())
             .await?
             .into_iter()
             .filter(|i| i.expires_at > now)
@@ -379,8 +416,7 @@ impl Coordinator {
         self.metrics.cluster_instances.set(runs.len() as i64);
         let target = share(self.configured.len(), &runs, &self.run);
         let leases: HashMap<Key, LeaseView> = self
-            .store
-            .leases()
+            .db("leases read", self.store.leases())
             .await?
             .into_iter()
             .map(|l| ((l.account.clone(), l.mailbox.clone()), l))
@@ -430,19 +466,25 @@ impl Coordinator {
         let ttl = self.cfg.lease_ttl;
         let sent = Instant::now();
         let Some(taken) = self
-            .store
-            .take_lease(&key.0, &key.1, &self.run, &self.cfg.instance, ttl)
+            .db(
+                "lease take",
+                self.store
+                    .take_lease(&key.0, &key.1, &self.run, &self.cfg.instance, ttl),
+            )
             .await?
         else {
             return Ok(false);
         };
         self.free_ticks.remove(key);
-        if let Err(e) = self.store.seal(&key.0, &key.1, taken.token).await {
+        if let Err(e) = self
+            .db("lease seal", self.store.seal(&key.0, &key.1, taken.token))
+            .await
+        {
             tracing::warn!(account = %key.0, mailbox = %key.1, error = %e, "lease_seal_failed");
-            let _ = self
+            let release = self
                 .store
-                .release_lease(&key.0, &key.1, &self.run, taken.token)
-                .await;
+                .release_lease(&key.0, &key.1, &self.run, taken.token);
+            let _ = self.db("lease release", release).await;
             return Ok(false);
         }
         if self.held.is_empty() && self.handing_over.is_empty() {

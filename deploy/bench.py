@@ -136,7 +136,10 @@ class Services:
             if pid:
                 stop(pid)
         PIDS.clear()
-        shutil.rmtree(self.work, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):  # keep the logs and state to look at
+            print("kept", self.work)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 CPU = {}

@@ -8,8 +8,10 @@
 //!   hands over what is above it (the supervisor stops the task, which finishes its batch
 //!   and logs out, then the lease is released) or takes free and expired leases up to it
 //!   (rendezvous order, so replicas prefer different mailboxes);
-//! - takes a lease that has stayed free for [`ORPHAN_TICKS`] ticks even above its share, so
-//!   that a mailbox is never left unserved while the replicas disagree about who is alive.
+//! - takes a lease that expired without being released (its holder died, hangs or is cut
+//!   off) at once, even above its share, and one that has stayed free for [`ORPHAN_TICKS`]
+//!   ticks too, so that a mailbox is never left unserved while the replicas disagree about
+//!   who is alive; the shares even out again once the dead replica's heartbeat has expired.
 //!
 //! A unit is a supervisor key: one mailbox, or a folder-sync account (`account/*`).
 //!
@@ -67,7 +69,13 @@ pub enum Event {
     /// The configured units (at start and after every reload).
     Configured(BTreeSet<Key>),
     /// The unit's task has ended (or was not running when asked to stop).
-    Ended { key: Key, fenced: bool },
+    /// `token`: the one the task was started with (None: nothing ran), so that a late report
+    /// of an earlier run of the unit is never taken for the current one.
+    Ended {
+        key: Key,
+        token: Option<i64>,
+        fenced: bool,
+    },
     /// Shutdown: every task has ended; release everything and leave.
     Shutdown(oneshot::Sender<()>),
 }
@@ -229,28 +237,38 @@ impl Coordinator {
     async fn on_event(&mut self, event: Event) {
         match event {
             Event::Configured(units) => {
-                // units no longer configured: the supervisor stops their tasks and reports
-                for key in self.held.keys() {
-                    if !units.contains(key) {
+                // held units no longer configured are given back once their task ended (the
+                // supervisor stops them; one that had already ended reports at once)
+                let gone: Vec<Key> = self
+                    .held
+                    .keys()
+                    .filter(|k| !units.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    if let Some(h) = self.held.remove(&key) {
                         tracing::info!(account = %key.0, mailbox = %key.1, "lease_unit_removed");
+                        self.handing_over.insert(key.clone(), h);
+                        self.send(Command::Stop { key });
                     }
                 }
                 self.configured = units;
             }
-            Event::Ended { key, fenced } => {
+            Event::Ended { key, token, fenced } => {
+                let current = |h: &Held| token.is_none_or(|t| t == h.token);
                 if fenced {
                     self.metrics.fencing_refusals.inc();
-                    if self.held.remove(&key).is_some() || self.handing_over.remove(&key).is_some()
-                    {
+                    let held = self.held.get(&key).or(self.handing_over.get(&key)).copied();
+                    if held.is_some_and(|h| current(&h)) {
+                        self.held.remove(&key);
+                        self.handing_over.remove(&key);
                         self.metrics.leases_lost.inc();
+                        tracing::warn!(account = %key.0, mailbox = %key.1, "lease_lost");
                     }
-                    tracing::warn!(account = %key.0, mailbox = %key.1, "lease_lost");
-                } else if let Some(h) = self.handing_over.remove(&key) {
+                } else if let Some(h) = self.handing_over.get(&key).copied().filter(|h| current(h))
+                {
+                    self.handing_over.remove(&key);
                     self.release(&key, h).await;
-                } else if !self.configured.contains(&key) {
-                    if let Some(h) = self.held.remove(&key) {
-                        self.release(&key, h).await;
-                    }
                 }
                 // else a fatal error: the lease stays held (another replica would fail alike)
                 self.publish();
@@ -324,21 +342,14 @@ impl Coordinator {
         self.ticks += 1;
         let tick = self.tick_every();
         let ttl = self.cfg.lease_ttl;
-        let now = match self
+        let heartbeat = self
             .db(
                 "heartbeat",
                 self.store
                     .heartbeat(&self.run, &self.cfg.instance, ttl, self.held.len()),
             )
-            .await
-        {
-            Ok(now) => now,
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat_failed");
-                self.check_validity(tick);
-                return;
-            }
-        };
+            .await;
+        // the leases are renewed whether or not the heartbeat went through
         let due = self
             .last_renewal
             .is_none_or(|t| t.elapsed() + tick / 2 >= self.cfg.renew_every);
@@ -346,6 +357,13 @@ impl Coordinator {
             self.renew().await;
         }
         self.check_validity(tick);
+        let now = match heartbeat {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat_failed");
+                return;
+            }
+        };
         if stopping || self.configured.is_empty() || self.ticks < 2 {
             return;
         }
@@ -433,8 +451,17 @@ impl Coordinator {
             *self.free_ticks.entry(k.clone()).or_default() += 1;
         }
 
+        // a lease that expired without a release: its holder died or hangs. Taken at once,
+        // whatever the share (its heartbeat may count it alive for a while yet), and nothing is
+        // handed over while that settles
+        let expired = |k: &Key| {
+            leases
+                .get(k)
+                .is_some_and(|l| l.run.is_some() && l.expires_at <= now)
+        };
+        let failover = free.iter().any(expired);
         let held = self.held.len();
-        if held > target {
+        if held > target && !failover {
             let mut mine: Vec<Key> = self.held.keys().cloned().collect();
             mine.sort_by_key(|k| score(&self.run, k));
             for key in mine.into_iter().take(held - target) {
@@ -448,8 +475,14 @@ impl Coordinator {
         let mut candidates = free;
         candidates.sort_by_key(|k| std::cmp::Reverse(score(&self.run, k)));
         let mut room = target.saturating_sub(self.held.len());
+        let started = Instant::now();
         for key in candidates {
-            let orphan = self.free_ticks.get(&key).copied().unwrap_or(0) >= ORPHAN_TICKS;
+            // at most one tick of takes: the renewals must not wait behind them
+            if started.elapsed() >= self.tick_every() {
+                break;
+            }
+            let orphan =
+                expired(&key) || self.free_ticks.get(&key).copied().unwrap_or(0) >= ORPHAN_TICKS;
             if room == 0 && !orphan {
                 continue;
             }

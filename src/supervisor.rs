@@ -70,6 +70,8 @@ struct Supervisor {
     /// `[cluster]`: the coordinator's events, and the lease token of every held unit.
     cluster: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
     tokens: HashMap<Key, i64>,
+    /// The token each running generation was started with.
+    started_with: HashMap<u64, i64>,
 }
 
 /// Runs a mailbox task (a fresh future from `run` each time), restarting it with backoff if it
@@ -160,6 +162,9 @@ impl Supervisor {
         self.generation += 1;
         let cancel = self.shutdown.child_token();
         let generation = self.generation;
+        if let Some(t) = fence {
+            self.started_with.insert(generation, t);
+        }
         let unit = if key.1 == ACCOUNT_UNIT {
             tracing::info!(account = %key.0, "account_started");
             Unit::Account(AccountTask {
@@ -259,6 +264,7 @@ impl Supervisor {
             match want.get(&key) {
                 None => {
                     self.stop(&key);
+                    self.tokens.remove(&key);
                     removed += 1;
                 }
                 Some(account) if *account != self.running[&key].account => {
@@ -294,16 +300,16 @@ impl Supervisor {
                 if self.shutdown.is_cancelled() {
                     return; // the release at the end of shutdown gives it back
                 }
-                self.tokens.insert(key.clone(), token);
                 match self.want.get(&key).cloned() {
                     Some(account) => {
+                        self.tokens.insert(key.clone(), token);
                         if self.running.contains_key(&key) {
                             // a token of ours that changed: the old task's writes would be refused
                             self.stop(&key);
                         }
                         self.start(key, account)
                     }
-                    None => self.ended_unit(key, false),
+                    None => self.ended_unit(key, Some(token), false),
                 }
             }
             Command::Stop { key } => {
@@ -315,19 +321,19 @@ impl Supervisor {
                 if self.running.contains_key(&key) {
                     self.stop(&key);
                 } else if !self.stopping.contains_key(&key) {
-                    self.ended_unit(key, false);
+                    self.ended_unit(key, None, false);
                 }
             }
         }
     }
 
     /// Tells the coordinator that a unit no longer runs here.
-    fn ended_unit(&mut self, key: Key, fenced: bool) {
-        if fenced {
+    fn ended_unit(&mut self, key: Key, token: Option<i64>, fenced: bool) {
+        if fenced && token.is_some() && self.tokens.get(&key) == token.as_ref() {
             self.tokens.remove(&key);
         }
         if let Some(events) = &self.cluster {
-            let _ = events.send(Event::Ended { key, fenced });
+            let _ = events.send(Event::Ended { key, token, fenced });
         }
     }
 }
@@ -488,6 +494,7 @@ pub async fn run(
         want: desired(&config),
         cluster: None,
         tokens: HashMap::new(),
+        started_with: HashMap::new(),
     };
     let mut cluster_link = None;
     let mut commands = match &config.cluster {
@@ -537,6 +544,7 @@ pub async fn run(
             }
             Some(joined) = sup.tasks.join_next(), if !sup.tasks.is_empty() => {
                 if let Ok((key, generation, exit)) = joined {
+                    let token = sup.started_with.remove(&generation);
                     if sup.stopping.get(&key) == Some(&generation) {
                         sup.stopping.remove(&key);
                         if let Some(account) = sup.waiting.remove(&key) {
@@ -559,7 +567,7 @@ pub async fn run(
                         }
                     }
                     if !sup.running.contains_key(&key) && !sup.waiting.contains_key(&key) {
-                        sup.ended_unit(key, matches!(exit, Exit::Fenced(_)));
+                        sup.ended_unit(key, token, matches!(exit, Exit::Fenced(_)));
                     }
                 }
             }

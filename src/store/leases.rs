@@ -64,6 +64,9 @@ pub struct Taken {
     pub taken_from: Option<String>,
 }
 
+/// `_id` of the token counter in `leases`.
+const TOKEN_COUNTER: &str = "~token";
+
 fn epoch() -> bson::DateTime {
     bson::DateTime::from_millis(0)
 }
@@ -102,13 +105,17 @@ fn lease_view(d: &Document) -> Option<LeaseView> {
 }
 
 /// The update pipeline that takes a lease for `run` if it is free, expired or already
-/// `run`'s, and leaves it as it is otherwise. The token grows only on a change of owner.
+/// `run`'s, and leaves it as it is otherwise. A take always sets `token` (a fresh value of the
+/// one counter all leases share): a retaken lease of one's own gets a new token too, so that a
+/// late write of the unit's previous run is refused; and since the counter is global, the
+/// seal of any newer take outranks any older one, whichever lease key covered the mailbox.
 fn take_pipeline(
     account: &str,
     mailbox: &str,
     run: &str,
     instance: &str,
     ttl: Duration,
+    token: i64,
 ) -> Vec<Document> {
     let new_owner = doc! {"$and": ["$_free", {"$not": ["$_mine"]}]};
     vec![
@@ -120,8 +127,8 @@ fn take_pipeline(
             ]},
         }},
         doc! {"$set": {
-            "token": {"$cond": [&new_owner, {"$add": [{"$ifNull": ["$token", 0i64]}, 1i64]}, "$token"]},
-            "since": {"$cond": [&new_owner, "$$NOW", "$since"]},
+            "token": {"$cond": ["$_free", token, "$token"]},
+            "since": {"$cond": ["$_free", "$$NOW", "$since"]},
             "taken_from": {"$cond": [&new_owner, "$owner", "$taken_from"]},
             "owner": {"$cond": ["$_free", instance, "$owner"]},
             "run": {"$cond": ["$_free", run, "$run"]},
@@ -186,6 +193,17 @@ impl Store {
                 })
             }
             (_, r) => r,
+        }
+    }
+
+    /// Before a fenced handle writes message documents (which carry no token of their own):
+    /// [`Store::check_fence`]. A replica paused past its TTL, woken up with a batch in flight,
+    /// finds its lease taken over here, before it could rewrite what the new holder stored
+    /// and updated since. (What is left: the milliseconds between this check and the write.)
+    pub(super) async fn fence_gate(&self, account: &str, mailbox: &str) -> Result<(), StoreError> {
+        match self.fence {
+            Some(_) => self.check_fence(account, mailbox).await,
+            None => Ok(()),
         }
     }
 
@@ -352,9 +370,23 @@ impl Store {
     ) -> Result<Option<Taken>, StoreError> {
         let coll = self.leases.clone();
         let id = Self::mailbox_id(account, mailbox);
-        let pipeline = take_pipeline(account, mailbox, run, instance, ttl);
+        let (account, mailbox, run_id, name) = (
+            account.to_string(),
+            mailbox.to_string(),
+            run.to_string(),
+            instance.to_string(),
+        );
         let after = self
             .guarded("lease take", async move {
+                // the one token counter: a document beside the leases, with no account (so
+                // never read as a lease)
+                let n = coll
+                    .find_one_and_update(doc! {"_id": TOKEN_COUNTER}, doc! {"$inc": {"n": 1i64}})
+                    .upsert(true)
+                    .return_document(mongodb::options::ReturnDocument::After)
+                    .await?;
+                let token = n.as_ref().map(|d| int(d, "n")).unwrap_or(0);
+                let pipeline = take_pipeline(&account, &mailbox, &run_id, &name, ttl, token);
                 coll.find_one_and_update(doc! {"_id": id}, pipeline)
                     .upsert(true)
                     .return_document(mongodb::options::ReturnDocument::After)
@@ -439,7 +471,7 @@ impl Store {
     }
 }
 
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+pub(super) fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, WriteFailure};
     match e.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
@@ -459,8 +491,8 @@ mod tests {
         (Store::connect(&cfg).await.unwrap(), cfg)
     }
 
-    /// Free, held, renewed, expired (at the database's time), released: the token grows with
-    /// every change of owner and only then.
+    /// Free, held, renewed, expired (at the database's time), released: every take gets a
+    /// token above every earlier one (one counter for all leases), a renewal keeps it.
     #[tokio::test]
     async fn a_lease_is_taken_only_when_free_expired_or_ours() {
         let (s, cfg) = store("mp_leases").await;
@@ -470,13 +502,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(
-            a,
-            Taken {
-                token: 1,
-                taken_from: None
-            }
-        );
+        assert_eq!(a.taken_from, None);
         assert_eq!(
             s.take_lease("acct", "INBOX", "run-b", "B", ttl)
                 .await
@@ -489,12 +515,16 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(again.token, 1);
+        assert!(again.token > a.token, "a retake is a new token");
+        let a = again;
         // renewals keep it past its first expiry
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(700)).await;
             let ours = s.renew_leases("run-a", ttl).await.unwrap();
-            assert_eq!(ours, vec![(("acct".to_string(), "INBOX".to_string()), 1)]);
+            assert_eq!(
+                ours,
+                vec![(("acct".to_string(), "INBOX".to_string()), a.token)]
+            );
             assert_eq!(
                 s.take_lease("acct", "INBOX", "run-b", "B", ttl)
                     .await
@@ -509,37 +539,33 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(
-            b,
-            Taken {
-                token: 2,
-                taken_from: Some("A".into())
-            }
-        );
+        assert!(b.token > a.token, "{b:?}");
+        assert_eq!(b.taken_from.as_deref(), Some("A"));
         assert!(
             s.renew_leases("run-a", ttl).await.unwrap().is_empty(),
             "A's renewal finds nothing of its own"
         );
         assert!(
-            !s.release_lease("acct", "INBOX", "run-a", 1).await.unwrap(),
+            !s.release_lease("acct", "INBOX", "run-a", a.token)
+                .await
+                .unwrap(),
             "A cannot release B's lease"
         );
         // a release frees it at once, and a release names no one taken over
-        assert!(s.release_lease("acct", "INBOX", "run-b", 2).await.unwrap());
-        let lease = &s.leases().await.unwrap()[0];
+        assert!(s
+            .release_lease("acct", "INBOX", "run-b", b.token)
+            .await
+            .unwrap());
+        let leases = s.leases().await.unwrap();
+        assert_eq!(leases.len(), 1, "the token counter is no lease: {leases:?}");
+        let lease = &leases[0];
         assert!(lease.run.is_none() && lease.owner.is_none());
-        let a = s
+        let c = s
             .take_lease("acct", "INBOX", "run-a", "A", ttl)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(
-            a,
-            Taken {
-                token: 3,
-                taken_from: None
-            }
-        );
+        assert!(c.token > b.token && c.taken_from.is_none(), "{c:?}");
         assert_eq!(s.release_all("run-a").await.unwrap(), 1);
         // heartbeats: the database's time, alive until it + ttl
         let now = s.heartbeat("run-a", "A", ttl, 0).await.unwrap();

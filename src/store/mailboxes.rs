@@ -219,14 +219,14 @@ impl Store {
         gone: bool,
     ) -> Result<(), StoreError> {
         let coll = self.mailboxes.clone();
-        let id = Self::mailbox_id(account, mailbox);
+        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
         let update = if gone {
             doc! {"$set": {"all_gone_since": bson::DateTime::now()}}
         } else {
             doc! {"$unset": {"all_gone_since": ""}}
         };
         self.guarded("all-gone mark", async move {
-            coll.update_one(doc! {"_id": id}, update).await.map(|_| ())
+            coll.update_one(filter, update).await.map(|_| ())
         })
         .await
     }
@@ -238,9 +238,9 @@ impl Store {
         mailbox: &str,
     ) -> Result<(), StoreError> {
         let coll = self.mailboxes.clone();
-        let id = Self::mailbox_id(account, mailbox);
+        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
         self.guarded("flag scan reset", async move {
-            coll.update_one(doc! {"_id": id}, doc! {"$unset": {"flags_scanned_at": ""}})
+            coll.update_one(filter, doc! {"$unset": {"flags_scanned_at": ""}})
                 .await
                 .map(|_| ())
         })
@@ -255,10 +255,10 @@ impl Store {
         set: Document,
         what: &str,
     ) -> Result<(), StoreError> {
-        let coll = self.mailboxes.clone();
         let (filter, set) = (self.fence_filter(doc! {"_id": id}), self.fence_set(set));
-        let r = self
-            .guarded(what, async move {
+        let write = || {
+            let (coll, filter, set) = (self.mailboxes.clone(), filter.clone(), set.clone());
+            async move {
                 coll.update_one(
                     filter,
                     doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
@@ -266,8 +266,19 @@ impl Store {
                 .upsert(true)
                 .await
                 .map(|_| ())
-            })
-            .await;
+            }
+        };
+        let r = self.guarded(what, write()).await;
+        // a fenced upsert that met a duplicate key: a newer seal, or another write that just
+        // created the missing document; once more, and a duplicate then is the newer seal
+        let r = match r {
+            Err(StoreError::Mongo(e))
+                if self.fence.is_some() && super::leases::is_duplicate_key(&e) =>
+            {
+                self.guarded(what, write()).await
+            }
+            r => r,
+        };
         self.fence_refusal(what, r)
     }
 
@@ -338,9 +349,9 @@ impl Store {
             unset.insert(format!("failures.{}", failure_key(uidvalidity, *uid)), "");
         }
         let coll = self.mailboxes.clone();
-        let id = Self::mailbox_id(account, mailbox);
+        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
         self.guarded("failure reset", async move {
-            coll.update_one(doc! {"_id": id}, doc! {"$unset": unset})
+            coll.update_one(filter, doc! {"$unset": unset})
                 .await
                 .map(|_| ())
         })
@@ -361,14 +372,13 @@ impl Store {
         let id = Self::mailbox_id(account, mailbox);
         let entry = doc! {"uidvalidity": uidvalidity as i64, "uid": uid as i64, "reason": reason, "at": bson::DateTime::now()};
         let failure = format!("failures.{}", failure_key(uidvalidity, uid));
+        let filter = self.fence_filter(doc! {"_id": &id, "quarantined": {"$not": {"$elemMatch": {"uidvalidity": uidvalidity as i64, "uid": uid as i64}}}});
+        let filter2 = self.fence_filter(doc! {"_id": &id});
         self.guarded("quarantine", async move {
-            coll.update_one(
-                doc! {"_id": &id, "quarantined": {"$not": {"$elemMatch": {"uidvalidity": uidvalidity as i64, "uid": uid as i64}}}},
-                doc! {"$push": {"quarantined": entry}},
-            )
-            .upsert(false)
-            .await?;
-            coll.update_one(doc! {"_id": &id}, doc! {"$unset": {failure: ""}})
+            coll.update_one(filter, doc! {"$push": {"quarantined": entry}})
+                .upsert(false)
+                .await?;
+            coll.update_one(filter2, doc! {"$unset": {failure: ""}})
                 .await
                 .map(|_| ())
         })
@@ -402,12 +412,12 @@ impl Store {
             return Ok(());
         }
         let coll = self.mailboxes.clone();
-        let id = Self::mailbox_id(account, mailbox);
+        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
         let uids: Vec<i64> = uids.iter().map(|u| *u as i64).collect();
         self.guarded("quarantine release", async move {
             // entries from before uidvalidity was recorded carry none: they are the current one's
             coll.update_one(
-                doc! {"_id": id},
+                filter,
                 doc! {"$pull": {"quarantined": {"uid": {"$in": uids}, "$or": [{"uidvalidity": uidvalidity as i64}, {"uidvalidity": {"$exists": false}}]}}},
             )
             .await
@@ -506,17 +516,21 @@ impl Store {
         if let Some(id) = mailbox_id {
             set.insert("mailbox_id", id);
         }
-        let (coll, id) = (self.mailboxes.clone(), Self::mailbox_id(account, mailbox));
-        self.guarded("folder note", async move {
-            coll.update_one(
-                doc! {"_id": id},
-                doc! {"$set": set, "$setOnInsert": {"quarantined": []}, "$unset": {"deleted_at": "", "renamed_to": ""}},
-            )
-            .upsert(true)
-            .await
-            .map(|_| ())
-        })
-        .await
+        let coll = self.mailboxes.clone();
+        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
+        let set = self.fence_set(set);
+        let r = self
+            .guarded("folder note", async move {
+                coll.update_one(
+                    filter,
+                    doc! {"$set": set, "$setOnInsert": {"quarantined": []}, "$unset": {"deleted_at": "", "renamed_to": ""}},
+                )
+                .upsert(true)
+                .await
+                .map(|_| ())
+            })
+            .await;
+        self.fence_refusal("folder note", r)
     }
 
     /// Marks a folder that disappeared from the server: `state: "deleted"` and `deleted_at`,
@@ -542,17 +556,21 @@ impl Store {
         }
         // a folder made again under this name starts from nothing, whatever UIDVALIDITY it
         // gets (Cyrus gives folders created in the same second the same one)
-        let (coll, id) = (self.mailboxes.clone(), Self::mailbox_id(account, mailbox));
-        self.guarded("deletion mark", async move {
-            coll.update_one(
-                doc! {"_id": id},
-                doc! {"$set": set, "$unset": {"last_uid": "", "uidvalidity": ""}, "$setOnInsert": {"quarantined": []}},
-            )
-            .upsert(true)
-            .await
-            .map(|_| ())
-        })
-        .await
+        let coll = self.mailboxes.clone();
+        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
+        let set = self.fence_set(set);
+        let r = self
+            .guarded("deletion mark", async move {
+                coll.update_one(
+                    filter,
+                    doc! {"$set": set, "$unset": {"last_uid": "", "uidvalidity": ""}, "$setOnInsert": {"quarantined": []}},
+                )
+                .upsert(true)
+                .await
+                .map(|_| ())
+            })
+            .await;
+        self.fence_refusal("deletion mark", r)
     }
 
     /// `last_success_at` for several mailboxes of one account at once: a sweep that found them

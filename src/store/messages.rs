@@ -95,6 +95,10 @@ impl Store {
         uidvalidity: u32,
         batch: &[ReadyMessage],
     ) -> Result<CommitReport, StoreError> {
+        if !batch.is_empty() {
+            // [cluster]: a replica whose lease was taken over rewrites no document
+            self.fence_gate(account, mailbox).await?;
+        }
         let mut report = CommitReport::default();
         let blobs: Vec<&Blob> = {
             let mut seen = HashSet::new();

@@ -92,6 +92,9 @@ impl Store {
         uidvalidity: u32,
         changes: &[FlagChange],
     ) -> Result<usize, StoreError> {
+        if !changes.is_empty() {
+            self.fence_gate(account, mailbox).await?;
+        }
         let now = bson::DateTime::now();
         let mut changed = 0;
         for group in changes.chunks(FLAG_WRITES_IN_FLIGHT) {
@@ -137,6 +140,9 @@ impl Store {
         uidvalidity: u32,
         uids: &[u32],
     ) -> Result<usize, StoreError> {
+        if !uids.is_empty() {
+            self.fence_gate(account, mailbox).await?;
+        }
         let mut done = 0;
         for ids in id_chunks(account, mailbox, uidvalidity, uids) {
             let coll = self.messages.clone();
@@ -207,6 +213,9 @@ impl Store {
         uidvalidity: u32,
         uids: &[u32],
     ) -> Result<usize, StoreError> {
+        if !uids.is_empty() {
+            self.fence_gate(account, mailbox).await?;
+        }
         let mut done = 0;
         for ids in id_chunks(account, mailbox, uidvalidity, uids) {
             let coll = self.messages.clone();

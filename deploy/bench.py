@@ -1198,7 +1198,7 @@ def mirror(n):
     return r
 
 
-def failover(n, ttls=(30, 6)):
+def failover(n, ttls=(30, 10)):
     """n mailboxes over 3 replicas ([cluster]): new mail in every mailbox with one process and
     with three, then kill -9 of the replica holding most: the time until every orphan's lease is
     taken, its session is idling again, and mail delivered right after the kill is stored; then
@@ -1255,6 +1255,7 @@ def failover(n, ttls=(30, 6)):
         log1 = os.path.join(s.work, "single.log")
         one = start(cfg, "single", log1)
         wait_log(log1, "watching", n, 600)
+        time.sleep(5)
         t0 = time.time()
         deliver(names, "one")
         single = wait_stored(client[s.db("fo_single")].messages, names, "one") - t0
@@ -1273,15 +1274,25 @@ def failover(n, ttls=(30, 6)):
             leases = client[s.db(db)].leases
             coll = client[s.db(db)].messages
             t0 = time.time()
+            moves = ("lease_taken", "lease_handing_over", "lease_released", "lease_lost", "lease_taken_over")
+
+            def lease_events():
+                return sum(len(log_events(logs[r], m)) for r in logs for m in moves)
+            last, quiet_since = -1, time.time()
             while True:
                 h = held(leases, time.time())
-                if len(h) == n and sum(len(log_events(logs[r], "watching")) for r in logs) >= n:
+                shares = {r: sum(1 for o in h.values() if o == r) for r in logs}
+                events = lease_events()
+                if events != last:
+                    last, quiet_since = events, time.time()
+                settled = max(shares.values()) - min(shares.values()) <= 1 and time.time() - quiet_since >= 5
+                if len(h) == n and settled:
                     break
                 if time.time() - t0 > 600:
                     raise SystemExit("replicas did not take every mailbox")
                 time.sleep(0.2)
-            spread = time.time() - t0
-            shares = {r: sum(1 for o in h.values() if o == r) for r in logs}
+            # settled: every lease held, shares even, no lease moved for 5 s
+            spread = quiet_since - t0
             t1 = time.time()
             deliver(names, "three%d" % ttl)
             three = wait_stored(coll, names, "three%d" % ttl) - t1
@@ -1332,7 +1343,7 @@ def failover(n, ttls=(30, 6)):
                 procs[r].wait(60)
             stop_s = time.time() - t2
             left = len(held(leases, time.time()))
-            r = {"lease_ttl_s": ttl, "renew_every_s": renew, "seconds_until_all_held_and_idle": round(spread, 1),
+            r = {"lease_ttl_s": ttl, "renew_every_s": renew, "seconds_until_settled": round(spread, 1),
                  "shares": shares, "new_mail_all_mailboxes_three_replicas_s": round(three, 2),
                  "orphans": len(orphans), "kill9_to_all_leases_taken_s": round(taken_at - killed, 2),
                  "kill9_to_all_orphans_idle_s": round(idle_at - killed, 2),
@@ -1341,7 +1352,7 @@ def failover(n, ttls=(30, 6)):
                  "restart_to_even_shares_s": round(rebalance, 2), "sigterm_all_s": round(stop_s, 2),
                  "leases_left_after_sigterm": left}
             results["ttl_%ds" % ttl] = r
-            print("lease_ttl %ds (renew %ds): all %d held and idling %.1f s after start, shares %s" %
+            print("lease_ttl %ds (renew %ds): all %d held, shares even and no lease moving %.1f s after start, shares %s" %
                   (ttl, renew, n, spread, shares))
             print("  one message in each of %d mailboxes: stored in %.2f s by three replicas (one process: %.2f s)" %
                   (n, three, single))

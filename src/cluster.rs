@@ -179,16 +179,17 @@ impl Coordinator {
         self.cfg.renew_every.min(MAX_TICK)
     }
 
-    /// Waits at most `renew_every` for a database call, so that a hung database never keeps
-    /// the coordinator from stopping its units before its leases run out. A call given up on
-    /// may still land: a take or a renewal that did is found by the next renewal (a lease of
-    /// ours that we do not hold is released), a release that did not is left to expire.
+    /// Waits at most half the lease TTL for a database call, so that a hung database never
+    /// keeps the coordinator from stopping its units before its leases run out. A call given
+    /// up on may still land: a take or a renewal that did is found by the next renewal (a
+    /// lease of ours that we do not hold is released), a release that did not is left to
+    /// expire.
     async fn db<T>(
         &self,
         what: &str,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let within = self.cfg.renew_every;
+        let within = self.cfg.lease_ttl / 2;
         tokio::time::timeout(within, call)
             .await
             .unwrap_or_else(|_| {

@@ -239,9 +239,12 @@ impl Supervisor {
                 return;
             }
         };
-        if new.store != current.store || new.metrics != current.metrics {
+        if new.store != current.store
+            || new.metrics != current.metrics
+            || new.cluster != current.cluster
+        {
             tracing::warn!(
-                "reload_partial: [store] and [metrics] changes take effect at the next restart"
+                "reload_partial: [store], [metrics] and [cluster] changes take effect at the next restart"
             );
         }
         let want = desired(&new);
@@ -468,8 +471,11 @@ pub async fn run(
     if reload_queued {
         match config::load(path) {
             Ok(new) => {
-                if new.store != config.store || new.metrics != config.metrics {
-                    tracing::warn!("reload_partial: [store] and [metrics] changes take effect at the next restart");
+                if new.store != config.store
+                    || new.metrics != config.metrics
+                    || new.cluster != config.cluster
+                {
+                    tracing::warn!("reload_partial: [store], [metrics] and [cluster] changes take effect at the next restart");
                 }
                 config.accounts = new.accounts;
                 tracing::info!("reloaded_before_start");

@@ -393,8 +393,10 @@ impl Store {
                     .await
             })
             .await?;
+        // nothing back: an upsert that lost a race with another take of the same missing
+        // lease (seen with SecantusDB); the other one has it
         let Some(after) = after else {
-            return Err(StoreError::Protocol("lease take returned nothing".into()));
+            return Ok(None);
         };
         if after.get_str("run").ok() != Some(run) {
             return Ok(None);

@@ -70,6 +70,8 @@ struct Supervisor {
     /// `[cluster]`: the coordinator's events, and the lease token of every held unit.
     cluster: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
     tokens: HashMap<Key, i64>,
+    /// How long a passed fence check spares the next one (a quarter of the TTL, at most 1 s).
+    gate_fresh: Duration,
     /// The token each running generation was started with.
     started_with: HashMap<u64, i64>,
 }
@@ -170,7 +172,7 @@ impl Supervisor {
             Unit::Account(AccountTask {
                 account: account.clone(),
                 store: match fence {
-                    Some(t) => self.store.fenced(t),
+                    Some(t) => self.store.fenced(t, self.gate_fresh),
                     None => self.store.clone(),
                 },
                 limits: self.limits,
@@ -190,7 +192,7 @@ impl Supervisor {
                             .entry(key.clone())
                             .or_insert_with(|| self.store.scoped());
                         match fence {
-                            Some(t) => scope.fenced(t),
+                            Some(t) => scope.fenced(t, self.gate_fresh),
                             None => scope.clone(),
                         }
                     },
@@ -500,6 +502,11 @@ pub async fn run(
         want: desired(&config),
         cluster: None,
         tokens: HashMap::new(),
+        gate_fresh: config
+            .cluster
+            .as_ref()
+            .map(|c| (c.lease_ttl / 4).min(Duration::from_secs(1)))
+            .unwrap_or_default(),
         started_with: HashMap::new(),
     };
     let mut cluster_link = None;

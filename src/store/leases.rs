@@ -80,12 +80,7 @@ fn date(d: &Document, key: &str) -> Option<DateTime<Utc>> {
 }
 
 fn int(d: &Document, key: &str) -> i64 {
-    match d.get(key) {
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Int32(n)) => *n as i64,
-        Some(Bson::Double(f)) => *f as i64,
-        _ => 0,
-    }
+    d.get(key).and_then(super::reads::as_i64).unwrap_or(0)
 }
 
 fn string(d: &Document, key: &str) -> Option<String> {
@@ -150,10 +145,17 @@ fn release_pipeline() -> Vec<Document> {
 }
 
 impl Store {
-    /// A handle whose checkpoint-bearing writes carry the lease token `token` (module doc).
-    pub fn fenced(&self, token: i64) -> Store {
+    /// A handle whose checkpoint-bearing writes carry the lease token `token` (module doc);
+    /// its message writes check the fence first unless it passed a check less than
+    /// `gate_fresh` ago (keep it well under the lease TTL: a replica paused longer than that
+    /// checks again, its monotonic clock having moved on).
+    pub fn fenced(&self, token: i64, gate_fresh: Duration) -> Store {
         Store {
             fence: Some(token),
+            gate: Some(std::sync::Arc::new(super::Gate {
+                fresh: gate_fresh,
+                passed: Default::default(),
+            })),
             ..self.clone()
         }
     }
@@ -201,10 +203,20 @@ impl Store {
     /// finds its lease taken over here, before it could rewrite what the new holder stored
     /// and updated since. (What is left: the milliseconds between this check and the write.)
     pub(super) async fn fence_gate(&self, account: &str, mailbox: &str) -> Result<(), StoreError> {
-        match self.fence {
-            Some(_) => self.check_fence(account, mailbox).await,
-            None => Ok(()),
+        let (Some(_), Some(gate)) = (self.fence, &self.gate) else {
+            return Ok(());
+        };
+        let id = Self::mailbox_id(account, mailbox);
+        let fresh = crate::error::lock(&gate.passed)
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < gate.fresh);
+        if fresh {
+            return Ok(());
         }
+        let started = std::time::Instant::now();
+        self.check_fence(account, mailbox).await?;
+        crate::error::lock(&gate.passed).insert(id, started);
+        Ok(())
     }
 
     /// Checks the fence of `account/mailbox` by a fenced write (before a POP3 DELE): Ok only
@@ -588,7 +600,7 @@ mod tests {
             uidnext: Some(11),
             exists: 10,
         };
-        let a = s.scoped().fenced(1);
+        let a = s.scoped().fenced(1, Duration::ZERO);
         s.seal("acct", "INBOX", 1).await.unwrap();
         a.write_checkpoint(
             "acct",
@@ -603,7 +615,7 @@ mod tests {
         .unwrap();
         // B takes over with token 2 and seals; it reads the checkpoint A left
         s.seal("acct", "INBOX", 2).await.unwrap();
-        let b = s.scoped().fenced(2);
+        let b = s.scoped().fenced(2, Duration::ZERO);
         assert_eq!(
             b.checkpoint("acct", "INBOX")
                 .await
@@ -698,7 +710,7 @@ mod tests {
             .await
             .unwrap_err()
             .is_fenced());
-        let c = s.scoped().fenced(3);
+        let c = s.scoped().fenced(3, Duration::ZERO);
         c.write_checkpoint(
             "acct",
             "Sent",

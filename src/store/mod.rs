@@ -110,6 +110,13 @@ pub fn encoded_size(d: &Document) -> usize {
 /// MongoDB refuses documents above 16 MiB; a message document stays under this.
 pub const MAX_DOCUMENT_BYTES: usize = 15 * 1024 * 1024;
 
+/// The fence checks a fenced handle passed recently (`Store::fenced`).
+#[derive(Debug, Default)]
+struct Gate {
+    fresh: Duration,
+    passed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     /// Held (shared) by every driver operation of this scope while it runs, even after its
@@ -127,6 +134,8 @@ pub struct Store {
     instances: Collection<Document>,
     /// The lease token this handle's checkpoint-bearing writes carry (`[cluster]`).
     fence: Option<i64>,
+    /// When the fence last passed a check, per mailbox (`Store::fenced`).
+    gate: Option<std::sync::Arc<Gate>>,
     files: Collection<Document>,
     chunks: Collection<Document>,
     op_timeout: Duration,
@@ -175,6 +184,7 @@ impl Store {
             leases: db.collection("leases"),
             instances: db.collection("instances"),
             fence: None,
+            gate: None,
             files: db.collection("blobs.files"),
             chunks: db.collection("blobs.chunks"),
             inflight: Default::default(),

@@ -258,7 +258,7 @@ impl Store {
 }
 
 /// An integer field, whichever width the server chose.
-fn as_i64(v: &Bson) -> Option<i64> {
+pub(super) fn as_i64(v: &Bson) -> Option<i64> {
     v.as_i64().or_else(|| v.as_i32().map(i64::from))
 }
 

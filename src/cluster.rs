@@ -59,8 +59,9 @@ pub const MAX_TICK: Duration = Duration::from_secs(2);
 pub enum Command {
     /// The lease is ours with this token (the mailbox documents are sealed): run the unit.
     Start { key: Key, token: i64 },
-    /// Stop the unit (finish the batch, log out) and report [`Event::Ended`].
-    Stop { key: Key },
+    /// Stop the unit (finish the batch, log out) and report [`Event::Ended`] with `token`
+    /// once nothing of the unit runs any more.
+    Stop { key: Key, token: i64 },
 }
 
 /// What the supervisor tells the coordinator.
@@ -103,6 +104,8 @@ pub struct Coordinator {
     last_renewal: Option<Instant>,
     /// Consecutive ticks each unit was seen free.
     free_ticks: HashMap<Key, u32>,
+    /// Units whose take or seal just failed: not tried again before this tick.
+    retry_at: HashMap<Key, u64>,
     ticks: u64,
 }
 
@@ -162,6 +165,7 @@ pub fn start(
         valid_until: None,
         last_renewal: None,
         free_ticks: HashMap::new(),
+        retry_at: HashMap::new(),
         ticks: 0,
     };
     let task = tokio::spawn(coordinator.run(ev_rx, shutdown));
@@ -189,7 +193,13 @@ impl Coordinator {
         what: &str,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let within = self.cfg.lease_ttl / 2;
+        // never past the moment the held leases must be given up (one tick before they run
+        // out): the caller checks the deadline right after
+        let mut within = self.cfg.lease_ttl / 2;
+        if let Some(until) = self.valid_until {
+            let left = until.saturating_duration_since(Instant::now() + self.tick_every());
+            within = within.min(left.max(Duration::from_millis(100)));
+        }
         tokio::time::timeout(within, call)
             .await
             .unwrap_or_else(|_| {
@@ -250,7 +260,10 @@ impl Coordinator {
                     if let Some(h) = self.held.remove(&key) {
                         tracing::info!(account = %key.0, mailbox = %key.1, "lease_unit_removed");
                         self.handing_over.insert(key.clone(), h);
-                        self.send(Command::Stop { key });
+                        self.send(Command::Stop {
+                            key,
+                            token: h.token,
+                        });
                     }
                 }
                 self.configured = units;
@@ -331,9 +344,13 @@ impl Coordinator {
             reason = why,
             "lease_expired_locally"
         );
-        for (key, _) in self.held.drain().chain(self.handing_over.drain()) {
+        for (key, h) in self.held.drain().chain(self.handing_over.drain()) {
             self.metrics.leases_lost.inc();
-            let _ = self.commands.send(Command::Stop { key });
+            tracing::warn!(account = %key.0, mailbox = %key.1, reason = why, "lease_lost");
+            let _ = self.commands.send(Command::Stop {
+                key,
+                token: h.token,
+            });
         }
         self.valid_until = None;
         self.publish();
@@ -350,6 +367,7 @@ impl Coordinator {
                     .heartbeat(&self.run, &self.cfg.instance, ttl, self.held.len()),
             )
             .await;
+        self.check_validity(tick);
         // the leases are renewed whether or not the heartbeat went through
         let due = self
             .last_renewal
@@ -395,16 +413,16 @@ impl Coordinator {
                 self.valid_until = Some(sent + self.cfg.lease_ttl);
                 let ours: HashMap<Key, i64> = ours.into_iter().collect();
                 for map in [&mut self.held, &mut self.handing_over] {
-                    let lost: Vec<Key> = map
+                    let lost: Vec<(Key, i64)> = map
                         .iter()
                         .filter(|(k, h)| ours.get(*k) != Some(&h.token))
-                        .map(|(k, _)| k.clone())
+                        .map(|(k, h)| (k.clone(), h.token))
                         .collect();
-                    for key in lost {
+                    for (key, token) in lost {
                         map.remove(&key);
                         self.metrics.leases_lost.inc();
                         tracing::warn!(account = %key.0, mailbox = %key.1, "lease_lost");
-                        let _ = self.commands.send(Command::Stop { key });
+                        let _ = self.commands.send(Command::Stop { key, token });
                     }
                 }
                 // a take whose answer was lost may have landed: give it back
@@ -469,7 +487,10 @@ impl Coordinator {
                 if let Some(h) = self.held.remove(&key) {
                     tracing::info!(account = %key.0, mailbox = %key.1, share = target, "lease_handing_over");
                     self.handing_over.insert(key.clone(), h);
-                    self.send(Command::Stop { key });
+                    self.send(Command::Stop {
+                        key,
+                        token: h.token,
+                    });
                 }
             }
         }
@@ -487,10 +508,21 @@ impl Coordinator {
             if room == 0 && !orphan {
                 continue;
             }
-            if self.take(&key).await? {
-                room = room.saturating_sub(1);
+            if self.retry_at.get(&key).is_some_and(|t| self.ticks < *t) {
+                continue; // it failed just now: the others first
             }
+            match self.take(&key).await {
+                Ok(true) => room = room.saturating_sub(1),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(account = %key.0, mailbox = %key.1, error = %e, "lease_take_failed");
+                    self.retry_at
+                        .insert(key.clone(), self.ticks + ORPHAN_TICKS as u64);
+                }
+            }
+            self.check_validity(self.tick_every());
         }
+        self.retry_at.retain(|_, t| *t > self.ticks);
         self.publish();
         Ok(())
     }
@@ -515,6 +547,8 @@ impl Coordinator {
             .await
         {
             tracing::warn!(account = %key.0, mailbox = %key.1, error = %e, "lease_seal_failed");
+            self.retry_at
+                .insert(key.clone(), self.ticks + ORPHAN_TICKS as u64);
             let release = self
                 .store
                 .release_lease(&key.0, &key.1, &self.run, taken.token);

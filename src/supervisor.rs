@@ -72,6 +72,8 @@ struct Supervisor {
     tokens: HashMap<Key, i64>,
     /// How long a passed fence check spares the next one (a quarter of the TTL, at most 1 s).
     gate_fresh: Duration,
+    /// Units the coordinator asked to stop, with the token it named, until they ended.
+    stop_asked: HashMap<Key, i64>,
     /// The token each running generation was started with.
     started_with: HashMap<u64, i64>,
 }
@@ -305,6 +307,8 @@ impl Supervisor {
                 if self.shutdown.is_cancelled() {
                     return; // the release at the end of shutdown gives it back
                 }
+                // a Stop before this Start was for an earlier lease, no longer awaited
+                self.stop_asked.remove(&key);
                 match self.want.get(&key).cloned() {
                     Some(account) => {
                         self.tokens.insert(key.clone(), token);
@@ -317,7 +321,7 @@ impl Supervisor {
                     None => self.ended_unit(key, Some(token), false),
                 }
             }
-            Command::Stop { key } => {
+            Command::Stop { key, token } => {
                 self.tokens.remove(&key);
                 self.waiting.remove(&key);
                 if self.ended.remove(&key) {
@@ -325,8 +329,11 @@ impl Supervisor {
                 }
                 if self.running.contains_key(&key) {
                     self.stop(&key);
-                } else if !self.stopping.contains_key(&key) {
-                    self.ended_unit(key, None, false);
+                    self.stop_asked.insert(key, token);
+                } else if self.stopping.contains_key(&key) {
+                    self.stop_asked.insert(key, token);
+                } else {
+                    self.ended_unit(key, Some(token), false);
                 }
             }
         }
@@ -508,6 +515,7 @@ pub async fn run(
             .map(|c| (c.lease_ttl / 4).min(Duration::from_secs(1)))
             .unwrap_or_default(),
         started_with: HashMap::new(),
+        stop_asked: HashMap::new(),
     };
     let mut cluster_link = None;
     let mut commands = match &config.cluster {
@@ -580,6 +588,9 @@ pub async fn run(
                         }
                     }
                     if !sup.running.contains_key(&key) && !sup.waiting.contains_key(&key) {
+                        // the token of the Stop that asked for it, if one did: that is the
+                        // lease the coordinator waits to give back
+                        let token = sup.stop_asked.remove(&key).or(token);
                         sup.ended_unit(key, token, matches!(exit, Exit::Fenced(_)));
                     }
                 }

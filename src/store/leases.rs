@@ -124,7 +124,7 @@ fn take_pipeline(
         doc! {"$set": {
             "token": {"$cond": ["$_free", token, "$token"]},
             "since": {"$cond": ["$_free", "$$NOW", "$since"]},
-            "taken_from": {"$cond": [&new_owner, "$owner", "$taken_from"]},
+            "taken_from": {"$cond": [&new_owner, "$owner", {"$cond": ["$_free", Bson::Null, "$taken_from"]}]},
             "owner": {"$cond": ["$_free", instance, "$owner"]},
             "run": {"$cond": ["$_free", run, "$run"]},
             "expires_at": {"$cond": ["$_free", {"$add": ["$$NOW", ms(ttl)]}, "$expires_at"]},
@@ -397,7 +397,10 @@ impl Store {
                     .upsert(true)
                     .return_document(mongodb::options::ReturnDocument::After)
                     .await?;
-                let token = n.as_ref().map(|d| int(d, "n")).unwrap_or(0);
+                let Some(token) = n.as_ref().map(|d| int(d, "n")).filter(|t| *t > 0) else {
+                    // no token, no take: the next tick tries again
+                    return Ok(None);
+                };
                 let pipeline = take_pipeline(&account, &mailbox, &run_id, &name, ttl, token);
                 coll.find_one_and_update(doc! {"_id": id}, pipeline)
                     .upsert(true)

@@ -60,7 +60,8 @@ struct Supervisor {
     /// One store scope per mailbox for the whole run, so that a restarted task settles the
     /// writes its predecessor left running.
     scopes: HashMap<Key, Store>,
-    tasks: JoinSet<(Key, u64, Exit)>,
+    /// Each task ends with its key, generation and lease token (`[cluster]`) and how it ended.
+    tasks: JoinSet<(Key, u64, Option<i64>, Exit)>,
     /// Mailboxes whose task stopped for good (a fatal error): their series and /healthz entry
     /// stay until a reload removes the mailbox (or restarts it).
     ended: std::collections::HashSet<Key>,
@@ -74,8 +75,6 @@ struct Supervisor {
     gate_fresh: Duration,
     /// Units the coordinator asked to stop, with the token it named, until they ended.
     stop_asked: HashMap<Key, i64>,
-    /// The token each running generation was started with.
-    started_with: HashMap<u64, i64>,
 }
 
 /// Runs a mailbox task (a fresh future from `run` each time), restarting it with backoff if it
@@ -166,9 +165,6 @@ impl Supervisor {
         self.generation += 1;
         let cancel = self.shutdown.child_token();
         let generation = self.generation;
-        if let Some(t) = fence {
-            self.started_with.insert(generation, t);
-        }
         let unit = if key.1 == ACCOUNT_UNIT {
             tracing::info!(account = %key.0, "account_started");
             Unit::Account(AccountTask {
@@ -212,7 +208,7 @@ impl Supervisor {
                 unit.clone().run(c.clone())
             })
             .await;
-            (k, generation, exit)
+            (k, generation, fence, exit)
         });
         self.running.insert(
             key,
@@ -514,7 +510,6 @@ pub async fn run(
             .as_ref()
             .map(|c| (c.lease_ttl / 4).min(Duration::from_secs(1)))
             .unwrap_or_default(),
-        started_with: HashMap::new(),
         stop_asked: HashMap::new(),
     };
     let mut cluster_link = None;
@@ -564,8 +559,7 @@ pub async fn run(
                 status_running(sup.running.len());
             }
             Some(joined) = sup.tasks.join_next(), if !sup.tasks.is_empty() => {
-                if let Ok((key, generation, exit)) = joined {
-                    let token = sup.started_with.remove(&generation);
+                if let Ok((key, generation, token, exit)) = joined {
                     if sup.stopping.get(&key) == Some(&generation) {
                         sup.stopping.remove(&key);
                         if let Some(account) = sup.waiting.remove(&key) {

@@ -266,7 +266,11 @@ pub async fn status(config: &Config, json: bool, stale_after: StaleAfter) -> boo
             Ok((
                 store.mailbox_summaries().await?,
                 store.message_counts().await?,
-                store.leases().await?,
+                // who holds what: only a [cluster] config has leases to read
+                match config.cluster {
+                    Some(_) => store.leases().await?,
+                    None => Vec::new(),
+                },
             ))
         }
         .await;

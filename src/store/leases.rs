@@ -23,7 +23,7 @@ use bson::{doc, Bson, Document};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 
-use super::{Store, StoreError, DUPLICATE_KEY};
+use super::{is_duplicate_key, Store, StoreError};
 
 /// One lease as read back.
 #[derive(Debug, Clone, PartialEq)]
@@ -485,15 +485,6 @@ impl Store {
             })
             .await?;
         Ok(r.matched_count)
-    }
-}
-
-pub(super) fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    match e.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
-        _ => false,
     }
 }
 

@@ -255,26 +255,36 @@ impl Store {
         set: Document,
         what: &str,
     ) -> Result<(), StoreError> {
-        let (filter, set) = (self.fence_filter(doc! {"_id": id}), self.fence_set(set));
+        self.upsert_mailbox_with(id, set, Document::new(), what)
+            .await
+    }
+
+    /// [`Store::upsert_mailbox`] with more update operators beside `$set` (`$unset`, `$max`):
+    /// the one fenced write path of `mailboxes` documents.
+    pub(super) async fn upsert_mailbox_with(
+        &self,
+        id: String,
+        set: Document,
+        more: Document,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        let filter = self.fence_filter(doc! {"_id": id});
+        let mut update = doc! {"$set": self.fence_set(set), "$setOnInsert": {"quarantined": []}};
+        update.extend(more);
         let write = || {
-            let (coll, filter, set) = (self.mailboxes.clone(), filter.clone(), set.clone());
+            let (coll, filter, update) = (self.mailboxes.clone(), filter.clone(), update.clone());
             async move {
-                coll.update_one(
-                    filter,
-                    doc! {"$set": set, "$setOnInsert": {"quarantined": []}},
-                )
-                .upsert(true)
-                .await
-                .map(|_| ())
+                coll.update_one(filter, update)
+                    .upsert(true)
+                    .await
+                    .map(|_| ())
             }
         };
         let r = self.guarded(what, write()).await;
         // a fenced upsert that met a duplicate key: a newer seal, or another write that just
         // created the missing document; once more, and a duplicate then is the newer seal
         let r = match r {
-            Err(StoreError::Mongo(e))
-                if self.fence.is_some() && super::leases::is_duplicate_key(&e) =>
-            {
+            Err(StoreError::Mongo(e)) if self.fence.is_some() && super::is_duplicate_key(&e) => {
                 self.guarded(what, write()).await
             }
             r => r,
@@ -516,21 +526,13 @@ impl Store {
         if let Some(id) = mailbox_id {
             set.insert("mailbox_id", id);
         }
-        let coll = self.mailboxes.clone();
-        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
-        let set = self.fence_set(set);
-        let r = self
-            .guarded("folder note", async move {
-                coll.update_one(
-                    filter,
-                    doc! {"$set": set, "$setOnInsert": {"quarantined": []}, "$unset": {"deleted_at": "", "renamed_to": ""}},
-                )
-                .upsert(true)
-                .await
-                .map(|_| ())
-            })
-            .await;
-        self.fence_refusal("folder note", r)
+        self.upsert_mailbox_with(
+            Self::mailbox_id(account, mailbox),
+            set,
+            doc! {"$unset": {"deleted_at": "", "renamed_to": ""}},
+            "folder note",
+        )
+        .await
     }
 
     /// Marks a folder that disappeared from the server: `state: "deleted"` and `deleted_at`,
@@ -556,21 +558,13 @@ impl Store {
         }
         // a folder made again under this name starts from nothing, whatever UIDVALIDITY it
         // gets (Cyrus gives folders created in the same second the same one)
-        let coll = self.mailboxes.clone();
-        let filter = self.fence_filter(doc! {"_id": Self::mailbox_id(account, mailbox)});
-        let set = self.fence_set(set);
-        let r = self
-            .guarded("deletion mark", async move {
-                coll.update_one(
-                    filter,
-                    doc! {"$set": set, "$unset": {"last_uid": "", "uidvalidity": ""}, "$setOnInsert": {"quarantined": []}},
-                )
-                .upsert(true)
-                .await
-                .map(|_| ())
-            })
-            .await;
-        self.fence_refusal("deletion mark", r)
+        self.upsert_mailbox_with(
+            Self::mailbox_id(account, mailbox),
+            set,
+            doc! {"$unset": {"last_uid": "", "uidvalidity": ""}},
+            "deletion mark",
+        )
+        .await
     }
 
     /// `last_success_at` for several mailboxes of one account at once: a sweep that found them

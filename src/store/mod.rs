@@ -51,6 +51,17 @@ use crate::error::ErrorClass;
 
 const DUPLICATE_KEY: i32 = 11000;
 
+/// Whether one write failed on a unique index (an upsert that met a concurrent insert, or a
+/// fenced upsert refused by a newer seal).
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("MongoDB: {0}")]

@@ -146,19 +146,14 @@ impl Store {
         let report = self.write_batch(account, "INBOX", 0, batch).await?;
         self.pop3_mark(account, uidls, "stored").await?;
         if let Some(top) = batch.iter().map(|m| m.uid).max() {
-            let coll = self.mailboxes.clone();
-            let id = Self::mailbox_id(account, "INBOX");
-            let set = self.fence_set(doc! {"account": account, "mailbox": "INBOX", "uidvalidity": 0i64, "updated_at": bson::DateTime::now()});
-            let filter = self.fence_filter(doc! {"_id": id});
-            let r = self
-                .guarded("checkpoint write", async move {
-                    coll.update_one(filter, doc! {"$set": set, "$max": {"last_uid": top as i64}, "$setOnInsert": {"quarantined": []}})
-                        .upsert(true)
-                        .await
-                        .map(|_| ())
-                })
-                .await;
-            self.fence_refusal("checkpoint write", r)?;
+            let set = doc! {"account": account, "mailbox": "INBOX", "uidvalidity": 0i64, "updated_at": bson::DateTime::now()};
+            self.upsert_mailbox_with(
+                Self::mailbox_id(account, "INBOX"),
+                set,
+                doc! {"$max": {"last_uid": top as i64}},
+                "checkpoint write",
+            )
+            .await?;
         }
         Ok(report)
     }

@@ -135,8 +135,11 @@ mp_deliver() {
 mp_secantus_start() {
   local dir=$1 port=$2; shift 2
   mkdir -p "$dir/data"
+  # A WiredTiger cache of 4 GiB instead of the default 1 GiB: its dirty trigger (a fifth of it)
+  # is where SecantusDB makes a writer wait for eviction while it holds the one storage lock; a
+  # whole test run or a benchmark writes gigabytes (MP_SECANTUS_CACHE sets another size).
   "$MP_VENV/bin/secantusd-py" --host 127.0.0.1 --port "$port" --storage-path "$dir/data" \
-    --standalone "$@" >"$dir/secantus.log" 2>&1 &
+    --standalone --cache-size "${MP_SECANTUS_CACHE:-4G}" "$@" >"$dir/secantus.log" 2>&1 &
   local pid=$!
   local i
   for i in $(seq 1 100); do
@@ -480,6 +483,38 @@ for f in folders:
         sys.exit(f"CREATE {f}: {typ} {data}")
 m.logout()
 PY
+}
+
+# db-watch PORT DBPID TARGET OUT: while TARGET runs, pings the database on PORT every 10 s. If it
+# has answered nothing for 180 s (MP_DB_STALL_SECS) it has stalled (SecantusDB can deadlock with
+# a writer waiting for cache eviction while holding its storage lock): writes the server's
+# thread stacks to OUT, says so, and stops TARGET's children and TARGET, so that a stalled run
+# fails at once with the reason instead of hanging until CI's limit.
+mp_db_watch() {
+  local port=$1 dbpid=$2 target=$3 out=$4 last_ok child=""
+  # stopped by TERM (the test script's cleanup): the ping or sleep under way goes too
+  trap '[ -n "$child" ] && kill "$child" 2>/dev/null; exit 0' TERM
+  last_ok=$(date +%s)
+  while kill -0 "$target" 2>/dev/null; do
+    timeout 40 "$MP_VENV/bin/python" -c "import pymongo; pymongo.MongoClient('mongodb://127.0.0.1:$port', serverSelectionTimeoutMS=5000, socketTimeoutMS=30000).admin.command('ping')" 2>/dev/null &
+    child=$!
+    if wait "$child"; then
+      last_ok=$(date +%s)
+    elif [ $(($(date +%s) - last_ok)) -ge "${MP_DB_STALL_SECS:-180}" ]; then
+      mp_log "the database on 127.0.0.1:$port (pid $dbpid) has answered no ping for ${MP_DB_STALL_SECS:-180} s: it has stalled; stopping the tests (its threads: $out)"
+      {
+        "$MP_VENV/bin/pip" install -q py-spy >/dev/null 2>&1 && "$MP_VENV/bin/py-spy" dump --pid "$dbpid"
+        command -v gdb >/dev/null && gdb -p "$dbpid" -batch -ex "thread apply all bt" 2>/dev/null
+      } >"$out" 2>&1 || true
+      grep -E "^Thread|\(secantus/" "$out" 2>/dev/null | head -60 >&2 || true
+      pkill -TERM -P "$target" 2>/dev/null || true
+      kill "$target" 2>/dev/null || true
+      return 0
+    fi
+    sleep 10 &
+    child=$!
+    wait "$child" || true
+  done
 }
 
 # Stops a process by PID: SIGTERM, then SIGKILL after 10 s.

@@ -23,15 +23,19 @@ WORK=$(mktemp -d /tmp/mailpump-test.XXXXXX)
 chmod 755 "$WORK"
 export MAILPUMP_TEST_TMP=$WORK
 SECANTUS_PID=""
+WATCH_PID=""
+TEST_PID=""
 
 cleanup() {
   local rc=$?
   # Dovecots (and Cyruses, and Courier namespaces: DIR/pid) of tests that died before their
   # Drop ran: each left its PID file.
   local pidfile
-  for pidfile in "$WORK"/*/run/master.pid "$WORK"/*/pid; do
+  for pidfile in "$WORK"/*/run/master.pid "$WORK"/*/pid "$WORK"/daemons/*; do
     [ -f "$pidfile" ] && mp_stop_pid "$(cat "$pidfile")"
   done
+  [ -n "$WATCH_PID" ] && kill "$WATCH_PID" 2>/dev/null
+  [ -n "$TEST_PID" ] && mp_stop_pid "$TEST_PID"
   [ -n "$SECANTUS_PID" ] && mp_stop_pid "$SECANTUS_PID"
   rm -rf "$WORK"
   exit $rc
@@ -48,9 +52,18 @@ echo "== deploy manifests"; bash deploy/validate-deploy.sh
 if [ -z "${MAILPUMP_TEST_MONGODB_URI:-}" ]; then
   port=$(mp_free_port)
   SECANTUS_PID=$(mp_secantus_start "$WORK/secantus" "$port")
-  export MAILPUMP_TEST_MONGODB_URI="mongodb://127.0.0.1:$port"
+  # Pooled connections idle for more than 5 s are closed: SecantusDB keeps each connection's
+  # last read snapshot until that connection's next read, and old snapshots pinned by idle
+  # connections are what its cache cannot evict while gigabytes are written.
+  export MAILPUMP_TEST_MONGODB_URI="mongodb://127.0.0.1:$port/?maxIdleTimeMS=5000"
   echo "== SecantusDB on 127.0.0.1:$port (pid $SECANTUS_PID)"
 fi
 
 echo "== cargo test"
-cargo test --locked -- "$@"
+cargo test --locked -- "$@" &
+TEST_PID=$!
+if [ -n "$SECANTUS_PID" ]; then
+  mp_db_watch "$port" "$SECANTUS_PID" "$TEST_PID" "$WORK/../mailpump-db-stall.txt" &
+  WATCH_PID=$!
+fi
+wait "$TEST_PID"

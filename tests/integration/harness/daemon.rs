@@ -12,6 +12,18 @@ pub struct Daemon {
     child: Option<Child>,
     log: std::path::PathBuf,
     secrets: Vec<String>,
+    pidfile: Option<std::path::PathBuf>,
+}
+
+/// Leaves the daemon's PID under `$MAILPUMP_TEST_TMP/daemons/` for as long as it runs, so that
+/// deploy/test.sh can stop it by PID when the test binary itself was killed (its watchdog does
+/// that when the database stops answering) and no Drop ran.
+fn record_pid(pid: u32) -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(&std::env::var_os("MAILPUMP_TEST_TMP")?).join("daemons");
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join(pid.to_string());
+    std::fs::write(&path, pid.to_string()).ok()?;
+    Some(path)
 }
 
 /// The test standing in for systemd: the socket a daemon started by [`Daemon::start_notified`]
@@ -62,10 +74,13 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let child = cmd.spawn().expect("start mailpump run");
+        let pidfile = record_pid(child.id());
         Daemon {
-            child: Some(cmd.spawn().expect("start mailpump run")),
+            child: Some(child),
             log,
             secrets: mp.secrets(),
+            pidfile,
         }
     }
 
@@ -125,6 +140,9 @@ impl Daemon {
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 self.child = None;
+                if let Some(p) = self.pidfile.take() {
+                    let _ = std::fs::remove_file(p);
+                }
                 return (status.code().unwrap_or(-1), started.elapsed());
             }
             assert!(
@@ -146,6 +164,9 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(p) = self.pidfile.take() {
+            let _ = std::fs::remove_file(p);
         }
     }
 }

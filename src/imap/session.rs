@@ -5,7 +5,7 @@
 //! turn ([`Session::fetch_bodies_then`]); every other command reads that one to its end first,
 //! so the stream never gets out of step.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_imap::imap_proto::{self, AttributeValue, MailboxDatum, Response, ResponseCode, Status};
@@ -33,6 +33,11 @@ pub struct MailboxInfo {
     /// It was opened with `(QRESYNC (uidvalidity modseq))` for its own UIDVALIDITY: the
     /// server reported every change since that MODSEQ ([`Session::take_changes`]).
     pub resynced: bool,
+    /// It holds fewer messages than at its last opening in this session plus the UIDs
+    /// assigned since: something went that no EXPUNGE announced (it went while the mailbox was
+    /// being opened again, and a server announces nothing about the mailbox it closes). Without
+    /// QRESYNC only a UID comparison tells what.
+    pub shrank: bool,
 }
 
 /// Why an IDLE ended.
@@ -75,6 +80,9 @@ pub struct Session {
     condstore: bool,
     /// Mailboxes opened in this session (see [`Session::first_look`]).
     looked_at: HashSet<String>,
+    /// What the last opening of each mailbox reported: UIDVALIDITY, EXISTS, UIDNEXT (see
+    /// [`MailboxInfo::shrank`]).
+    opened: HashMap<String, (u32, u32, Option<u32>)>,
     /// A SELECT/EXAMINE of another mailbox than the one selected is running: what the server
     /// sends before `[CLOSED]` (RFC 7162 3.2.11) is about the old one and is not taken.
     opening_other: bool,
@@ -587,6 +595,7 @@ impl Session {
             qresync: false,
             condstore: false,
             looked_at: HashSet::new(),
+            opened: HashMap::new(),
             opening_other: false,
             compare_due: HashSet::new(),
             no_select_parameters: false,
@@ -1282,10 +1291,15 @@ impl Session {
             self.changes = Changes::default();
         }
         self.selected = Some((mailbox.to_string(), uidvalidity));
+        let shrank = self
+            .opened
+            .insert(mailbox.to_string(), (uidvalidity, exists, uidnext))
+            .is_some_and(|before| shrank(before, (uidvalidity, exists, uidnext)));
         Ok(MailboxInfo {
             uidvalidity,
             uidnext,
             exists,
+            shrank,
             highest_modseq: if nomodseq { None } else { highest },
             resynced: parameter.contains("QRESYNC")
                 && resync.is_some_and(|(v, _)| v == uidvalidity)
@@ -1719,6 +1733,23 @@ fn flags_of(r: &Response<'_>) -> Option<crate::store::FlagChange> {
 
 /// Whether an untagged response announces a change of the mailbox. FETCH responses count only
 /// where the command did not ask for them.
+/// Whether a mailbox opened as `now` lost messages since it was opened as `before` (both
+/// UIDVALIDITY, EXISTS, UIDNEXT): at most as many messages came as UIDs were assigned, so fewer
+/// than the old count plus that means some went. A server that skips UIDs makes it say yes
+/// without cause (a UID comparison that finds nothing); no UIDNEXT leaves only a count that
+/// fell.
+fn shrank(before: (u32, u32, Option<u32>), now: (u32, u32, Option<u32>)) -> bool {
+    let ((v0, e0, u0), (v1, e1, u1)) = (before, now);
+    if v0 != v1 {
+        return false;
+    }
+    let came = match (u0, u1) {
+        (Some(u0), Some(u1)) => u1.saturating_sub(u0),
+        _ => 0,
+    };
+    (e1 as u64) < e0 as u64 + came as u64
+}
+
 fn announces_change(r: &Response<'_>, fetch_expected: bool) -> bool {
     match r {
         Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_))
@@ -1784,6 +1815,24 @@ mod tests {
             "[AUTHENTICATIONFAILED] Authentication failed."
         );
         assert_eq!(clean_status_text(" plain\r\n"), "plain");
+    }
+
+    #[test]
+    fn a_mailbox_shrank_when_it_holds_fewer_than_before_plus_the_uids_assigned_since() {
+        // (UIDVALIDITY, EXISTS, UIDNEXT)
+        assert!(!shrank((7, 4, Some(5)), (7, 4, Some(5))));
+        assert!(shrank((7, 4, Some(5)), (7, 3, Some(5))), "one expunged");
+        assert!(!shrank((7, 4, Some(5)), (7, 5, Some(6))), "one came");
+        assert!(
+            shrank((7, 4, Some(5)), (7, 4, Some(6))),
+            "one came and one went: the count alone hides it"
+        );
+        assert!(
+            !shrank((7, 4, Some(5)), (8, 1, Some(2))),
+            "a new UIDVALIDITY"
+        );
+        assert!(shrank((7, 4, None), (7, 3, None)));
+        assert!(!shrank((7, 4, None), (7, 4, None)));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 
+use crate::harness::proxy::{Mode, Proxy};
 use crate::harness::{
     eventually, message, AccountSpec, Courier, Cyrus, Daemon, Dovecot, ImapServer, Mailpump,
     RawImap, TestDb,
@@ -121,6 +122,69 @@ async fn flags_and_expunges_are_mirrored(server: &mut impl ImapServer, name: &st
         record.get_datetime("flags_scanned_at").is_ok(),
         "{record:?}"
     );
+}
+
+/// An expunge made while mailpump opens the mailbox again (after a wake-up, before the server
+/// acts on its EXAMINE) may be announced to no one: a server says nothing more about the
+/// selection it closes, and the EXAMINE answers a count one lower. (Dovecot does send the
+/// EXPUNGE before its `[CLOSED]` when it had it in time; the proxy drops it, as a server that
+/// had it a moment later would never send it.) Without QRESYNC, that lower count
+/// (`MailboxInfo::shrank`) must start a UID comparison at once, not at the next flag scan (an
+/// hour here). The fault proxy holds the EXAMINE back while another client expunges.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expunge_no_one_announced_while_the_mailbox_is_opened_again_is_found_by_the_count() {
+    let caps = "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT THREAD=REFERENCES MULTIAPPEND UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 LITERAL+ CONDSTORE\n";
+    let mut dovecot = Dovecot::start_with(caps);
+    let user = dovecot.add_user("race", "pw-race");
+    for i in 1..=4 {
+        dovecot.append(&user, "INBOX", &message(&format!("m{i}"), "body"));
+    }
+    let proxy = Proxy::start(dovecot.imap_port).await;
+    let db = TestDb::new().await;
+    let mp = Mailpump::new(
+        &db,
+        &[AccountSpec::on_port("race", proxy.port, &user).with("flag_scan_interval = \"1h\"")],
+    );
+    let daemon = Daemon::start(&mp);
+    eventually(WAIT, "4 messages stored", || async {
+        db.messages(doc! {}).await.len() == 4
+    })
+    .await;
+    daemon
+        .wait_for_log(WAIT, "watching", |logs| {
+            logs.iter().any(|l| l["message"] == "watching")
+        })
+        .await;
+    let mut other = RawImap::login(dovecot.imap_port, &user);
+    store(&mut other, "SELECT INBOX");
+    // a first wake-up: the session's one UID comparison (its first look at stored mail) is
+    // spent on it
+    store(&mut other, "UID STORE 1 +FLAGS (\\Flagged)");
+    until(&db, 1, "\\Flagged set on uid 1", |d| {
+        flags(d).contains(&"\\Flagged".to_string())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // the next flag change wakes the daemon; its next EXAMINE waits 1.5 s in the proxy, the
+    // expunge happens meanwhile, and no EXPUNGE reaches mailpump
+    proxy.set_mode(Mode::DropExpunges);
+    proxy.hold_next("EXAMINE", Duration::from_millis(1500));
+    store(&mut other, "UID STORE 2 +FLAGS (\\Deleted)");
+    eventually(WAIT, "the EXAMINE held", || async { proxy.holds().0 == 1 }).await;
+    store(&mut other, "EXPUNGE");
+    other.logout();
+    let found = until(&db, 2, "uid 2 marked expunged", |d| {
+        d.get_datetime("expunged_at").is_ok()
+    })
+    .await;
+    assert_eq!(proxy.holds().1, 1);
+    eprintln!(
+        "an expunge no one announced while the mailbox was opened again: marked {found:?} later"
+    );
+
+    for uid in [1, 3, 4] {
+        assert!(doc_of(&db, uid).await.unwrap().get("expunged_at").is_none());
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! A fault-injecting TCP proxy between mailpump and Dovecot: it can freeze the connections it
 //! carries (a NAT box that forgot them), reset a connection in the middle of a response, trickle
-//! bytes, or refuse connections for a while (by closing its listening socket).
+//! bytes, hold back the next command that names something, or refuse connections for a while
+//! (by closing its listening socket).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,10 @@ pub enum Mode {
     ResetAfter(u64),
     /// Each 256-byte piece waits this long.
     Trickle(Duration),
+    /// Untagged `* n EXPUNGE` lines are dropped: a server that announces no expunge (as none is
+    /// announced for a mailbox being closed). Only for small exchanges (a line is looked for
+    /// inside one piece).
+    DropExpunges,
 }
 
 struct Shared {
@@ -24,6 +29,11 @@ struct Shared {
     generation: AtomicU64,
     mode: Mutex<Mode>,
     resets: AtomicU64,
+    /// The next piece from mailpump containing these bytes waits this long (once).
+    hold: Mutex<Option<(Vec<u8>, Duration)>>,
+    /// Held pieces that started, and that ended, waiting.
+    holds_started: AtomicU64,
+    holds_ended: AtomicU64,
 }
 
 pub struct Proxy {
@@ -47,6 +57,24 @@ async fn upstream_pump(
         };
         if gen < shared.frozen_before.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        let held = {
+            let mut hold = shared.hold.lock().unwrap();
+            let hit = hold.as_ref().and_then(|(needle, delay)| {
+                buf[..n]
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_slice())
+                    .then_some(*delay)
+            });
+            if hit.is_some() {
+                *hold = None;
+            }
+            hit
+        };
+        if let Some(delay) = held {
+            shared.holds_started.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            shared.holds_ended.fetch_add(1, Ordering::SeqCst);
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -92,6 +120,12 @@ async fn downstream_pump(
                     }
                 }
             }
+            Mode::DropExpunges => {
+                let kept = drop_expunges(&buf[..n]);
+                if to.write_all(&kept).await.is_err() {
+                    return;
+                }
+            }
             _ => {
                 if to.write_all(&buf[..n]).await.is_err() {
                     return;
@@ -100,6 +134,25 @@ async fn downstream_pump(
         }
         carried += n as u64;
     }
+}
+
+/// `piece` without its `* n EXPUNGE` lines.
+fn drop_expunges(piece: &[u8]) -> Vec<u8> {
+    let mut kept = Vec::with_capacity(piece.len());
+    for line in piece.split_inclusive(|b| *b == b'\n') {
+        let text = String::from_utf8_lossy(line);
+        let mut words = text.split_whitespace();
+        let expunge = words.next() == Some("*")
+            && words.next().is_some_and(|n| n.parse::<u32>().is_ok())
+            && words
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case("EXPUNGE"))
+            && words.next().is_none();
+        if !expunge {
+            kept.extend_from_slice(line);
+        }
+    }
+    kept
 }
 
 impl Proxy {
@@ -111,6 +164,9 @@ impl Proxy {
             generation: AtomicU64::new(0),
             mode: Mutex::new(Mode::Pass),
             resets: AtomicU64::new(0),
+            hold: Mutex::new(None),
+            holds_started: AtomicU64::new(0),
+            holds_ended: AtomicU64::new(0),
         });
         let proxy = Proxy {
             port,
@@ -150,6 +206,20 @@ impl Proxy {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    /// The next piece mailpump sends that contains `needle` (a command: `EXAMINE`) reaches the
+    /// server only `delay` later, once.
+    pub fn hold_next(&self, needle: &str, delay: Duration) {
+        *self.shared.hold.lock().unwrap() = Some((needle.as_bytes().to_vec(), delay));
+    }
+
+    /// How many held pieces started waiting, and how many went on.
+    pub fn holds(&self) -> (u64, u64) {
+        (
+            self.shared.holds_started.load(Ordering::SeqCst),
+            self.shared.holds_ended.load(Ordering::SeqCst),
+        )
     }
 
     pub fn resets(&self) -> u64 {

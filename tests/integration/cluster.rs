@@ -2,7 +2,8 @@
 //! mailboxes, one Dovecot, the test database: each mailbox served by exactly one replica
 //! (Dovecot's own count of connections per user), shares within one, failover after `kill -9`,
 //! rebalance after a restart, a paused replica fenced, a rolling restart with mail arriving
-//! throughout. Lease times are shortened (3 s TTL, 1 s renewals).
+//! throughout, a database that stalls for longer than the TTL. Lease times are shortened (3 s
+//! TTL, 1 s renewals).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bson::{doc, Document};
 use futures::TryStreamExt;
 
+use crate::harness::secantus::Secantus;
 use crate::harness::{eventually, message, AccountSpec, Daemon, Dovecot, Mailpump, TestDb, User};
 
 const MAILBOXES: usize = 30;
@@ -27,11 +29,14 @@ fn account(i: usize) -> String {
 }
 
 async fn setup() -> Setup {
+    setup_on(TestDb::new().await).await
+}
+
+async fn setup_on(db: TestDb) -> Setup {
     let mut dovecot = Dovecot::start();
     let users: Vec<User> = (0..MAILBOXES)
         .map(|i| dovecot.add_user(&format!("c{i:02}"), &format!("pw-{i}")))
         .collect();
-    let db = TestDb::new().await;
     let accounts: Vec<AccountSpec> = users
         .iter()
         .enumerate()
@@ -326,6 +331,84 @@ async fn a_replica_paused_past_its_ttl_is_fenced_gives_up_its_mailboxes_and_rejo
                 .unwrap();
         assert_eq!(m.get_i64("last_uid").unwrap(), 2, "{m:?}");
     }
+    stop_all(r).await;
+}
+
+/// The database stalls (SIGSTOP) for longer than the TTL under two replicas: no renewal can
+/// succeed, so each replica stops every mailbox itself at its local deadline, before anyone
+/// could take a lease over (no replica goes on serving a mailbox it cannot prove it holds);
+/// mail delivered meanwhile is stored once the database answers again, each mailbox by one
+/// replica, and no checkpoint is left behind or ahead of what is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_stalled_past_the_ttl_stops_every_mailbox_and_nothing_is_lost() {
+    let server = Secantus::start();
+    let mut s = setup_on(TestDb::on(&server.uri()).await).await;
+    let r = vec![replica(&s.mp, "r1"), replica(&s.mp, "r2")];
+    wait_balanced(&s, &["r1", "r2"], Duration::from_secs(40)).await;
+    deliver_round(&mut s, 1, 1).await;
+    server.pause();
+    let paused = Instant::now();
+    // mail for every mailbox while the database answers nothing
+    for (i, u) in s.users.clone().iter().enumerate() {
+        s.dovecot
+            .deliver(u, &message(&format!("stalled {i}"), "cluster test"));
+    }
+    // both replicas give up every lease locally and log out of every mailbox
+    // (a task that was writing when the database stopped answering leaves when the driver
+    // gives the write up: its server monitor times out after 10-15 s)
+    let mut stopped_after = None;
+    let mut expired_after = None;
+    while paused.elapsed() < TTL + Duration::from_secs(40) {
+        let expired = r
+            .iter()
+            .all(|d| !d.events("lease_expired_locally").is_empty());
+        if expired && expired_after.is_none() {
+            expired_after = Some(paused.elapsed());
+        }
+        if expired && s.dovecot.connections().values().all(|n| *n == 0) {
+            stopped_after = Some(paused.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped_after = stopped_after.unwrap_or_else(|| {
+        panic!(
+            "not every mailbox stopped while the database stalled: {:?}",
+            s.dovecot.connections()
+        )
+    });
+    // the stall outlasts the TTL
+    let stall = TTL + Duration::from_secs(3);
+    if let Some(rest) = stall.checked_sub(paused.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    server.resume();
+    let resumed = Instant::now();
+    wait_balanced(&s, &["r1", "r2"], Duration::from_secs(60)).await;
+    eventually(
+        Duration::from_secs(30),
+        "the mail delivered during the stall stored",
+        || async {
+            let counts = count_per_account(&s.db).await;
+            (0..MAILBOXES).all(|i| counts.get(&account(i)).copied().unwrap_or(0) == 2)
+        },
+    )
+    .await;
+    eprintln!(
+        "database stalled {:?}: both replicas gave up their leases {expired_after:?} and every mailbox had stopped {stopped_after:?} after the stall began (lease_ttl {TTL:?}); served again and the mail of the stall stored {:?} after it ended",
+        paused.elapsed() - resumed.elapsed(),
+        resumed.elapsed()
+    );
+    let counts = count_per_account(&s.db).await;
+    for i in 0..MAILBOXES {
+        assert_eq!(counts.get(&account(i)).copied(), Some(2), "{counts:?}");
+        let m =
+            s.db.mailbox(&format!("{}/INBOX", account(i)))
+                .await
+                .unwrap();
+        assert_eq!(m.get_i64("last_uid").unwrap(), 2, "{m:?}");
+    }
+    deliver_round(&mut s, 3, 3).await;
     stop_all(r).await;
 }
 

@@ -58,6 +58,26 @@ impl Secantus {
         self.pid = Some(pid);
     }
 
+    /// SIGSTOP: the server keeps its connections and answers nothing (a stalled database, a
+    /// host frozen by its hypervisor) until [`Secantus::resume`].
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .arg("-STOP")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
     /// SIGKILL, as a crash would (writes acknowledged with --sync-on-commit survive).
     pub fn kill9(&mut self) {
         if let Some(pid) = self.pid.take() {
@@ -70,6 +90,7 @@ impl Secantus {
     }
 
     pub fn stop(&mut self) {
+        self.resume();
         if let Some(pid) = self.pid.take() {
             let _ = Command::new("kill").arg(pid.to_string()).status();
             let proc = format!("/proc/{pid}");

@@ -488,27 +488,30 @@ PY
 # db-watch PORT DBPID TARGET OUT: while TARGET runs, pings the database on PORT every 10 s. If it
 # has answered nothing for 180 s (MP_DB_STALL_SECS) it has stalled (SecantusDB can deadlock with
 # a writer waiting for cache eviction while holding its storage lock): writes the server's
-# thread stacks to OUT, says so, and stops TARGET's children and TARGET, so that a stalled run
-# fails at once with the reason instead of hanging until CI's limit.
+# thread stacks to OUT, says so, and stops TARGET's process group, so that a stalled run fails at
+# once with the reason instead of hanging until CI's limit.
 mp_db_watch() {
   local port=$1 dbpid=$2 target=$3 out=$4 last_ok child=""
   # stopped by TERM (the test script's cleanup): the ping or sleep under way goes too
   trap '[ -n "$child" ] && kill "$child" 2>/dev/null; exit 0' TERM
   last_ok=$(date +%s)
   while kill -0 "$target" 2>/dev/null; do
-    timeout 40 "$MP_VENV/bin/python" -c "import pymongo; pymongo.MongoClient('mongodb://127.0.0.1:$port', serverSelectionTimeoutMS=5000, socketTimeoutMS=30000).admin.command('ping')" 2>/dev/null &
+    # a write, not a ping: SecantusDB answers a ping without its storage lock, so a ping is
+    # answered while every storage operation waits
+    timeout 40 "$MP_VENV/bin/python" -c "import pymongo; pymongo.MongoClient('mongodb://127.0.0.1:$port', serverSelectionTimeoutMS=5000, socketTimeoutMS=30000).mp_watchdog.probe.update_one({'_id': 1}, {'\$inc': {'n': 1}}, upsert=True)" 2>/dev/null &
     child=$!
     if wait "$child"; then
       last_ok=$(date +%s)
     elif [ $(($(date +%s) - last_ok)) -ge "${MP_DB_STALL_SECS:-180}" ]; then
       mp_log "the database on 127.0.0.1:$port (pid $dbpid) has answered no ping for ${MP_DB_STALL_SECS:-180} s: it has stalled; stopping the tests (its threads: $out)"
       {
-        "$MP_VENV/bin/pip" install -q py-spy >/dev/null 2>&1 && "$MP_VENV/bin/py-spy" dump --pid "$dbpid"
-        command -v gdb >/dev/null && gdb -p "$dbpid" -batch -ex "thread apply all bt" 2>/dev/null
+        timeout 120 "$MP_VENV/bin/pip" install -q py-spy >/dev/null 2>&1 &&
+          timeout 60 "$MP_VENV/bin/py-spy" dump --pid "$dbpid"
+        command -v gdb >/dev/null && timeout 60 gdb -p "$dbpid" -batch -ex "thread apply all bt" 2>/dev/null
       } >"$out" 2>&1 || true
       grep -E "^Thread|\(secantus/" "$out" 2>/dev/null | head -60 >&2 || true
-      pkill -TERM -P "$target" 2>/dev/null || true
-      kill "$target" 2>/dev/null || true
+      # TARGET leads its own process group (setsid): the test binary and what it started go too
+      kill -TERM -- "-$target" 2>/dev/null || kill -TERM "$target" 2>/dev/null || true
       return 0
     fi
     sleep 10 &
@@ -521,6 +524,8 @@ mp_db_watch() {
 mp_stop_pid() {
   local pid=$1 i
   kill "$pid" 2>/dev/null || return 0
+  # a stopped process (a test SIGSTOPs its database) acts on the TERM only once continued
+  kill -CONT "$pid" 2>/dev/null || true
   for i in $(seq 1 50); do
     kill -0 "$pid" 2>/dev/null || return 0
     sleep 0.2

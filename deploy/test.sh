@@ -28,14 +28,21 @@ TEST_PID=""
 
 cleanup() {
   local rc=$?
-  # Dovecots (and Cyruses, and Courier namespaces: DIR/pid) of tests that died before their
-  # Drop ran: each left its PID file.
+  set +e
+  # the tests first (cargo leads its own process group: the test binary and the daemons it
+  # started go with it), so that nothing starts anew while the rest is stopped
+  # (after a normal end the group is empty and there is nothing to wait for)
+  if [ -n "$TEST_PID" ] && kill -TERM -- "-$TEST_PID" 2>/dev/null; then
+    sleep 1
+    kill -KILL -- "-$TEST_PID" 2>/dev/null
+  fi
+  [ -n "$WATCH_PID" ] && kill "$WATCH_PID" 2>/dev/null
+  # Dovecots (and Cyruses, Courier namespaces, databases of their own: DIR/pid) of tests that
+  # died before their Drop ran, and daemons whose test was killed: each left its PID file.
   local pidfile
   for pidfile in "$WORK"/*/run/master.pid "$WORK"/*/pid "$WORK"/daemons/*; do
     [ -f "$pidfile" ] && mp_stop_pid "$(cat "$pidfile")"
   done
-  [ -n "$WATCH_PID" ] && kill "$WATCH_PID" 2>/dev/null
-  [ -n "$TEST_PID" ] && mp_stop_pid "$TEST_PID"
   [ -n "$SECANTUS_PID" ] && mp_stop_pid "$SECANTUS_PID"
   rm -rf "$WORK"
   exit $rc
@@ -60,7 +67,8 @@ if [ -z "${MAILPUMP_TEST_MONGODB_URI:-}" ]; then
 fi
 
 echo "== cargo test"
-cargo test --locked -- "$@" &
+# in a process group of its own, which the cleanup and the watchdog stop as a whole
+setsid -w cargo test --locked -- "$@" &
 TEST_PID=$!
 if [ -n "$SECANTUS_PID" ]; then
   mp_db_watch "$port" "$SECANTUS_PID" "$TEST_PID" "$WORK/../mailpump-db-stall.txt" &

@@ -1295,6 +1295,10 @@ impl Session {
             .opened
             .insert(mailbox.to_string(), (uidvalidity, exists, uidnext))
             .is_some_and(|before| shrank(before, (uidvalidity, exists, uidnext)));
+        if shrank {
+            // kept until a comparison runs, should this pass end before it does
+            self.compare_due(mailbox);
+        }
         Ok(MailboxInfo {
             uidvalidity,
             uidnext,
@@ -1731,8 +1735,6 @@ fn flags_of(r: &Response<'_>) -> Option<crate::store::FlagChange> {
     })
 }
 
-/// Whether an untagged response announces a change of the mailbox. FETCH responses count only
-/// where the command did not ask for them.
 /// Whether a mailbox opened as `now` lost messages since it was opened as `before` (both
 /// UIDVALIDITY, EXISTS, UIDNEXT): at most as many messages came as UIDs were assigned, so fewer
 /// than the old count plus that means some went. A server that skips UIDs makes it say yes
@@ -1750,6 +1752,8 @@ fn shrank(before: (u32, u32, Option<u32>), now: (u32, u32, Option<u32>)) -> bool
     (e1 as u64) < e0 as u64 + came as u64
 }
 
+/// Whether an untagged response announces a change of the mailbox. FETCH responses count only
+/// where the command did not ask for them.
 fn announces_change(r: &Response<'_>, fetch_expected: bool) -> bool {
     match r {
         Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_))

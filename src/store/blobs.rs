@@ -9,6 +9,11 @@ use crate::parse::Blob;
 pub const CHUNK_SIZE: usize = 255 * 1024;
 /// Chunk documents are sent in groups of about this many bytes (bounds memory for big blobs).
 const CHUNK_GROUP_BYTES: usize = 8 * 1024 * 1024;
+/// At most this many documents per insert (or ids per lookup): a message of 60,000 tiny
+/// attachments is written a thousand documents per operation, so that no single operation
+/// outlasts `op_timeout` on a slow database (it did, and the retry did again: the mailbox was
+/// stuck on that message).
+pub(super) const GROUP_DOCS: usize = 1000;
 
 impl Store {
     /// The bytes of a blob, chunk by chunk (each looked up by its exact `_id`).
@@ -116,7 +121,7 @@ impl Store {
                 chunk_bytes += data.len();
                 // Bounded memory: a 50 MB message is written a few MiB at a time, not copied
                 // into chunk documents all at once.
-                if chunk_bytes >= CHUNK_GROUP_BYTES {
+                if chunk_bytes >= CHUNK_GROUP_BYTES || chunk_docs.len() >= GROUP_DOCS {
                     self.insert_ignoring_duplicates(
                         &self.chunks,
                         std::mem::take(&mut chunk_docs),
@@ -134,6 +139,22 @@ impl Store {
                 "touched_at": bson::DateTime::now(),
                 "filename": &blob.sha256,
             });
+            if files_docs.len() >= GROUP_DOCS {
+                // a file document says its blob is complete: its chunks go first
+                self.insert_ignoring_duplicates(
+                    &self.chunks,
+                    std::mem::take(&mut chunk_docs),
+                    "blob chunks",
+                )
+                .await?;
+                chunk_bytes = 0;
+                self.insert_ignoring_duplicates(
+                    &self.files,
+                    std::mem::take(&mut files_docs),
+                    "blob files",
+                )
+                .await?;
+            }
         }
         self.insert_ignoring_duplicates(&self.chunks, chunk_docs, "blob chunks")
             .await?;

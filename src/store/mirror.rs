@@ -568,17 +568,21 @@ impl Store {
         if shas.is_empty() {
             return Ok(out);
         }
-        let candidates = self.blob_candidates.clone();
-        let ids = shas.to_vec();
-        let found: Vec<Document> = self
-            .guarded("blob candidates", async move {
-                candidates
-                    .find(doc! {"_id": {"$in": ids}})
-                    .await?
-                    .try_collect()
-                    .await
-            })
-            .await?;
+        let mut found: Vec<Document> = Vec::new();
+        for ids in shas.chunks(super::blobs::GROUP_DOCS) {
+            let candidates = self.blob_candidates.clone();
+            let ids = ids.to_vec();
+            found.extend(
+                self.guarded("blob candidates", async move {
+                    candidates
+                        .find(doc! {"_id": {"$in": ids}})
+                        .await?
+                        .try_collect::<Vec<Document>>()
+                        .await
+                })
+                .await?,
+            );
+        }
         for c in &found {
             let Ok(sha) = c.get_str("_id") else { continue };
             let files = self.files.clone();

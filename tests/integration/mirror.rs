@@ -164,11 +164,15 @@ async fn an_expunge_no_one_announced_while_the_mailbox_is_opened_again_is_found_
         flags(d).contains(&"\\Flagged".to_string())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // the next flag change wakes the daemon; its next EXAMINE waits 1.5 s in the proxy, the
+    daemon
+        .wait_for_log(WAIT, "the first look's comparison", |logs| {
+            logs.iter().any(|l| l["message"] == "flags_scanned")
+        })
+        .await;
+    // the next flag change wakes the daemon; its next EXAMINE waits 3 s in the proxy, the
     // expunge happens meanwhile, and no EXPUNGE reaches mailpump
     proxy.set_mode(Mode::DropExpunges);
-    proxy.hold_next("EXAMINE", Duration::from_millis(1500));
+    proxy.hold_next("EXAMINE", Duration::from_secs(3));
     store(&mut other, "UID STORE 2 +FLAGS (\\Deleted)");
     eventually(WAIT, "the EXAMINE held", || async { proxy.holds().0 == 1 }).await;
     store(&mut other, "EXPUNGE");
@@ -178,6 +182,18 @@ async fn an_expunge_no_one_announced_while_the_mailbox_is_opened_again_is_found_
     })
     .await;
     assert_eq!(proxy.holds().1, 1);
+    // found by a second comparison, the one the lower count started
+    daemon
+        .wait_for_log(WAIT, "the second comparison", |logs| {
+            logs.iter()
+                .filter(|l| l["message"] == "flags_scanned")
+                .count()
+                >= 2
+        })
+        .await;
+    let scans = daemon.events("flags_scanned");
+    assert_eq!(scans.len(), 2, "{scans:?}");
+    assert_eq!(scans[1]["expunged"], 1, "{scans:?}");
     eprintln!(
         "an expunge no one announced while the mailbox was opened again: marked {found:?} later"
     );

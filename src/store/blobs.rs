@@ -1,6 +1,6 @@
 //! GridFS bucket `blobs`: content-addressed chunks and files documents, written and read back.
 
-use bson::doc;
+use bson::{doc, Document};
 
 use super::{Store, StoreError};
 use crate::parse::Blob;
@@ -122,13 +122,7 @@ impl Store {
                 // Bounded memory: a 50 MB message is written a few MiB at a time, not copied
                 // into chunk documents all at once.
                 if chunk_bytes >= CHUNK_GROUP_BYTES || chunk_docs.len() >= GROUP_DOCS {
-                    self.insert_ignoring_duplicates(
-                        &self.chunks,
-                        std::mem::take(&mut chunk_docs),
-                        "blob chunks",
-                    )
-                    .await?;
-                    chunk_bytes = 0;
+                    self.flush_chunks(&mut chunk_docs, &mut chunk_bytes).await?;
                 }
             }
             files_docs.push(doc! {
@@ -141,13 +135,7 @@ impl Store {
             });
             if files_docs.len() >= GROUP_DOCS {
                 // a file document says its blob is complete: its chunks go first
-                self.insert_ignoring_duplicates(
-                    &self.chunks,
-                    std::mem::take(&mut chunk_docs),
-                    "blob chunks",
-                )
-                .await?;
-                chunk_bytes = 0;
+                self.flush_chunks(&mut chunk_docs, &mut chunk_bytes).await?;
                 self.insert_ignoring_duplicates(
                     &self.files,
                     std::mem::take(&mut files_docs),
@@ -156,10 +144,21 @@ impl Store {
                 .await?;
             }
         }
-        self.insert_ignoring_duplicates(&self.chunks, chunk_docs, "blob chunks")
-            .await?;
+        self.flush_chunks(&mut chunk_docs, &mut chunk_bytes).await?;
         self.insert_ignoring_duplicates(&self.files, files_docs, "blob files")
             .await?;
         Ok(written)
+    }
+
+    /// Inserts the chunk documents gathered so far (duplicates ignored) and starts afresh.
+    async fn flush_chunks(
+        &self,
+        docs: &mut Vec<Document>,
+        bytes: &mut usize,
+    ) -> Result<(), StoreError> {
+        self.insert_ignoring_duplicates(&self.chunks, std::mem::take(docs), "blob chunks")
+            .await?;
+        *bytes = 0;
+        Ok(())
     }
 }

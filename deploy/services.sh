@@ -485,7 +485,7 @@ m.logout()
 PY
 }
 
-# db-watch PORT DBPID TARGET OUT: while TARGET runs, pings the database on PORT every 10 s. If it
+# db-watch PORT DBPID TARGET OUT: while TARGET runs, probes the database on PORT every 10 s. If it
 # has answered nothing for 180 s (MP_DB_STALL_SECS) it has stalled (SecantusDB can deadlock with
 # a writer waiting for cache eviction while holding its storage lock): writes the server's
 # thread stacks to OUT, says so, and stops TARGET's process group, so that a stalled run fails at
@@ -503,7 +503,7 @@ mp_db_watch() {
     if wait "$child"; then
       last_ok=$(date +%s)
     elif [ $(($(date +%s) - last_ok)) -ge "${MP_DB_STALL_SECS:-180}" ]; then
-      mp_log "the database on 127.0.0.1:$port (pid $dbpid) has answered no ping for ${MP_DB_STALL_SECS:-180} s: it has stalled; stopping the tests (its threads: $out)"
+      mp_log "the database on 127.0.0.1:$port (pid $dbpid) has answered no probe (a small write) for ${MP_DB_STALL_SECS:-180} s: it has stalled; stopping the tests (its threads: $out)"
       {
         timeout 120 "$MP_VENV/bin/pip" install -q py-spy >/dev/null 2>&1 &&
           timeout 60 "$MP_VENV/bin/py-spy" dump --pid "$dbpid"

@@ -8,8 +8,9 @@
 //!   trip when nothing changed.
 //! - **CONDSTORE** only (Gmail): `UID FETCH 1:last (UID FLAGS) (CHANGEDSINCE modseq)` when
 //!   the mailbox's HIGHESTMODSEQ moved; expunges by comparing UIDs (below) once per session,
-//!   after an EXPUNGE, when the mailbox was found to have shrunk without one (an expunge
-//!   while it was being opened again: `MailboxInfo::shrank`) and every `flag_scan_interval`.
+//!   after an EXPUNGE, when an opening found the mailbox shrunk without one (an expunge
+//!   while it was being opened again: `Session::open_mailbox` asks for the comparison) and
+//!   every `flag_scan_interval`.
 //! - **Neither** (Courier): every `flag_scan_interval`, all flags (`UID FETCH a:b (UID FLAGS)`
 //!   in chunks) compared with the stored ones, and `UID SEARCH ALL` compared with the stored
 //!   UIDs; the UID comparison also runs after any EXPUNGE the server announced, and when the
@@ -133,7 +134,6 @@ pub async fn follow(
         let compare_uids = !resynced
             && (first_look
                 || asked
-                || info.shrank
                 || changes.expunged
                 || changes.overflow
                 || scan_due

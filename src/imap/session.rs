@@ -33,11 +33,6 @@ pub struct MailboxInfo {
     /// It was opened with `(QRESYNC (uidvalidity modseq))` for its own UIDVALIDITY: the
     /// server reported every change since that MODSEQ ([`Session::take_changes`]).
     pub resynced: bool,
-    /// It holds fewer messages than at its last opening in this session plus the UIDs
-    /// assigned since: something went that no EXPUNGE announced (it went while the mailbox was
-    /// being opened again, and a server announces nothing about the mailbox it closes). Without
-    /// QRESYNC only a UID comparison tells what.
-    pub shrank: bool,
 }
 
 /// Why an IDLE ended.
@@ -80,8 +75,8 @@ pub struct Session {
     condstore: bool,
     /// Mailboxes opened in this session (see [`Session::first_look`]).
     looked_at: HashSet<String>,
-    /// What the last opening of each mailbox reported: UIDVALIDITY, EXISTS, UIDNEXT (see
-    /// [`MailboxInfo::shrank`]).
+    /// What the last opening of each mailbox reported: UIDVALIDITY, EXISTS, UIDNEXT. An
+    /// opening that finds the mailbox shrunk (see [`shrank`]) asks for a UID comparison.
     opened: HashMap<String, (u32, u32, Option<u32>)>,
     /// A SELECT/EXAMINE of another mailbox than the one selected is running: what the server
     /// sends before `[CLOSED]` (RFC 7162 3.2.11) is about the old one and is not taken.
@@ -1291,19 +1286,21 @@ impl Session {
             self.changes = Changes::default();
         }
         self.selected = Some((mailbox.to_string(), uidvalidity));
-        let shrank = self
+        // Fewer messages than at the last opening plus the UIDs assigned since: something went
+        // that no EXPUNGE announced (it went while the mailbox was being opened again, and a
+        // server announces nothing about the mailbox it closes). Without QRESYNC only a UID
+        // comparison tells what; it stays due until one runs.
+        if self
             .opened
             .insert(mailbox.to_string(), (uidvalidity, exists, uidnext))
-            .is_some_and(|before| shrank(before, (uidvalidity, exists, uidnext)));
-        if shrank {
-            // kept until a comparison runs, should this pass end before it does
+            .is_some_and(|before| shrank(before, (uidvalidity, exists, uidnext)))
+        {
             self.compare_due(mailbox);
         }
         Ok(MailboxInfo {
             uidvalidity,
             uidnext,
             exists,
-            shrank,
             highest_modseq: if nomodseq { None } else { highest },
             resynced: parameter.contains("QRESYNC")
                 && resync.is_some_and(|(v, _)| v == uidvalidity)

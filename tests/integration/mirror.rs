@@ -128,8 +128,8 @@ async fn flags_and_expunges_are_mirrored(server: &mut impl ImapServer, name: &st
 /// acts on its EXAMINE) may be announced to no one: a server says nothing more about the
 /// selection it closes, and the EXAMINE answers a count one lower. (Dovecot does send the
 /// EXPUNGE before its `[CLOSED]` when it had it in time; the proxy drops it, as a server that
-/// had it a moment later would never send it.) Without QRESYNC, that lower count
-/// (`MailboxInfo::shrank`) must start a UID comparison at once, not at the next flag scan (an
+/// had it a moment later would never send it.) Without QRESYNC, that lower count must start a
+/// UID comparison at once (`Session::open_mailbox` asks for it), not at the next flag scan (an
 /// hour here). The fault proxy holds the EXAMINE back while another client expunges.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expunge_no_one_announced_while_the_mailbox_is_opened_again_is_found_by_the_count() {

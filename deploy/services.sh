@@ -492,7 +492,7 @@ PY
 # once with the reason instead of hanging until CI's limit.
 mp_db_watch() {
   local port=$1 dbpid=$2 target=$3 out=$4 last_ok child=""
-  # stopped by TERM (the test script's cleanup): the ping or sleep under way goes too
+  # stopped by TERM (the test script's cleanup): the probe or sleep under way goes too
   trap '[ -n "$child" ] && kill "$child" 2>/dev/null; exit 0' TERM
   last_ok=$(date +%s)
   while kill -0 "$target" 2>/dev/null; do

@@ -42,6 +42,21 @@ async fn until<F: Fn(&Document) -> bool>(db: &TestDb, uid: u32, what: &str, chec
     started.elapsed()
 }
 
+/// Starts the daemon and waits until it stored the 4 messages and watches the mailbox.
+async fn start_watching(mp: &Mailpump, db: &TestDb) -> Daemon {
+    let daemon = Daemon::start(mp);
+    eventually(WAIT, "4 messages stored", || async {
+        db.messages(doc! {}).await.len() == 4
+    })
+    .await;
+    daemon
+        .wait_for_log(WAIT, "watching", |logs| {
+            logs.iter().any(|l| l["message"] == "watching")
+        })
+        .await;
+    daemon
+}
+
 fn store(imap: &mut RawImap, command: &str) {
     imap.command(command)
         .unwrap_or_else(|e| panic!("{command}: {e:?}"));
@@ -57,16 +72,7 @@ async fn flags_and_expunges_are_mirrored(server: &mut impl ImapServer, name: &st
         &db,
         &[AccountSpec::on_port(name, server.port(), &user).with(extra.to_string())],
     );
-    let mut daemon = Daemon::start(&mp);
-    eventually(WAIT, "4 messages stored", || async {
-        db.messages(doc! {}).await.len() == 4
-    })
-    .await;
-    daemon
-        .wait_for_log(WAIT, "idling", |logs| {
-            logs.iter().any(|l| l["message"] == "watching")
-        })
-        .await;
+    let mut daemon = start_watching(&mp, &db).await;
 
     // while idling: another client sets and clears flags, and expunges a message
     let mut other = RawImap::login(server.port(), &user);
@@ -145,16 +151,7 @@ async fn an_expunge_no_one_announced_while_the_mailbox_is_opened_again_is_found_
         &db,
         &[AccountSpec::on_port("race", proxy.port, &user).with("flag_scan_interval = \"1h\"")],
     );
-    let daemon = Daemon::start(&mp);
-    eventually(WAIT, "4 messages stored", || async {
-        db.messages(doc! {}).await.len() == 4
-    })
-    .await;
-    daemon
-        .wait_for_log(WAIT, "watching", |logs| {
-            logs.iter().any(|l| l["message"] == "watching")
-        })
-        .await;
+    let daemon = start_watching(&mp, &db).await;
     let mut other = RawImap::login(dovecot.imap_port, &user);
     store(&mut other, "SELECT INBOX");
     // a first wake-up: the session's one UID comparison (its first look at stored mail) is

@@ -84,6 +84,13 @@ impl Daemon {
         }
     }
 
+    /// The daemon has exited: its PID file goes ([`record_pid`]).
+    fn forget_pid(&mut self) {
+        if let Some(p) = self.pidfile.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
@@ -140,9 +147,7 @@ impl Daemon {
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 self.child = None;
-                if let Some(p) = self.pidfile.take() {
-                    let _ = std::fs::remove_file(p);
-                }
+                self.forget_pid();
                 return (status.code().unwrap_or(-1), started.elapsed());
             }
             assert!(
@@ -165,9 +170,7 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if let Some(p) = self.pidfile.take() {
-            let _ = std::fs::remove_file(p);
-        }
+        self.forget_pid();
     }
 }
 

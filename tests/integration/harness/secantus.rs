@@ -58,24 +58,24 @@ impl Secantus {
         self.pid = Some(pid);
     }
 
-    /// SIGSTOP: the server keeps its connections and answers nothing (a stalled database, a
-    /// host frozen by its hypervisor) until [`Secantus::resume`].
-    pub fn pause(&self) {
+    /// Sends `signal` (`-STOP`, `-CONT`, ...) to the server, if it runs.
+    fn signal(&self, signal: &str) {
         if let Some(pid) = self.pid {
             let _ = Command::new("kill")
-                .arg("-STOP")
+                .arg(signal)
                 .arg(pid.to_string())
                 .status();
         }
     }
 
+    /// SIGSTOP: the server keeps its connections and answers nothing (a stalled database, a
+    /// host frozen by its hypervisor) until [`Secantus::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
     pub fn resume(&self) {
-        if let Some(pid) = self.pid {
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(pid.to_string())
-                .status();
-        }
+        self.signal("-CONT");
     }
 
     /// SIGKILL, as a crash would (writes acknowledged with --sync-on-commit survive).
